@@ -1,0 +1,27 @@
+"""Thin command-line entry points: each parses arguments and wires library parts together."""
+import sys
+from functools import wraps
+
+from ..errors import UserError
+
+
+def one_line_errors(main):
+    """Prints a UserError as a single `error:` line and exits 2 instead of a traceback.
+
+    An error raised in a DataLoader worker comes back wrapped with the worker's traceback in its
+    message; its last line is the original message."""
+
+    @wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            message = lines[-1] if lines else type(exc).__name__
+            for prefix in ("alexnet_dist.errors.DataError: ", "alexnet_dist.errors.ConfigError: ",
+                           "alexnet_dist.errors.UserError: ", "DataError: ", "ConfigError: "):
+                message = message.removeprefix(prefix)
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    return run

@@ -1,0 +1,58 @@
+"""alexnet-prepare SOURCE --src DIR --out DIR: image folders, Fashion-MNIST or synthetic images to shards."""
+import argparse
+import os
+from pathlib import Path
+
+from ..data import sources
+from ..data.shards import write_dataset
+from ..errors import DataError
+from . import one_line_errors
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="alexnet-prepare", description=__doc__)
+    p.add_argument("source", choices=["imagefolder", "fashion-mnist", "synthetic"])
+    p.add_argument("--src", type=Path, help="input: SRC/train/<class>/* (imagefolder) or the IDX files' folder (fashion-mnist)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for train/, val/ and manifest.json")
+    p.add_argument("--resize", type=int, help="resize so the short side is this many pixels (the paper: 256)")
+    p.add_argument("--center-crop", action="store_true", help="after --resize, keep the central square (the paper's 256x256)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--shard-size", type=int, default=5000, help="at most this many samples per shard")
+    p.add_argument("--min-shards", type=int, default=8,
+                   help="at least this many shards per split, so ranks x loader workers each get some (default 8)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards (and draws synthetic images)")
+    g = p.add_argument_group("synthetic")
+    g.add_argument("--classes", type=int, default=10)
+    g.add_argument("--train-count", type=int, default=2000)
+    g.add_argument("--val-count", type=int, default=500)
+    g.add_argument("--size", type=int, default=32, help="side of the synthetic images")
+    return p.parse_args(argv)
+
+
+@one_line_errors
+def main(argv=None):
+    args = parse_args(argv)
+    if args.source == "synthetic":
+        source = sources.synthetic(args.classes, args.train_count, args.val_count, args.size, args.seed)
+    elif args.source == "fashion-mnist":
+        src = args.src or sources.default_fashion_mnist_dir()
+        if src is None:
+            raise DataError("fashion-mnist: no --src given and /usr/share/datasets/fashion-mnist is absent; "
+                            "install the Debian package dataset-fashion-mnist or pass --src DIR with the 4 IDX files")
+        source = sources.fashion_mnist(src)
+    else:
+        if args.src is None:
+            raise DataError("imagefolder needs --src DIR (DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)")
+        source = sources.imagefolder(args.src)
+    manifest = write_dataset(source, args.out, source_name=args.source, resize=args.resize,
+                             center_crop=args.center_crop, quality=args.quality, shard_size=args.shard_size,
+                             min_shards=args.min_shards, workers=args.workers, seed=args.seed)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['count']} images in {len(info['shards'])} shards"
+              + (f", {len(info['skipped'])} skipped (see manifest.json)" if info["skipped"] else ""))
+    print(f"wrote {args.out / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

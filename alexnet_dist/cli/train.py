@@ -1,0 +1,105 @@
+"""alexnet-train [hydra overrides]: compose the config, wire data, model, loggers and trainer, fit,
+evaluate, and write results.json into the run directory."""
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.datamodule import ShardDataModule
+from ..errors import ConfigError
+from ..training.callbacks import Throughput
+from ..training.module import Classifier
+from . import one_line_errors
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def resume_path(resume: str, ckpt_dir: Path) -> str | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        last = ckpt_dir / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(resume).exists():
+        raise ConfigError(f"resume={resume}: no such checkpoint; use resume=auto, resume=never or a .ckpt path")
+    return resume
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    if cfg.logger.name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+        # One W&B run per run directory: a resumed or requeued run continues the same id.
+        wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{cfg.experiment_name}-{run_id}")
+        loggers.append(WandbLogger(save_dir=str(run_dir), project=cfg.logger.project, entity=cfg.logger.entity,
+                                   name=f"{cfg.experiment_name}/{run_id}", id=wandb_id, resume="allow",
+                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    elif cfg.logger.name != "csv":
+        raise ConfigError(f"logger.name={cfg.logger.name}: unknown logger; choose logger=wandb or logger=csv")
+    return loggers
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_id = run_dir.name
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = ShardDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
+                           loader=OmegaConf.to_container(cfg.loader), seed=cfg.seed)
+    module = Classifier(model={**OmegaConf.to_container(cfg.model), "num_classes": data.num_classes},
+                        optim=OmegaConf.to_container(cfg.optim), steps_per_epoch=data.steps_per_epoch(),
+                        max_epochs=cfg.trainer.max_epochs, global_batch=cfg.data.batch_size, seed=cfg.seed)
+    ckpt_dir = run_dir / "checkpoints"
+    throughput = Throughput()
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
+                        every_n_train_steps=cfg.checkpoint.every_n_steps, auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1,
+                        auto_insert_metric_name=False),
+        throughput,
+    ]
+    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer), default_root_dir=str(run_dir),
+                         callbacks=callbacks, logger=make_loggers(cfg, run_dir, run_id),
+                         use_distributed_sampler=False)
+    if trainer.is_global_zero:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        print(f"run directory: {run_dir}", flush=True)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_path(str(cfg.resume), ckpt_dir))
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    results = {
+        "run_id": run_id,
+        "experiment": cfg.experiment_name,
+        "model": cfg.model.name,
+        "val_top1": metrics["val_top1"],
+        "val_top5": metrics["val_top5"],
+        "val_loss": metrics["val_loss"],
+        "val_count": int(metrics["val_count"]),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "train_images_per_sec": round(throughput.images_per_sec, 1),
+        "world_size": trainer.world_size,
+    }
+    if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(f"run directory: {run_dir}\nval top-1: {results['val_top1']:.4f}  top-5: {results['val_top5']:.4f}  "
+              f"({results['val_count']} images, {results['epochs']} epochs, {results['global_step']} steps, "
+              f"{results['train_images_per_sec']} img/s)", flush=True)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    one_line_errors(train)(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

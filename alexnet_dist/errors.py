@@ -1,0 +1,13 @@
+"""Errors a user can fix. The command-line entry points print them as one line, no traceback."""
+
+
+class UserError(Exception):
+    """Bad input or configuration: the message says what, where and how to fix it."""
+
+
+class DataError(UserError):
+    """A data directory, shard, sample or label that cannot be used."""
+
+
+class ConfigError(UserError):
+    """A configuration that cannot work."""

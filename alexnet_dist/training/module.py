@@ -1,0 +1,126 @@
+"""The LightningModule: cross-entropy training of any model from alexnet_dist.models, top-1 and
+top-5 on train/val/test, the configured optimiser and learning-rate schedule."""
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..models import create_model
+from .optim import build_optimizer, param_groups, scaled_lr
+from .schedules import lr_factor
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+
+
+class Classifier(pl.LightningModule):
+    """`model` names the network and its arguments ({"name": ..., "num_classes": ..., ...}) so a
+    checkpoint alone is enough to rebuild it; `optim` holds the optimiser and schedule settings."""
+
+    def __init__(self, model: dict, optim: dict, steps_per_epoch: int, max_epochs: int, global_batch: int,
+                 seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(**model)
+        self.optim_cfg, self.steps_per_epoch, self.max_epochs = optim, steps_per_epoch, max_epochs
+        self.global_batch = global_batch
+        self.eval_sums = None  # loss sum, top-1 and top-5 hits, count: summed over ranks at epoch end
+        self.plateau = {"best": -1.0, "bad_epochs": 0, "drops": 0}
+
+    def on_train_start(self):
+        # Same weights on every rank (DDP broadcasts rank 0's), but each rank its own dropout masks.
+        torch.manual_seed(self.hparams.seed * 1000 + self.global_rank)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; lower optim.lr "
+                                     "or check the data normalisation (data.mean/data.std)")
+        top1 = topk_correct(logits.detach(), labels, 1) / len(labels)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_top1", top1)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    # Evaluation: sum on each rank, reduce once per epoch, so every sample counts exactly once
+    # and ranks may hold different numbers of batches.
+    def _eval_start(self):
+        self.eval_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def _eval_step(self, batch):
+        images, labels = batch
+        logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        self.eval_sums += torch.stack([loss.double(), topk_correct(logits, labels, 1).double(),
+                                       topk_correct(logits, labels, 5).double(),
+                                       torch.tensor(len(labels), dtype=torch.float64, device=self.device)])
+
+    def _eval_end(self, prefix: str) -> dict:
+        sums = self.eval_sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        loss, top1, top5, n = sums.tolist()
+        n = max(n, 1)
+        metrics = {f"{prefix}_loss": loss / n, f"{prefix}_top1": top1 / n, f"{prefix}_top5": top5 / n,
+                   f"{prefix}_count": float(sums[3])}
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name.endswith("top1"), sync_dist=False)
+        return metrics
+
+    def on_validation_epoch_start(self):
+        self._eval_start()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        metrics = self._eval_end("val")
+        if self.optim_cfg["schedule"]["name"] == "plateau" and not self.trainer.sanity_checking:
+            self._plateau_update(metrics["val_top1"])
+
+    def on_test_epoch_start(self):
+        self._eval_start()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._eval_end("test")
+
+    def _plateau_update(self, top1: float):
+        """Divide the rate by 10 when validation accuracy stops improving (paper section 5)."""
+        sched, p = self.optim_cfg["schedule"], self.plateau
+        if top1 > p["best"] + sched.get("threshold", 1e-3):
+            p["best"], p["bad_epochs"] = top1, 0
+        else:
+            p["bad_epochs"] += 1
+            if p["bad_epochs"] > sched.get("patience", 2) and p["drops"] < sched.get("max_drops", 3):
+                p["drops"], p["bad_epochs"] = p["drops"] + 1, 0
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["plateau"] = dict(self.plateau)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.plateau = dict(checkpoint.get("plateau", self.plateau))
+
+    def lr_multiplier(self, step: int) -> float:
+        s = self.optim_cfg["schedule"]
+        factor = lr_factor(s["name"], step / self.steps_per_epoch, max_epochs=self.max_epochs,
+                           milestones=s.get("milestones", ()), gamma=s.get("gamma", 0.1),
+                           warmup_epochs=s.get("warmup_epochs", 0.0), min_factor=s.get("min_factor", 0.0))
+        return factor * s.get("gamma", 0.1) ** self.plateau["drops"]
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        lr = scaled_lr(o["lr"], self.global_batch, o.get("reference_batch"))
+        groups = param_groups(self.model, lr, o["weight_decay"], o.get("bias_lr_mult", 1.0))
+        optimizer = build_optimizer(o["name"], groups, lr, o["momentum"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,63 @@
+"""Optimisers: Krizhevsky's SGD rule from the 2012 code, or torch's SGD, with the 2012 parameter
+groups (weight decay on weights only, a bias learning-rate multiplier)."""
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+class KrizhevskySGD(torch.optim.Optimizer):
+    """v <- momentum * v - lr * weight_decay * w - lr * grad;  w <- w + v   (paper section 5).
+
+    The momentum buffer holds steps already scaled by the learning rate (as in cuda-convnet and
+    Caffe); torch.optim.SGD keeps unscaled gradients there, so the two differ just after an lr
+    drop: here the old, larger steps fade out over a few iterations instead of shrinking at once.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                v = state["velocity"]
+                v.mul_(momentum).add_(p.grad, alpha=-lr)
+                if wd:
+                    v.add_(p, alpha=-lr * wd)
+                p.add_(v)
+        return loss
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float) -> list[dict]:
+    """Weights get the weight decay; biases (and any other 1-d parameter) get none and a
+    learning rate bias_lr_mult times larger (layer-params-145.cfg: epsB = 2 * epsW)."""
+    weights = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    biases = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [
+        {"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
+        {"params": biases, "lr": lr * bias_lr_mult, "weight_decay": 0.0, "name": "biases"},
+    ]
+
+
+def scaled_lr(lr: float, global_batch: int, reference_batch: int | None) -> float:
+    """Linear scaling (Krizhevsky 2014; Goyal et al. 2017): lr grows with the global batch."""
+    return lr * global_batch / reference_batch if reference_batch else lr
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "krizhevsky":
+        return KrizhevskySGD(groups, lr=lr, momentum=momentum)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ConfigError(f"optim.name={name}: unknown optimiser; choose krizhevsky or sgd")
