@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.datamodule import ShardDataModule
 from ..errors import ConfigError
 from ..training.callbacks import Throughput
+from ..training.checkpoint import LastCheckpoint
 from ..training.module import Classifier
 from . import one_line_errors
 
@@ -34,7 +35,9 @@ def resume_path(resume: str, ckpt_dir: Path) -> str | None:
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    # logs/version_N/metrics.csv: each start (first run, resume, requeue) gets its own file, so
+    # nothing written by an earlier part of the run is overwritten.
+    loggers = [CSVLogger(save_dir=str(run_dir), name="logs")]
     if cfg.logger.name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -49,9 +52,19 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
     return loggers
 
 
+def check_world(cfg: DictConfig) -> None:
+    """Refuse at start-up what cannot work with the requested number of processes."""
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    if isinstance(devices, int) and isinstance(nodes, int) and cfg.data.batch_size % (devices * nodes):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the global batch and must divide by the "
+                          f"{devices * nodes} processes (trainer.devices x trainer.num_nodes); pick a multiple of "
+                          f"{devices * nodes}")
+
+
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_id = run_dir.name
+    check_world(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ShardDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
                            loader=OmegaConf.to_container(cfg.loader), seed=cfg.seed)
@@ -61,8 +74,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     throughput = Throughput()
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
-                        every_n_train_steps=cfg.checkpoint.every_n_steps, auto_insert_metric_name=False),
+        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1,
                         auto_insert_metric_name=False),
         throughput,

@@ -1,0 +1,116 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet_dist.data import sources
+from alexnet_dist.data.datamodule import ShardDataModule
+from alexnet_dist.data.shards import write_dataset
+from alexnet_dist.data.wds_loader import EpochLoader, ShardStream, center_crop, decode_image, random_crop_flip
+from alexnet_dist.errors import DataError
+
+
+def coordinate_image(w=40, h=30):
+    """Red = x, green = y: every crop tells where it came from."""
+    a = np.zeros((h, w, 3), dtype=np.uint8)
+    a[..., 0] = np.arange(w)[None, :]
+    a[..., 1] = np.arange(h)[:, None]
+    return Image.fromarray(a)
+
+
+def test_random_crops_stay_inside_and_flips_mirror():
+    rng = random.Random(0)
+    flips, lefts = 0, set()
+    for _ in range(200):
+        out = np.asarray(random_crop_flip(coordinate_image(), 24, rng))
+        xs, ys = out[0, :, 0].astype(int), out[:, 0, 1].astype(int)
+        assert out.shape == (24, 24, 3)
+        assert list(ys) == list(range(ys[0], ys[0] + 24)) and 0 <= ys[0] <= 6
+        if xs[0] > xs[-1]:  # mirrored: x runs backwards
+            flips += 1
+            assert list(xs) == list(range(xs[0], xs[0] - 24, -1))
+        else:
+            assert list(xs) == list(range(xs[0], xs[0] + 24))
+        lefts.add(int(min(xs)))
+    assert 70 < flips < 130  # p = 0.5
+    assert lefts == set(range(0, 17))  # every offset 0..16 occurs
+
+
+def test_center_crop_takes_the_middle_after_resizing_the_short_side():
+    out = np.asarray(center_crop(coordinate_image(40, 30), 20))
+    assert out[0, 0, 0] == 10 and out[0, 0, 1] == 5
+    assert center_crop(coordinate_image(40, 30), 24, resize=32).size == (24, 24)
+
+
+def test_greyscale_and_png_decode_to_rgb():
+    import io
+    for image, fmt in ((Image.new("L", (8, 8), 77), "JPEG"), (Image.new("RGBA", (8, 8), (1, 2, 3, 4)), "PNG")):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        assert decode_image(buf.getvalue(), "x").mode == "RGB"
+    with pytest.raises(DataError, match="shard.tar:key7: cannot decode image"):
+        decode_image(b"not a jpeg", "shard.tar:key7")
+
+
+@pytest.fixture(scope="module")
+def unique_labels(tmp_path_factory):
+    """37 samples, each its own class, so a label identifies a sample; 6 shards."""
+    root = tmp_path_factory.mktemp("unique")
+    src = sources.synthetic(num_classes=37, train_count=37, val_count=37, size=16)
+    write_dataset(src, root, source_name="synthetic", min_shards=6, progress=False)
+    return root
+
+
+def stream(root, split, *, train, rank, world, workers=2, batch=4, seed=0, epoch=0, steps=None):
+    dm = ShardDataModule(str(root), batch_size=batch * world, crop=12)
+    shards = [dict(s, tar=str(dm.root / s["tar"])) for s in dm.manifest["splits"][split]["shards"]]
+    ds = ShardStream(shards, train=train, batch_size=batch, num_classes=dm.num_classes, crop=12, resize=None,
+                     rank=rank, world=world, workers=workers, seed=seed, steps_per_epoch=steps, shuffle_buffer=10)
+    loader = EpochLoader(ds, lambda: epoch, num_workers=workers)
+    return ds, list(loader)
+
+
+def test_validation_reads_every_sample_exactly_once_across_ranks(unique_labels):
+    seen = []
+    for rank in range(3):
+        ds, batches = stream(unique_labels, "val", train=False, rank=rank, world=3)
+        assert len(batches) == len(ds)  # the progress bar's total is right
+        seen += [int(y) for _, labels in batches for y in labels]
+    assert sorted(seen) == list(range(37))
+
+
+def test_training_gives_every_rank_the_same_number_of_full_batches(unique_labels):
+    # 37 samples, global batch 12 over 3 ranks: 3 steps per epoch on every rank,
+    # although the ranks own 2 shards of unequal size each.
+    for rank in range(3):
+        ds, batches = stream(unique_labels, "train", train=True, rank=rank, world=3, steps=3)
+        assert len(batches) == len(ds) == 3
+        assert all(images.shape == (4, 3, 12, 12) and images.dtype == torch.uint8 for images, _ in batches)
+
+
+def labels_of(root, **kw):
+    return [int(y) for _, labels in stream(root, "train", train=True, rank=0, world=1, steps=9, **kw)[1] for y in labels]
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_different(unique_labels):
+    first = labels_of(unique_labels, seed=1)
+    assert first == labels_of(unique_labels, seed=1)
+    assert first != labels_of(unique_labels, seed=2)
+    assert first != labels_of(unique_labels, seed=1, epoch=1)
+
+
+def test_out_of_range_label_names_shard_and_key(tmp_path):
+    write_dataset(sources.synthetic(5, 20, 10, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
+    dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12)
+    dm.manifest["num_classes"] = 3  # the shards hold labels 0..4
+    with pytest.raises(DataError, match=r"val/00000[01].tar:val-\d+: label [34] is outside 0..2"):
+        list(dm.val_dataloader())
+
+
+def test_datamodule_normalises_on_the_device_and_checks_batch_division(synthetic_root):
+    dm = ShardDataModule(str(synthetic_root), batch_size=32, crop=28, loader={"name": "wds", "workers": 0})
+    images, labels = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert images.dtype == torch.float32 and abs(images.mean().item()) < 0.2 and 0.7 < images.std().item() < 1.3
+    assert dm.steps_per_epoch() == 2000 // 32

@@ -1,0 +1,111 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexnet_dist.errors import ConfigError
+from alexnet_dist.models import AlexNet2012, create_model
+from alexnet_dist.models.layers import SpatialNorm, TowerLRN
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_alexnet2012_has_the_papers_parameter_count_and_55px_conv1_maps():
+    model = create_model("alexnet2012", 1000).eval()
+    assert n_params(model) == 60_965_224
+    x = torch.randn(2, 3, 224, 224)
+    assert model.conv1(F.pad(x, (0, 3, 0, 3))).shape == (2, 96, 55, 55)
+    assert model.features(x).shape == (2, 256, 6, 6)
+    assert model(x).shape == (2, 1000)
+
+
+def test_alexnet2012_initialisation_follows_layers_145():
+    torch.manual_seed(0)
+    m = AlexNet2012()
+    for layer, std in [(m.conv1, 0.01), (m.conv2, 0.01), (m.conv3, 0.03), (m.conv4, 0.03),
+                       (m.conv5, 0.03), (m.fc6, 0.01), (m.fc7, 0.01), (m.fc8, 0.01)]:
+        assert layer.weight.std().item() == pytest.approx(std, rel=0.05)
+    biases = {name: m.get_submodule(name).bias.unique().tolist() for name in
+              ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]}
+    assert biases == {"conv1": [0.0], "conv2": [1.0], "conv3": [0.0], "conv4": [1.0],
+                      "conv5": [1.0], "fc6": [1.0], "fc7": [1.0], "fc8": [0.0]}
+
+
+def test_alexnet2012_towers_are_separate_in_conv2_and_joined_in_conv3():
+    m = AlexNet2012().eval()
+    x = torch.randn(1, 96, 27, 27)
+    y = x.clone()
+    y[:, 48:] += 1.0  # change only the second tower's input
+    assert torch.equal(m.conv2(x)[:, :128], m.conv2(y)[:, :128])
+    assert not torch.equal(m.conv2(x)[:, 128:], m.conv2(y)[:, 128:])
+    z = torch.randn(1, 256, 13, 13)
+    w = z.clone()
+    w[:, 128:] += 1.0
+    assert not torch.equal(m.conv3(z)[:, :192], m.conv3(w)[:, :192])  # conv3 crosses towers
+
+
+def test_alexnet2012_refuses_other_input_sizes_with_a_clear_message():
+    with pytest.raises(ValueError, match="224x224"):
+        AlexNet2012()(torch.randn(1, 3, 64, 64))
+
+
+def test_owt_matches_torchvision_layout_and_parameter_count():
+    model = create_model("alexnet_owt", 1000)
+    assert n_params(model) == 61_100_840
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {
+        "features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),
+        "features.3.weight": (192, 64, 5, 5), "features.3.bias": (192,),
+        "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
+        "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,),
+        "features.10.weight": (256, 256, 3, 3), "features.10.bias": (256,),
+        "classifier.1.weight": (4096, 9216), "classifier.1.bias": (4096,),
+        "classifier.4.weight": (4096, 4096), "classifier.4.bias": (4096,),
+        "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
+    }
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("size", [28, 32, 48, 64])
+def test_small_model_takes_28_to_64_px(size):
+    assert create_model("alexnet_small", 10)(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_unknown_model_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.name=resnet: unknown model; choose one of alexnet2012"):
+        create_model("resnet", 10)
+
+
+def lrn_by_formula(a, n=5, alpha=1e-4, beta=0.75, k=2.0):
+    """b_i = a_i / (k + alpha/n * sum_{j=i-n/2}^{i+n/2} a_j^2)^beta  (paper section 3.3, with the
+    code's alpha/n scaling)."""
+    out = torch.empty_like(a)
+    C = a.shape[1]
+    for i in range(C):
+        lo, hi = max(0, i - n // 2), min(C - 1, i + n // 2)
+        s = (a[:, lo:hi + 1] ** 2).sum(1)
+        out[:, i] = a[:, i] / (k + alpha / n * s) ** beta
+    return out
+
+
+def test_tower_lrn_matches_the_formula_inside_each_tower():
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 3, 3, dtype=torch.float64) * 30
+    expected = torch.cat([lrn_by_formula(x[:, :6]), lrn_by_formula(x[:, 6:])], dim=1)
+    assert torch.allclose(TowerLRN(2).double()(x), expected, rtol=1e-10)
+    # one tower: the window at channel 5 reaches channels 6 and 7, so the result differs
+    assert torch.allclose(TowerLRN(1).double()(x), lrn_by_formula(x), rtol=1e-10)
+    assert not torch.allclose(TowerLRN(1).double()(x), expected)
+
+
+def test_spatial_norm_matches_the_formula_with_zero_padding():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 6, 7, dtype=torch.float64) * 20
+    expected = torch.empty_like(x)
+    for c in range(2):
+        for i in range(6):
+            for j in range(7):
+                win = x[0, c, max(0, i - 2):i + 3, max(0, j - 2):j + 3]
+                expected[0, c, i, j] = x[0, c, i, j] * (1 + 1e-3 / 25 * (win ** 2).sum()) ** -0.75
+    assert torch.allclose(SpatialNorm()(x), expected, rtol=1e-10)

@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from alexnet_dist.training.optim import KrizhevskySGD, param_groups, scaled_lr
+from alexnet_dist.training.schedules import lr_factor
+
+
+def test_krizhevsky_update_matches_a_hand_computation():
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = KrizhevskySGD([w], lr=0.1, momentum=0.9, weight_decay=0.01)
+    grads = [torch.tensor([0.5, 1.0]), torch.tensor([-1.0, 0.0]), torch.tensor([0.2, 0.3])]
+    lrs = [0.1, 0.1, 0.01]  # an lr drop before the third step
+    v = [0.0, 0.0]
+    ref = [1.0, -2.0]
+    for g, lr in zip(grads, lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        w.grad = g.clone()
+        opt.step()
+        for i in range(2):
+            v[i] = 0.9 * v[i] - lr * 0.01 * ref[i] - lr * g[i].item()
+            ref[i] = ref[i] + v[i]
+    assert w.tolist() == pytest.approx(ref, rel=1e-6)
+    # by hand for the first coordinate: v1=-0.051, w=0.949; v2=-0.0459-0.000949+0.1=0.053151 ...
+    assert ref[0] == pytest.approx(0.949 + 0.053151 + (0.9 * 0.053151 - 0.01 * 0.01 * 1.002151 - 0.002), rel=1e-6)
+
+
+def test_krizhevsky_equals_torch_sgd_at_constant_lr_and_differs_after_a_drop():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    ka = KrizhevskySGD(a.parameters(), lr=0.1, momentum=0.9)
+    sb = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 4)
+    for step in range(6):
+        if step == 3:
+            for opt in (ka, sb):
+                opt.param_groups[0]["lr"] = 0.01
+        for model, opt in ((a, ka), (b, sb)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+        same = torch.allclose(a.weight, b.weight, atol=1e-6)
+        assert same == (step < 3), step
+
+
+def test_param_groups_put_no_decay_and_double_lr_on_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2))
+    weights, biases = param_groups(model, lr=0.01, weight_decay=5e-4, bias_lr_mult=2.0)
+    assert [p.shape for p in weights["params"]] == [(4, 3, 3, 3), (2, 4)]
+    assert [p.shape for p in biases["params"]] == [(4,), (2,)]
+    assert (weights["lr"], weights["weight_decay"]) == (0.01, 5e-4)
+    assert (biases["lr"], biases["weight_decay"]) == (0.02, 0.0)
+
+
+def test_linear_lr_scaling_with_the_global_batch():
+    assert scaled_lr(0.01, 128, 128) == 0.01
+    assert scaled_lr(0.01, 1024, 128) == pytest.approx(0.08)
+    assert scaled_lr(0.01, 1024, None) == 0.01
+
+
+def test_step_schedule_drops_at_the_2012_epochs():
+    f = [lr_factor("step", e, max_epochs=90, milestones=[25, 51], gamma=0.1) for e in (0, 24.99, 25, 50.5, 51, 89)]
+    assert f == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_cosine_with_warmup():
+    kw = dict(max_epochs=10, warmup_epochs=2, min_factor=0.0)
+    assert lr_factor("cosine", 1.0, **kw) == pytest.approx(0.5)      # halfway through warmup
+    assert lr_factor("cosine", 2.0, **kw) == pytest.approx(1.0)      # peak
+    assert lr_factor("cosine", 6.0, **kw) == pytest.approx(0.5)      # half of the cosine
+    assert lr_factor("cosine", 10.0, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("cosine", 4.0, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))

@@ -1,0 +1,115 @@
+"""alexnet-train run for real in subprocesses, as a user runs it."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    rows = []
+    for f in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        rows += list(csv.DictReader(f.open()))
+    return rows
+
+
+def train_losses(run_dir):
+    return [(int(r["step"]), float(r["train_loss"])) for r in metrics_rows(run_dir) if r.get("train_loss")]
+
+
+def test_smoke_training_learns_and_writes_its_run_directory(tmp_path, synthetic_root, cli_env):
+    proc = run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", "run_id=first", "trainer.max_epochs=2",
+                   cwd=tmp_path, env=cli_env)
+    run_dir = tmp_path / "runs" / "smoke" / "first"
+    assert f"run directory: {run_dir}" in proc.stdout
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["run_id"] == "first" and results["world_size"] == 1
+    assert results["epochs"] == 2 and results["global_step"] == 2 * (2000 // 32)
+    assert results["val_count"] == 500 and results["val_top1"] > 0.6 and results["val_top5"] >= results["val_top1"]
+    assert results["train_images_per_sec"] > 0 and results["val_loss"] < 2.0
+    losses = train_losses(run_dir)
+    first, last = sum(l for _, l in losses[:2]) / 2, sum(l for _, l in losses[-2:]) / 2
+    assert last < 0.6 * first, losses
+    assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "checkpoints" / "best.ckpt").exists()
+    assert "experiment_name: smoke" in (run_dir / "config.yaml").read_text()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 124 and ckpt["hyper_parameters"]["model"]["name"] == "alexnet_small"
+
+
+def test_resume_auto_continues_the_step_count(tmp_path, synthetic_root, cli_env):
+    args = [*SMOKE, f"data.root={synthetic_root}", "run_id=r"]
+    run_cli("alexnet-train", *args, "trainer.max_epochs=1", cwd=tmp_path, env=cli_env)
+    run_dir = tmp_path / "runs" / "smoke" / "r"
+    assert json.loads((run_dir / "results.json").read_text())["global_step"] == 62
+    run_cli("alexnet-train", *args, "trainer.max_epochs=2", cwd=tmp_path, env=cli_env)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == 124 and results["epochs"] == 2
+    # the second part logged steps after the first part's, into its own file: nothing overwritten
+    parts = sorted((run_dir / "logs").glob("version_*/metrics.csv"))
+    assert len(parts) == 2
+    first_steps = [int(r["step"]) for r in csv.DictReader(parts[0].open()) if r.get("train_loss")]
+    second_steps = [int(r["step"]) for r in csv.DictReader(parts[1].open()) if r.get("train_loss")]
+    assert max(first_steps) < 62 <= min(second_steps)
+
+
+def test_ddp_with_two_cpu_processes_splits_the_global_batch(tmp_path, synthetic_root, cli_env):
+    run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", "run_id=ddp", "trainer.max_epochs=2",
+            "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path, env=cli_env)
+    results = json.loads((tmp_path / "runs/smoke/ddp/results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["global_step"] == 2 * (2000 // 32)  # global batch 32 = 16 per rank
+    assert results["val_count"] == 500  # every validation sample counted once over both ranks
+    assert results["val_top1"] > 0.6
+
+
+def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, synthetic_root, cli_env):
+    args = ["experiment=smoke", "logger=wandb", "+trainer.enable_progress_bar=false",
+            f"data.root={synthetic_root}", "run_id=wb", "trainer.limit_train_batches=5"]
+    run_cli("alexnet-train", *args, "trainer.max_epochs=1", cwd=tmp_path, env=cli_env)
+    run_cli("alexnet-train", *args, "trainer.max_epochs=2", cwd=tmp_path, env=cli_env)
+    records = sorted((tmp_path / "runs/smoke/wb/wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 2, records
+    assert {p.name for p in records} == {"run-smoke-wb.wandb"}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data.root={tmp}/absent"], "error: data.root={tmp}/absent: no such directory; make shards with `alexnet-prepare"),
+    (["model.name=vgg"], "error: model.name=vgg: unknown model; choose one of alexnet2012, alexnet_owt, alexnet_small"),
+    (["data.batch_size=33", "trainer.devices=2", "trainer.strategy=ddp"],
+     "error: data.batch_size=33 is the global batch and must divide by the 2 processes"),
+    (["data.batch_size=4096"], "error: data.batch_size=4096 is larger than the training set (2000 images)"),
+])
+def test_bad_configuration_stops_with_one_line(tmp_path, synthetic_root, cli_env, override, message):
+    override = [o.format(tmp=tmp_path) for o in override]
+    proc = run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", *override, cwd=tmp_path, env=cli_env,
+                   check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and errors[0].startswith(message.format(tmp=tmp_path)), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_experiment_lists_the_choices(tmp_path, cli_env):
+    proc = run_cli("alexnet-train", "experiment=nope", cwd=tmp_path, env=cli_env, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "Could not find 'experiment/nope'" in proc.stderr and "fashion_mnist" in proc.stderr
+
+
+def test_a_label_outside_the_class_range_names_the_shard_and_key(tmp_path, synthetic_root, cli_env):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["num_classes"], manifest["classes"] = 5, manifest["classes"][:5]  # shards hold labels 0..9
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("alexnet-train", *SMOKE, f"data.root={data}", cwd=tmp_path, env=cli_env, check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{data}/train/0000" in errors[0] and "is outside 0..4 (the manifest lists 5 classes)" in errors[0]
