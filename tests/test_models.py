@@ -97,6 +97,8 @@ def test_tower_lrn_matches_the_formula_inside_each_tower():
     # one tower: the window at channel 5 reaches channels 6 and 7, so the result differs
     assert torch.allclose(TowerLRN(1).double()(x), lrn_by_formula(x), rtol=1e-10)
     assert not torch.allclose(TowerLRN(1).double()(x), expected)
+    torch_lrn = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+    assert torch.allclose(TowerLRN(1)(x.float()), torch_lrn(x.float()), rtol=1e-5)
 
 
 def test_spatial_norm_matches_the_formula_with_zero_padding():

@@ -1,0 +1,35 @@
+# make demo   Fashion-MNIST -> JPEG shards -> AlexNet (small) -> test top-1, from a fresh clone
+# make test   the whole test suite (creates .venv and installs first)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch build the tests run on here (a CPU build). On a GPU machine keep your CUDA torch:
+#   make install TORCH=torch
+TORCH ?= torch==2.13.0
+SHARDS ?= data/fashion-mnist-wds
+export DATA
+
+.PHONY: install demo test test-fast lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	BIN=$(BIN) SHARDS=$(SHARDS) bash launch/demo.sh
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/pip install --quiet --disable-pip-version-check ruff
+	$(BIN)/ruff check --line-length 120 alexnet_dist tests
+
+clean:
+	rm -rf runs outputs .pytest_cache $(SHARDS)

@@ -1,0 +1,107 @@
+"""alexnet-bench MODE ...: throughput measurements, one JSON object per line.
+
+  model   forward + backward + SGD step on random tensors already on the device (compute ceiling)
+  loader  the webdataset + PIL loader alone, reading shards made by alexnet-prepare
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import ConfigError
+from ..models import create_model
+from . import one_line_errors
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="alexnet-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["model", "loader"])
+    p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="alexnet2012")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup untimed ones)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--size", type=int, default=224, help="input side for model mode; crop for loader mode")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--data", help="loader mode: the folder holding manifest.json")
+    p.add_argument("--workers", type=int, default=2, help="loader mode: worker processes")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(args) -> dict:
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device gpu: no CUDA device is visible; use --device cpu")
+    model = create_model(args.model, args.num_classes).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(args.batch_size, 3, args.size, args.size, device=device).to(memory_format=memory_format)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"name": f"model/{args.model}", "images_per_sec": round(args.batch_size * args.steps / seconds, 1),
+            "step_ms": round(1000 * seconds / args.steps, 3),
+            "tflops": round(counter.get_total_flops() * args.steps / seconds / 1e12, 2),
+            "device": name, "batch_size": args.batch_size, "size": args.size, "precision": args.precision,
+            "channels_last": args.channels_last, "steps": args.steps}
+
+
+def bench_loader(args) -> dict:
+    from ..data.datamodule import ShardDataModule
+
+    if not args.data:
+        raise ConfigError("loader mode needs --data DIR (a folder made by alexnet-prepare)")
+    data = ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size,
+                           loader={"name": "wds", "workers": args.workers})
+    loader = data.train_dataloader()
+    batches = iter(loader)
+    for _ in range(args.warmup):
+        next(batches)
+    start = time.perf_counter()
+    images = 0
+    for _ in range(args.steps):
+        images += len(next(batches)[1])
+    seconds = time.perf_counter() - start
+    return {"name": "loader/wds", "images_per_sec": round(images / seconds, 1), "batch_size": args.batch_size,
+            "crop": args.size, "workers": args.workers, "steps": args.steps}
+
+
+@one_line_errors
+def main(argv=None):
+    args = parse_args(argv)
+    result = bench_model(args) if args.mode == "model" else bench_loader(args)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
