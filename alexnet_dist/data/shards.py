@@ -1,0 +1,173 @@
+"""Writing WebDataset shards (<key>.jpg + <key>.cls), their DALI index files and manifest.json.
+
+A shard is a plain tar. Beside each tar lies the index file DALI's webdataset reader uses to
+seek to samples ("v1.2 <count>" then one line per sample: ext offset size name ...), written
+from the offsets we know while writing, so no separate wds2idx pass is needed.
+"""
+import io
+import json
+import math
+import os
+import random
+import re
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import DataError
+from .sources import Sample, Source
+
+MANIFEST = "manifest.json"
+
+
+def to_storage(image: Image.Image, resize: int | None, center_crop: bool) -> Image.Image:
+    """RGB (or L for grey sources), short side resized to `resize`, optionally centre-cropped
+    square: the paper's storage format is short side 256 then the central 256x256 (section 2)."""
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # CMYK, palette, RGBA, 16-bit grey ...
+    if resize:
+        w, h = image.size
+        scale = resize / min(w, h)
+        image = image.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BICUBIC)
+        if center_crop:
+            w, h = image.size
+            left, top = (w - resize) // 2, (h - resize) // 2
+            image = image.crop((left, top, left + resize, top + resize))
+    return image
+
+
+def encode(sample: Sample, resize: int | None, center_crop: bool, quality: int) -> tuple[bytes, Image.Image]:
+    item = sample.load()
+    if isinstance(item, bytes):
+        try:
+            image = Image.open(io.BytesIO(item))
+            image.load()
+        except Exception as exc:
+            raise DataError(f"{sample.key}: cannot decode image ({exc})") from None
+        if image.format == "JPEG" and image.mode in ("RGB", "L") and not resize:
+            return item, image  # already a JPEG we can decode as-is: keep the original bytes
+    else:
+        image = item
+    image = to_storage(image, resize, center_crop)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue(), image
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    # The data starts right after this member's header; DALI's index wants that offset.
+    offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
+    tar.addfile(info, io.BytesIO(data))
+    return offset, info.size
+
+
+def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality, stats: bool):
+    """Writes one tar and its index atomically; returns the count, skipped keys, sizes and the
+    per-channel sum and sum of squares (0-255 scale, RGB) when `stats` is set."""
+    tmp = path.with_suffix(".tar.tmp")
+    index_lines, skipped, sizes = [], [], set()
+    sums, sq, pixels = np.zeros(3), np.zeros(3), 0
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            try:
+                data, image = encode(sample, resize, center_crop, quality)
+            except DataError as exc:
+                skipped.append(str(exc))
+                continue
+            sizes.add(image.size)
+            parts = []
+            for ext, payload in (("jpg", data), ("cls", str(sample.label).encode())):
+                offset, size = _add(tar, f"{sample.key}.{ext}", payload)
+                parts.append(f"{ext} {offset} {size} {sample.key}.{ext}")
+            index_lines.append(" ".join(parts))
+            if stats:
+                a = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+                sums += a.sum(0)
+                sq += (a * a).sum(0)
+                pixels += len(a)
+    os.replace(tmp, path)
+    idx = path.with_suffix(".idx")
+    idx.write_text(f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
+    return len(index_lines), skipped, sizes, (sums, sq, pixels)
+
+
+def _clean_key(key: str) -> str:
+    # webdataset splits a file name at its first dot and DALI at its last: keep keys dot-free.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", key)
+
+
+def write_dataset(source: Source, out: Path, *, source_name: str, resize: int | None = None,
+                  center_crop: bool = False, quality: int = 90, shard_size: int = 5000,
+                  min_shards: int = 8, workers: int = 1, seed: int = 0, progress: bool = True) -> dict:
+    """Shuffles each split (so every shard holds a mix of classes), cuts it into shards of at
+    most `shard_size` samples and at least `min_shards` shards (so several ranks and loader
+    workers each get some), writes them, then manifest.json."""
+    out = Path(out)
+    manifest = {"version": 1, "source": source_name, "classes": source.classes,
+                "num_classes": len(source.classes), "splits": {}}
+    all_sizes = set()
+    for split, samples in source.splits.items():
+        samples = [Sample(_clean_key(s.key), s.load, s.label) for s in samples]
+        if len({s.key for s in samples}) != len(samples):
+            raise DataError(f"{split}: two images map to the same shard key; rename files that differ only in punctuation")
+        random.Random(seed).shuffle(samples)
+        n_shards = max(math.ceil(len(samples) / shard_size), min(min_shards, len(samples)))
+        per = math.ceil(len(samples) / n_shards)
+        (out / split).mkdir(parents=True, exist_ok=True)
+        plan = [(out / split / f"{i:06d}.tar", samples[i * per:(i + 1) * per]) for i in range(n_shards)]
+        plan = [(p, s) for p, s in plan if s]
+        shards, skipped, total = [], [], 0
+        sums, sq, pixels = np.zeros(3), np.zeros(3), 0
+        bar = tqdm(total=len(samples), desc=f"{split} shards", unit="img", disable=not progress)
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(write_shard, path, chunk, resize, center_crop, quality, split == "train")
+                       for path, chunk in plan]
+            for (path, chunk), future in zip(plan, futures):
+                count, bad, sizes, (s, q, n) = future.result()
+                bar.update(len(chunk))
+                shards.append({"tar": f"{split}/{path.name}", "index": f"{split}/{path.with_suffix('.idx').name}",
+                               "count": count})
+                skipped += bad
+                total += count
+                all_sizes |= sizes
+                sums, sq, pixels = sums + s, sq + q, pixels + n
+        bar.close()
+        manifest["splits"][split] = {"count": total, "shards": shards, "skipped": skipped}
+        if split == "train" and pixels:
+            mean = sums / pixels
+            manifest["mean"] = [round(float(v), 3) for v in mean]
+            manifest["std"] = [round(float(v), 3) for v in np.sqrt(np.maximum(sq / pixels - mean**2, 0))]
+    # One size for every image (square storage) lets configs and checks rely on it.
+    manifest["image_size"] = list(all_sizes.pop()) if len(all_sizes) == 1 else None
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def read_manifest(root: Path) -> dict:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.exists():
+        raise DataError(f"data.root={root}: no such directory; make shards with "
+                        f"`alexnet-prepare SOURCE --out {root}` or point data.root at them")
+    if not path.exists():
+        raise DataError(f"{path}: missing; {root} holds no shards made by alexnet-prepare "
+                        f"(run `alexnet-prepare SOURCE --out {root}`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); re-run alexnet-prepare") from None
+    for split, info in manifest.get("splits", {}).items():
+        if not info.get("shards") or not info.get("count"):
+            raise DataError(f"{path}: split '{split}' has no samples; re-run alexnet-prepare on a non-empty source")
+        for shard in info["shards"]:
+            if not (root / shard["tar"]).exists():
+                raise DataError(f"{root / shard['tar']}: listed in {path} but missing; re-run alexnet-prepare")
+    return manifest

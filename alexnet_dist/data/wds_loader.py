@@ -1,0 +1,176 @@
+"""The portable loader: webdataset reads the tars, PIL decodes, a torch DataLoader runs workers.
+
+Batches leave as uint8 NCHW tensors; the data module normalises them on the training device.
+
+Splitting across ranks and workers is by shard. Training gives every rank the same number of
+batches, known up front (DDP would hang on an unequal count): each worker streams its own
+shards round and round, reshuffled every pass, until it has produced its share of the epoch.
+Validation reads each sample exactly once across all ranks; the counts may differ by rank
+because the metrics are summed across ranks once, at the end of the epoch.
+"""
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from ..errors import DataError
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        return image.convert("RGB")  # greyscale, CMYK and PNG all come out RGB
+    except Exception as exc:
+        raise DataError(f"{where}: cannot decode image ({exc}); re-create the shard with alexnet-prepare") from None
+
+
+def random_crop_flip(image: Image.Image, size: int, rng: random.Random, flip: bool = True) -> Image.Image:
+    """The paper's training view (section 4.1): a random size x size window, mirrored with p=0.5."""
+    w, h = image.size
+    if w < size or h < size:
+        image = resize_short(image, size)
+        w, h = image.size
+    left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+    image = image.crop((left, top, left + size, top + size))
+    if flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image
+
+
+def resize_short(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    if min(w, h) == size:
+        return image
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+
+
+def center_crop(image: Image.Image, size: int, resize: int | None = None) -> Image.Image:
+    if resize:
+        image = resize_short(image, resize)
+    w, h = image.size
+    if w < size or h < size:
+        image = resize_short(image, size)
+        w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def parse_label(sample: dict, where: str, num_classes: int) -> int:
+    if "cls" not in sample:
+        raise DataError(f"{where}: sample has no .cls label; re-create the shard with alexnet-prepare")
+    try:
+        label = int(sample["cls"].decode().strip())
+    except ValueError:
+        raise DataError(f"{where}: label {sample['cls'][:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} is outside 0..{num_classes - 1} (the manifest lists "
+                        f"{num_classes} classes); fix the shard or the manifest")
+    return label
+
+
+def shard_split(shards: list, rank: int, world: int, worker: int, workers: int) -> list:
+    return shards[rank::world][worker::workers]
+
+
+class ShardStream(IterableDataset):
+    """Batches of (uint8 images NCHW, int64 labels) from this rank's shards.
+
+    `shards` is the manifest's list ({"tar", "count"}) with absolute tar paths. `epoch` is set
+    by the DataLoader below before each pass, so shuffling depends on (seed, epoch, rank, worker).
+    """
+
+    def __init__(self, shards, *, train: bool, batch_size: int, num_classes: int, crop: int,
+                 resize: int | None, rank: int, world: int, workers: int, seed: int,
+                 steps_per_epoch: int | None = None, shuffle_buffer: int = 2000, flip: bool = True):
+        self.shards, self.train, self.batch_size = shards, train, batch_size
+        self.num_classes, self.crop, self.resize, self.flip = num_classes, crop, resize, flip
+        self.rank, self.world, self.workers, self.seed = rank, world, max(1, workers), seed
+        self.steps_per_epoch, self.shuffle_buffer = steps_per_epoch, shuffle_buffer
+        self.epoch = 0
+
+    def worker_batches(self, worker: int) -> int:
+        """How many batches this worker yields in one epoch."""
+        if self.train:
+            return self.steps_per_epoch // self.workers + (worker < self.steps_per_epoch % self.workers)
+        mine = shard_split(self.shards, self.rank, self.world, worker, self.workers)
+        return math.ceil(sum(s["count"] for s in mine) / self.batch_size)
+
+    def __len__(self) -> int:
+        return sum(self.worker_batches(w) for w in range(self.workers))
+
+    def samples(self, shards, rng):
+        for shard in shards:
+            for sample in tarfile_samples([{"url": shard["tar"]}]):
+                yield shard["tar"], sample
+
+    def train_samples(self, shards, rng):
+        """Endless: pass after pass over this worker's shards, each pass in a new order, mixed
+        through a shuffle buffer so consecutive samples come from different places."""
+        buffer = []
+        while True:
+            order = list(shards)
+            rng.shuffle(order)
+            for item in self.samples(order, rng):
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(item)
+                    continue
+                i = rng.randrange(len(buffer))
+                buffer[i], item = item, buffer[i]
+                yield item
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        if self.train:
+            # Each epoch deals the shards out to ranks afresh so every rank sees all the data over time.
+            order = list(self.shards)
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+            stream = self.train_samples(shard_split(order, self.rank, self.world, worker, self.workers), rng)
+        else:
+            stream = self.samples(shard_split(self.shards, self.rank, self.world, worker, self.workers), rng)
+        remaining = self.worker_batches(worker)
+        images, labels = [], []
+        for tar, sample in stream:
+            if remaining == 0:
+                return
+            where = f"{tar}:{sample['__key__']}"
+            label = parse_label(sample, where, self.num_classes)
+            if "jpg" not in sample:
+                raise DataError(f"{where}: sample has no .jpg image")
+            image = decode_image(sample["jpg"], where)
+            if self.train:
+                image = random_crop_flip(image, self.crop, rng, self.flip)
+            else:
+                image = center_crop(image, self.crop, self.resize)
+            images.append(to_tensor(image))
+            labels.append(label)
+            if len(images) == self.batch_size:
+                yield torch.stack(images), torch.tensor(labels)
+                images, labels = [], []
+                remaining -= 1
+        if images and remaining > 0:
+            yield torch.stack(images), torch.tensor(labels)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset the trainer's current epoch before each pass (the
+    dataset is copied into fresh worker processes at that moment)."""
+
+    def __init__(self, dataset: ShardStream, epoch_fn, **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.epoch = self.epoch_fn()
+        return super().__iter__()
