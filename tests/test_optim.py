@@ -74,3 +74,18 @@ def test_cosine_with_warmup():
     assert lr_factor("cosine", 6.0, **kw) == pytest.approx(0.5)      # half of the cosine
     assert lr_factor("cosine", 10.0, **kw) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor("cosine", 4.0, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_plateau_divides_by_ten_after_patience_epochs_without_improvement():
+    from alexnet_dist.training.module import Classifier
+
+    optim = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
+             "schedule": {"name": "plateau", "patience": 1, "gamma": 0.1, "max_drops": 2}}
+    module = Classifier(model={"name": "alexnet_small", "num_classes": 10}, optim=optim,
+                        steps_per_epoch=10, max_epochs=20, global_batch=128)
+    factors = []
+    for top1 in [0.5, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]:
+        module._plateau_update(top1)
+        factors.append(module.lr_multiplier(step=0))
+    # improvement resets the count; a drop after 2 flat epochs (patience 1); at most 2 drops
+    assert factors == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01])

@@ -81,6 +81,7 @@ def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, syn
 
 @pytest.mark.parametrize("override, message", [
     (["data.root={tmp}/absent"], "error: data.root={tmp}/absent: no such directory; make shards with `alexnet-prepare"),
+    (["data.root={tmp}"], "error: {tmp}/manifest.json: missing; {tmp} holds no shards made by alexnet-prepare"),
     (["model.name=vgg"], "error: model.name=vgg: unknown model; choose one of alexnet2012, alexnet_owt, alexnet_small"),
     (["data.batch_size=33", "trainer.devices=2", "trainer.strategy=ddp"],
      "error: data.batch_size=33 is the global batch and must divide by the 2 processes"),
