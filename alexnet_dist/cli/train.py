@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -21,6 +22,8 @@ from ..training.module import Classifier
 from . import one_line_errors
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Our loaders define __len__ exactly (batches per worker are counted from the manifest).
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
 
 
 def resume_path(resume: str, ckpt_dir: Path) -> str | None:

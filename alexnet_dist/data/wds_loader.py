@@ -108,7 +108,7 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return sum(self.worker_batches(w) for w in range(self.workers))
 
-    def samples(self, shards, rng):
+    def samples(self, shards):
         for shard in shards:
             for sample in tarfile_samples([{"url": shard["tar"]}]):
                 yield shard["tar"], sample
@@ -120,7 +120,7 @@ class ShardStream(IterableDataset):
         while True:
             order = list(shards)
             rng.shuffle(order)
-            for item in self.samples(order, rng):
+            for item in self.samples(order):
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(item)
                     continue
@@ -138,7 +138,7 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
             stream = self.train_samples(shard_split(order, self.rank, self.world, worker, self.workers), rng)
         else:
-            stream = self.samples(shard_split(self.shards, self.rank, self.world, worker, self.workers), rng)
+            stream = self.samples(shard_split(self.shards, self.rank, self.world, worker, self.workers))
         remaining = self.worker_batches(worker)
         images, labels = [], []
         for tar, sample in stream:
