@@ -30,7 +30,7 @@ MSG
 fi
 
 if [ ! -f "$SHARDS/manifest.json" ]; then
-    "$BIN/alexnet-prepare" fashion-mnist --src "$DATA" --out "$SHARDS" --resize 32 --quality 95
+    "$BIN/alexnet-prepare" fashion-mnist --src "$DATA" --out "$SHARDS" --quality 95
 fi
 run_id=demo-$(date +%Y%m%d-%H%M%S)
 "$BIN/alexnet-train" experiment=fashion_mnist data.root="$SHARDS" run_id="$run_id" "$@"
