@@ -24,6 +24,8 @@ from . import one_line_errors
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # Our loaders define __len__ exactly (batches per worker are counted from the manifest).
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
+# Evaluation metrics are summed over ranks by the module itself (one all-reduce per epoch).
+warnings.filterwarnings("ignore", message="It is recommended to use `self.log\\(.*sync_dist=True")
 
 
 def resume_path(resume: str, ckpt_dir: Path) -> str | None:

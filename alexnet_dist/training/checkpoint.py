@@ -15,7 +15,7 @@ class LastCheckpoint(pl.Callback):
 
     def save(self, trainer: pl.Trainer) -> None:
         if trainer.global_step != self.saved_step and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)  # every rank calls; rank zero writes
+            trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls; rank zero writes
             self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
