@@ -11,3 +11,7 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A configuration that cannot work."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""

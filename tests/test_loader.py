@@ -68,7 +68,7 @@ def stream(root, split, *, train, rank, world, workers=2, batch=4, seed=0, epoch
     shards = [dict(s, tar=str(dm.root / s["tar"])) for s in dm.manifest["splits"][split]["shards"]]
     ds = ShardStream(shards, train=train, batch_size=batch, num_classes=dm.num_classes, crop=12, resize=None,
                      rank=rank, world=world, workers=workers, seed=seed, steps_per_epoch=steps, shuffle_buffer=10)
-    loader = EpochLoader(ds, lambda: epoch, num_workers=workers)
+    loader = EpochLoader(ds, lambda: (epoch, 0), num_workers=workers)
     return ds, list(loader)
 
 
@@ -114,3 +114,38 @@ def test_datamodule_normalises_on_the_device_and_checks_batch_division(synthetic
     images, labels = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert images.dtype == torch.float32 and abs(images.mean().item()) < 0.2 and 0.7 < images.std().item() < 1.3
     assert dm.steps_per_epoch() == 2000 // 32
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_a_resumed_pass_yields_exactly_the_batches_not_yet_trained_on(unique_labels, workers):
+    def loader():
+        dm = ShardDataModule(str(unique_labels), batch_size=4, crop=12)
+        shards = [dict(s, tar=str(dm.root / s["tar"])) for s in dm.manifest["splits"]["train"]["shards"]]
+        ds = ShardStream(shards, train=True, batch_size=4, num_classes=37, crop=12, resize=None, rank=0, world=1,
+                         workers=max(1, workers), seed=3, steps_per_epoch=8, shuffle_buffer=10)
+        return EpochLoader(ds, lambda: (1, 13), num_workers=workers)  # epoch 1, 13 steps done before it
+
+    full = list(loader())
+    assert len(full) == 8
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 1, "batches_done": 5})
+    rest = list(resumed)
+    assert len(rest) == 3
+    for (a, la), (b, lb) in zip(full[5:], rest):
+        assert torch.equal(a, b) and torch.equal(la, lb)  # same images, same crops and flips
+    assert resumed.state_dict() == {"epoch": 1, "batches_done": 5}  # 13 steps on the clock, pass began at 8
+    other_epoch = loader()
+    other_epoch.load_state_dict({"epoch": 0, "batches_done": 5})  # a state from another epoch is ignored
+    assert len(list(other_epoch)) == 8
+
+
+def test_a_truncated_tar_and_a_count_mismatch_name_the_shard(tmp_path):
+    write_dataset(sources.synthetic(3, 24, 12, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
+    dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12, loader={"name": "wds", "workers": 0})
+    tar = tmp_path / "val" / "000000.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(DataError, match=r"val/000000.tar: (unreadable after \d+ samples|holds \d+ samples but manifest.json says 6)"):
+        list(dm.val_dataloader())
+    dm.manifest["splits"]["train"]["shards"][1]["count"] += 1
+    with pytest.raises(DataError, match=r"train/000001.tar: holds 12 samples but manifest.json says 13"):
+        list(dm.train_dataloader())

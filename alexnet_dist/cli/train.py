@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.datamodule import ShardDataModule
 from ..errors import ConfigError
 from ..training.callbacks import Throughput
-from ..training.checkpoint import LastCheckpoint
+from ..training.checkpoint import (LastCheckpoint, check_compatible, load_weights, resume_checkpoint,
+                                   set_aside_damaged_last)
 from ..training.module import Classifier
 from . import one_line_errors
 
@@ -26,17 +27,6 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
 # Evaluation metrics are summed over ranks by the module itself (one all-reduce per epoch).
 warnings.filterwarnings("ignore", message="It is recommended to use `self.log\\(.*sync_dist=True")
-
-
-def resume_path(resume: str, ckpt_dir: Path) -> str | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        last = ckpt_dir / "last.ckpt"
-        return str(last) if last.exists() else None
-    if not Path(resume).exists():
-        raise ConfigError(f"resume={resume}: no such checkpoint; use resume=auto, resume=never or a .ckpt path")
-    return resume
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
@@ -77,9 +67,14 @@ def train(cfg: DictConfig) -> dict:
                         optim=OmegaConf.to_container(cfg.optim), steps_per_epoch=data.steps_per_epoch(),
                         max_epochs=cfg.trainer.max_epochs, global_batch=cfg.data.batch_size, seed=cfg.seed)
     ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = resume_checkpoint(str(cfg.resume), ckpt_dir)
+    if ckpt_path:
+        check_compatible(ckpt_path, module, "resume")
+    elif cfg.init_from:
+        load_weights(module, Path(cfg.init_from))
     throughput = Throughput()
     callbacks = [
-        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps),
+        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.every_n_minutes, cfg.checkpoint.keep),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1,
                         auto_insert_metric_name=False),
         throughput,
@@ -90,7 +85,10 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         print(f"run directory: {run_dir}", flush=True)
-    trainer.fit(module, datamodule=data, ckpt_path=resume_path(str(cfg.resume), ckpt_dir))
+    if ckpt_path and trainer.is_global_zero:
+        print(f"resuming from {ckpt_path}", flush=True)
+        set_aside_damaged_last(ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     results = {
         "run_id": run_id,
@@ -104,6 +102,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "train_images_per_sec": round(throughput.images_per_sec, 1),
         "world_size": trainer.world_size,
+        "skipped_steps": module.skipped_steps,
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

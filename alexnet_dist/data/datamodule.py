@@ -69,10 +69,13 @@ class ShardDataModule(pl.LightningDataModule):
                               workers=workers, seed=self.seed, flip=self.flip,
                               steps_per_epoch=self.steps_per_epoch() if train else None,
                               shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)))
-        epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer else (lambda: 0)
-        return EpochLoader(dataset, epoch_fn, num_workers=workers if wanted > 0 else 0,
+        return EpochLoader(dataset, self.progress, seed=self.seed, num_workers=workers if wanted > 0 else 0,
                            pin_memory=torch.cuda.is_available(),
                            prefetch_factor=int(self.loader_cfg.get("prefetch", 2)) if wanted > 0 else None)
+
+    def progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.current_epoch, trainer.global_step) if trainer else (0, 0)
 
     def train_dataloader(self):
         return self._stream("train", True, self.global_batch)

@@ -11,6 +11,7 @@ because the metrics are summed across ranks once, at the end of the epoch.
 import io
 import math
 import random
+import tarfile
 
 import numpy as np
 import torch
@@ -97,6 +98,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.workers, self.seed = rank, world, max(1, workers), seed
         self.steps_per_epoch, self.shuffle_buffer = steps_per_epoch, shuffle_buffer
         self.epoch = 0
+        self.skip = 0  # batches of this epoch already trained on (resume)
 
     def worker_batches(self, worker: int) -> int:
         """How many batches this worker yields in one epoch."""
@@ -109,9 +111,19 @@ class ShardStream(IterableDataset):
         return sum(self.worker_batches(w) for w in range(self.workers))
 
     def samples(self, shards):
+        """(tar path, sample dict) from each shard in turn, checked against the manifest count."""
         for shard in shards:
-            for sample in tarfile_samples([{"url": shard["tar"]}]):
-                yield shard["tar"], sample
+            count = 0
+            try:
+                for sample in tarfile_samples([{"url": shard["tar"]}]):
+                    count += 1
+                    yield shard["tar"], sample
+            except (tarfile.TarError, OSError, ValueError) as exc:
+                raise DataError(f"{shard['tar']}: unreadable after {count} samples ({str(exc).split(' @ ')[0]}); "
+                                "the tar is damaged: re-create it with alexnet-prepare") from None
+            if count != shard["count"]:
+                raise DataError(f"{shard['tar']}: holds {count} samples but manifest.json says {shard['count']}; "
+                                "re-run alexnet-prepare so shards and manifest agree")
 
     def train_samples(self, shards, rng):
         """Endless: pass after pass over this worker's shards, each pass in a new order, mixed
@@ -128,21 +140,35 @@ class ShardStream(IterableDataset):
                 buffer[i], item = item, buffer[i]
                 yield item
 
+    def skipped_batches(self, worker: int) -> int:
+        """Of the first `self.skip` batches of the epoch, how many came from this worker: the
+        DataLoader takes batches from its workers in turn (0, 1, ..., W-1, 0, ...)."""
+        return max(0, (self.skip - worker + self.workers - 1) // self.workers)
+
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info else 0
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        # The DataLoader asks its workers in turn starting from worker 0; after skipping `skip`
+        # batches the next one belongs to worker skip % W, so worker ids are rotated to match.
+        worker = ((info.id if info else 0) + self.skip) % self.workers
+        name = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
         if self.train:
             # Each epoch deals the shards out to ranks afresh so every rank sees all the data over time.
             order = list(self.shards)
             random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-            stream = self.train_samples(shard_split(order, self.rank, self.world, worker, self.workers), rng)
+            stream = self.train_samples(shard_split(order, self.rank, self.world, worker, self.workers),
+                                        random.Random(name))
         else:
             stream = self.samples(shard_split(self.shards, self.rank, self.world, worker, self.workers))
         remaining = self.worker_batches(worker)
+        # Resuming mid-epoch: pass over the samples of batches already trained on without decoding
+        # them. Augmentation draws come from a generator per sample, so what follows is unchanged.
+        index = self.skipped_batches(worker) * self.batch_size
+        for _ in range(index):
+            next(stream, None)
+        remaining -= self.skipped_batches(worker)
         images, labels = [], []
         for tar, sample in stream:
-            if remaining == 0:
+            if remaining <= 0:
                 return
             where = f"{tar}:{sample['__key__']}"
             label = parse_label(sample, where, self.num_classes)
@@ -150,9 +176,10 @@ class ShardStream(IterableDataset):
                 raise DataError(f"{where}: sample has no .jpg image")
             image = decode_image(sample["jpg"], where)
             if self.train:
-                image = random_crop_flip(image, self.crop, rng, self.flip)
+                image = random_crop_flip(image, self.crop, random.Random(f"{name}-{index}"), self.flip)
             else:
                 image = center_crop(image, self.crop, self.resize)
+            index += 1
             images.append(to_tensor(image))
             labels.append(label)
             if len(images) == self.batch_size:
@@ -165,12 +192,34 @@ class ShardStream(IterableDataset):
 
 class EpochLoader(DataLoader):
     """A DataLoader that tells its dataset the trainer's current epoch before each pass (the
-    dataset is copied into fresh worker processes at that moment)."""
+    dataset is copied into fresh worker processes at that moment), and that can resume a pass.
 
-    def __init__(self, dataset: ShardStream, epoch_fn, **kwargs):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.epoch_fn = epoch_fn
+    Lightning saves `state_dict()` in checkpoints and hands it back to `load_state_dict()` on
+    resume, before the first pass. `progress_fn` gives (epoch, global step); batches done in the
+    epoch are the steps taken since the pass began. The loader has its own torch generator, so
+    starting a pass draws nothing from the global one (dropout's): a resumed run's random
+    numbers stay those of an uninterrupted run.
+    """
+
+    def __init__(self, dataset: ShardStream, progress_fn, seed: int = 0, **kwargs):
+        super().__init__(dataset, batch_size=None, generator=torch.Generator().manual_seed(seed), **kwargs)
+        self.progress_fn = progress_fn
+        self.pass_start_step = 0
+        self.resume_state = None
 
     def __iter__(self):
-        self.dataset.epoch = self.epoch_fn()
+        epoch, step = self.progress_fn()
+        skip = 0
+        if self.resume_state and self.resume_state["epoch"] == epoch:
+            skip = self.resume_state["batches_done"]
+        self.resume_state = None
+        self.dataset.epoch, self.dataset.skip = epoch, skip
+        self.pass_start_step = step - skip
         return super().__iter__()
+
+    def state_dict(self) -> dict:
+        epoch, step = self.progress_fn()
+        return {"epoch": epoch, "batches_done": step - self.pass_start_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_state = state

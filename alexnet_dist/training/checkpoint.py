@@ -1,26 +1,180 @@
-"""checkpoints/last.ckpt: the state a resumed run continues from."""
+"""Checkpoints a run can always resume from: written atomically, the last few kept, damaged ones
+skipped, random number generator states included."""
+import os
+import random
+import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+def rng_state() -> dict:
+    """Every generator training draws from, as tensors and plain values (loadable with
+    torch.load(weights_only=True))."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def point_last_at(target: Path) -> None:
+    """Makes last.ckpt beside `target` the same file (a hard link, else a copy), atomically."""
+    link = target.with_name("last.ckpt.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(target, link)
+    except OSError:  # a file system without hard links
+        link.write_bytes(target.read_bytes())
+    os.replace(link, target.with_name("last.ckpt"))
+
+
+def set_aside_damaged_last(good: Path) -> None:
+    """After falling back to `good`: keep the damaged last.ckpt as last.ckpt.damaged (nothing a
+    user saved is deleted) and point last.ckpt at the good one."""
+    last = good.with_name("last.ckpt")
+    if good != last and last.exists():
+        os.replace(last, last.with_name("last.ckpt.damaged"))
+        point_last_at(good)
 
 
 class LastCheckpoint(pl.Callback):
-    """Saves last.ckpt every `every_n_steps` optimizer steps (if set) and at the end of every
-    training epoch, after its validation. Lightning's ModelCheckpoint does one or the other."""
+    """Saves `step-<global step>.ckpt` every `every_n_steps` steps and/or `every_n_minutes`
+    minutes and at the end of every training epoch (after its validation), keeps the newest
+    `keep` of them, and points `last.ckpt` at the newest.
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int | None = None):
-        self.path = Path(dirpath) / "last.ckpt"
-        self.every_n_steps = every_n_steps
+    Each file is written under a temporary name, flushed to disk, then renamed: a crash in the
+    middle of a save leaves the previous checkpoints as they were. `last.ckpt` is a hard link to
+    the newest file (no second copy), replaced by an atomic rename too.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int | None = None,
+                 every_n_minutes: float | None = None, keep: int = 2):
+        self.dir = Path(dirpath)
+        self.every_n_steps, self.every_n_minutes, self.keep = every_n_steps, every_n_minutes, max(1, keep)
         self.saved_step = -1
+        self.last_save_time = time.monotonic()
 
     def save(self, trainer: pl.Trainer) -> None:
-        if trainer.global_step != self.saved_step and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls; rank zero writes
-            self.saved_step = trainer.global_step
+        if trainer.global_step == self.saved_step or trainer.sanity_checking:
+            return
+        final = self.dir / f"step-{trainer.global_step:09d}.ckpt"
+        tmp = final.with_name(final.name + ".tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls; rank zero writes
+        if trainer.is_global_zero:
+            _fsync(tmp)
+            os.replace(tmp, final)
+            point_last_at(final)
+            for old in sorted(self.dir.glob("step-*.ckpt"))[:-self.keep]:
+                old.unlink()
+            _fsync(self.dir)
+        self.saved_step = trainer.global_step
+        self.last_save_time = time.monotonic()
+
+    def _time_is_up(self, trainer) -> bool:
+        if not self.every_n_minutes:
+            return False
+        due = time.monotonic() - self.last_save_time >= 60 * self.every_n_minutes
+        return trainer.strategy.broadcast(due, src=0)  # all ranks must agree to save (a barrier)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        by_steps = self.every_n_steps and trainer.global_step % self.every_n_steps == 0
+        if by_steps or self._time_is_up(trainer):
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.save(trainer)
+
+
+def loadable(path: Path) -> str | None:
+    """None if `path` loads as a checkpoint, else why not (one line)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "state_dict" not in ckpt:
+            return "no state_dict in it"
+    except Exception as exc:  # a truncated zip, garbage, a pickle that is not a checkpoint ...
+        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def newest_good_checkpoint(ckpt_dir: Path) -> Path | None:
+    """last.ckpt, or if it is damaged the newest step-*.ckpt that loads; each damaged file is
+    reported in one line on stderr."""
+    candidates = [ckpt_dir / "last.ckpt"] + sorted(ckpt_dir.glob("step-*.ckpt"), reverse=True)
+    seen = set()  # last.ckpt is a hard link to the newest step file: test each file once
+    for path in candidates:
+        if not path.exists() or path.stat().st_ino in seen:
+            continue
+        seen.add(path.stat().st_ino)
+        problem = loadable(path)
+        if problem is None:
+            return path
+        print(f"warning: {path} cannot be loaded ({problem}); trying an older checkpoint", file=sys.stderr)
+    return None
+
+
+def resume_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
+    """resume=auto: the run directory's newest good checkpoint, if any; never: none; else a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return newest_good_checkpoint(ckpt_dir)
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"resume={resume}: no such checkpoint; use resume=auto, resume=never or a .ckpt path")
+    if problem := loadable(path):
+        raise ConfigError(f"resume={resume}: cannot be loaded ({problem}); pick another checkpoint")
+    return path
+
+
+def _describe(model: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(model.items()))
+
+
+def mismatch(saved: dict, own: dict) -> str | None:
+    """The first difference between two state dicts' names and shapes, and how many there are."""
+    wrong = [f"{k} is {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in saved.items()
+             if k in own and v.shape != own[k].shape]
+    wrong += [f"{k} is missing" for k in sorted(set(own) - set(saved))]
+    wrong += [f"{k} is unexpected" for k in sorted(set(saved) - set(own))]
+    return f"{wrong[0]}; {len(wrong)} tensors differ" if wrong else None
+
+
+def check_compatible(path: Path, module: torch.nn.Module, what: str) -> None:
+    """A checkpoint of another network, width or class count stops the run with both named."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    problem = mismatch(ckpt["state_dict"], module.state_dict())
+    if problem:
+        saved = ckpt.get("hyper_parameters", {}).get("model", {})
+        raise ConfigError(f"{what}={path}: the checkpoint holds {_describe(saved)} but this run builds "
+                          f"{_describe(module.hparams.model)} ({problem}); use the same model and data, or a new run_id")
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """init_from=PATH: the network's weights only (a new run: fresh optimizer, step 0)."""
+    if problem := loadable(path):
+        raise ConfigError(f"init_from={path}: cannot be loaded ({problem})")
+    check_compatible(path, module, "init_from")
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])

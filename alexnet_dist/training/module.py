@@ -5,7 +5,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..errors import TrainingError
 from ..models import create_model
+from .checkpoint import rng_state, set_rng_state
 from .optim import build_optimizer, param_groups, scaled_lr
 from .schedules import lr_factor
 
@@ -28,10 +30,15 @@ class Classifier(pl.LightningModule):
         self.global_batch = global_batch
         self.eval_sums = None  # loss sum, top-1 and top-5 hits, count: summed over ranks at epoch end
         self.plateau = {"best": -1.0, "bad_epochs": 0, "drops": 0}
+        self.skipped_steps = 0  # non-finite losses skipped (optim.on_nonfinite=skip)
+        self.rng_to_restore = None
 
     def on_train_start(self):
-        # Same weights on every rank (DDP broadcasts rank 0's), but each rank its own dropout masks.
-        torch.manual_seed(self.hparams.seed * 1000 + self.global_rank)
+        if self.rng_to_restore is not None:  # resumed: continue the generators where they stopped
+            set_rng_state(self.rng_to_restore[min(self.global_rank, len(self.rng_to_restore) - 1)])
+            self.rng_to_restore = None
+        else:  # same weights on every rank (DDP broadcasts rank 0's), each rank its own dropout masks
+            torch.manual_seed(self.hparams.seed * 1000 + self.global_rank)
 
     def forward(self, x):
         return self.model(x)
@@ -40,9 +47,13 @@ class Classifier(pl.LightningModule):
         images, labels = batch
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; lower optim.lr "
-                                     "or check the data normalisation (data.mean/data.std)")
+        if not self._all_finite(loss):
+            if self.optim_cfg.get("on_nonfinite", "stop") == "skip":
+                self.skipped_steps += 1
+                self.log("skipped_steps", float(self.skipped_steps))
+                return None  # Lightning then skips backward and the optimizer step
+            raise TrainingError(f"loss is {loss.item()} at step {self.global_step}; the last checkpoint is kept. "
+                                "Lower optim.lr, check data.mean/data.std, or set optim.on_nonfinite=skip")
         top1 = topk_correct(logits.detach(), labels, 1) / len(labels)
         self.log("train_loss", loss, prog_bar=True)
         self.log("train_top1", top1)
@@ -104,11 +115,26 @@ class Classifier(pl.LightningModule):
             if p["bad_epochs"] > sched.get("patience", 2) and p["drops"] < sched.get("max_drops", 3):
                 p["drops"], p["bad_epochs"] = p["drops"] + 1, 0
 
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: all ranks must skip a step together."""
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["plateau"] = dict(self.plateau)
+        checkpoint["skipped_steps"] = self.skipped_steps
+        states = [rng_state()]
+        if dist.is_available() and dist.is_initialized():  # each rank's own dropout generator
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng_state())
+        checkpoint["rng"] = states
 
     def on_load_checkpoint(self, checkpoint):
         self.plateau = dict(checkpoint.get("plateau", self.plateau))
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self.rng_to_restore = checkpoint.get("rng")
 
     def lr_multiplier(self, step: int) -> float:
         s = self.optim_cfg["schedule"]

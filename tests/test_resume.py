@@ -1,0 +1,121 @@
+"""Nothing lost: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one;
+damaged checkpoints are skipped; incompatible checkpoints and non-finite losses stop cleanly."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BIN, run_cli
+
+pytestmark = pytest.mark.slow
+ARGS = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "trainer.max_epochs=3",
+        "model.dropout=0.5"]  # dropout: the resumed run must also continue the random generators
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, synthetic_root):
+    """One uninterrupted run, shared by the tests below."""
+    from conftest import cli_env as _  # noqa: F401  (the fixture's environment is rebuilt here)
+    cwd = tmp_path_factory.mktemp("reference")
+    env = dict(os.environ, WANDB_MODE="offline")
+    run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=ref", cwd=cwd, env=env)
+    return cwd / "runs" / "smoke" / "ref"
+
+
+def wait_for_step_file(ckpt_dir: Path, min_step: int, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name[5:14]) for p in ckpt_dir.glob("step-*.ckpt")] if ckpt_dir.exists() else []
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path, synthetic_root, cli_env, reference):
+    args = [*ARGS, f"data.root={synthetic_root}", "run_id=killed"]
+    proc = subprocess.Popen([str(BIN / "alexnet-train"), *args], cwd=tmp_path, env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = tmp_path / "runs/smoke/killed/checkpoints"
+    step = wait_for_step_file(ckpt_dir, 70, proc)  # epoch 1 has begun (62 steps per epoch)
+    time.sleep(0.3)  # land somewhere between two saves
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = weights(ckpt_dir.parent)["global_step"]
+    assert 70 <= saved < 186 and saved % 5 == 0 and saved >= step
+    out = run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
+    assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout
+    resumed, uninterrupted = weights(ckpt_dir.parent), weights(reference)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 186
+    for name, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), name
+    for a, b in zip(resumed["optimizer_states"][0]["state"].values(), uninterrupted["optimizer_states"][0]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_only_the_newest_checkpoints_are_kept_and_last_points_at_the_newest(reference):
+    ckpt_dir = reference / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.glob("step-*.ckpt")) == ["step-000000185.ckpt", "step-000000186.ckpt"]
+    assert (ckpt_dir / "last.ckpt").stat().st_ino == (ckpt_dir / "step-000000186.ckpt").stat().st_ino
+    assert not list(ckpt_dir.glob("*.tmp"))
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, synthetic_root, cli_env, reference):
+    import shutil
+    run_dir = tmp_path / "runs/smoke/damaged"
+    shutil.copytree(reference, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk (copytree made it a file of its own)
+    (run_dir / "checkpoints" / "step-000000999.ckpt.tmp").write_bytes(b"half a save")  # a crash mid-save
+    out = run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=damaged", cwd=tmp_path, env=cli_env)
+    warnings = [l for l in out.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and f"{last} cannot be loaded" in warnings[0], out.stderr[-2000:]
+    assert f"resuming from {run_dir}/checkpoints/step-000000186.ckpt" in out.stdout
+    assert weights(run_dir)["global_step"] == 186  # last.ckpt points at the good file again
+    assert (run_dir / "checkpoints" / "last.ckpt.damaged").stat().st_size == 1000  # kept, not deleted
+
+
+def test_resuming_with_another_model_names_both(tmp_path, synthetic_root, cli_env, reference):
+    import shutil
+    shutil.copytree(reference, tmp_path / "runs/smoke/other")
+    out = run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=other", "model.width=24",
+                  cwd=tmp_path, env=cli_env, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    error = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(error) == 1 and "the checkpoint holds" in error[0] and "width=16" in error[0] and "width=24" in error[0]
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(tmp_path, synthetic_root, cli_env, reference):
+    src = reference / "checkpoints" / "last.ckpt"
+    run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=tuned", f"init_from={src}",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "optim.lr=0.0001", cwd=tmp_path, env=cli_env)
+    import json
+    results = json.loads((tmp_path / "runs/smoke/tuned/results.json").read_text())
+    assert results["global_step"] == 2 and results["val_top1"] > 0.9  # trained weights, two tiny steps
+    out = run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=tuned2", f"init_from={src}",
+                  "model.fc=32", cwd=tmp_path, env=cli_env, check=False)
+    assert out.returncode == 2 and "init_from=" in out.stderr and "fc=64" in out.stderr
+
+
+def test_a_non_finite_loss_stops_in_one_line_or_is_skipped_and_counted(tmp_path, synthetic_root, cli_env):
+    bad = [*ARGS, f"data.root={synthetic_root}", "data.std=[0,0,0]", "trainer.max_epochs=1"]  # x / 0: inf inputs
+    out = run_cli("alexnet-train", *bad, "run_id=nan", cwd=tmp_path, env=cli_env, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    error = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(error) == 1 and error[0].startswith("error: loss is nan at step 0; the last checkpoint is kept")
+    run_cli("alexnet-train", *bad, "run_id=skip", "optim.on_nonfinite=skip", "trainer.limit_train_batches=7",
+            cwd=tmp_path, env=cli_env)
+    import json
+    results = json.loads((tmp_path / "runs/smoke/skip/results.json").read_text())
+    assert results["skipped_steps"] == 7  # every step had a NaN loss: none changed the weights
+    ckpt = weights(tmp_path / "runs/smoke/skip")
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
