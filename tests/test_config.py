@@ -4,6 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from alexnet_dist.cli.train import CONF_DIR
+from alexnet_dist.config import validate
 from alexnet_dist.models import create_model
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
@@ -20,6 +21,7 @@ def test_every_experiment_composes_and_builds_its_model(experiment):
     assert cfg.experiment_name == experiment
     assert set(cfg) >= {"model", "data", "loader", "optim", "trainer", "logger", "run_id", "resume"}
     assert cfg.data.batch_size > 0 and cfg.optim.schedule.name in {"step", "plateau", "cosine", "constant"}
+    validate(cfg)  # every key known and of the right type
     model_args = {k: v for k, v in cfg.model.items() if k != "name"}
     model = create_model(cfg.model.name, num_classes=10, **model_args)
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -118,25 +118,18 @@ def test_datamodule_normalises_on_the_device_and_checks_batch_division(synthetic
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
 def test_a_resumed_pass_yields_exactly_the_batches_not_yet_trained_on(unique_labels, workers):
-    def loader():
+    def loader(skip):
         dm = ShardDataModule(str(unique_labels), batch_size=4, crop=12)
         shards = [dict(s, tar=str(dm.root / s["tar"])) for s in dm.manifest["splits"]["train"]["shards"]]
         ds = ShardStream(shards, train=True, batch_size=4, num_classes=37, crop=12, resize=None, rank=0, world=1,
                          workers=max(1, workers), seed=3, steps_per_epoch=8, shuffle_buffer=10)
-        return EpochLoader(ds, lambda: (1, 13), num_workers=workers)  # epoch 1, 13 steps done before it
+        return EpochLoader(ds, lambda: (1, skip), num_workers=workers)  # epoch 1, `skip` batches done
 
-    full = list(loader())
-    assert len(full) == 8
-    resumed = loader()
-    resumed.load_state_dict({"epoch": 1, "batches_done": 5})
-    rest = list(resumed)
-    assert len(rest) == 3
+    full = list(loader(0))
+    rest = list(loader(5))
+    assert len(full) == 8 and len(rest) == 3
     for (a, la), (b, lb) in zip(full[5:], rest):
         assert torch.equal(a, b) and torch.equal(la, lb)  # same images, same crops and flips
-    assert resumed.state_dict() == {"epoch": 1, "batches_done": 5}  # 13 steps on the clock, pass began at 8
-    other_epoch = loader()
-    other_epoch.load_state_dict({"epoch": 0, "batches_done": 5})  # a state from another epoch is ignored
-    assert len(list(other_epoch)) == 8
 
 
 def test_a_truncated_tar_and_a_count_mismatch_name_the_shard(tmp_path):

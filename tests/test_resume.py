@@ -41,17 +41,22 @@ def wait_for_step_file(ckpt_dir: Path, min_step: int, proc, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
-def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path, synthetic_root, cli_env, reference):
-    args = [*ARGS, f"data.root={synthetic_root}", "run_id=killed"]
+@pytest.mark.parametrize("where, min_step, extra", [
+    ("mid-epoch", 70, []),  # epoch 1 has begun (62 steps per epoch); saves every 5 steps
+    ("at an epoch end", 62, ["checkpoint.every_n_steps=null"]),  # saves after each epoch's validation only
+])
+def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, synthetic_root, cli_env, reference,
+                                                          where, min_step, extra):
+    args = [*ARGS, f"data.root={synthetic_root}", "run_id=killed", *extra]
     proc = subprocess.Popen([str(BIN / "alexnet-train"), *args], cwd=tmp_path, env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = tmp_path / "runs/smoke/killed/checkpoints"
-    step = wait_for_step_file(ckpt_dir, 70, proc)  # epoch 1 has begun (62 steps per epoch)
-    time.sleep(0.3)  # land somewhere between two saves
+    step = wait_for_step_file(ckpt_dir, min_step, proc)
+    time.sleep(0.3 if where == "mid-epoch" else 0)  # mid-epoch: land somewhere between two saves
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = weights(ckpt_dir.parent)["global_step"]
-    assert 70 <= saved < 186 and saved % 5 == 0 and saved >= step
+    assert saved >= step and saved < 186 and (saved % 5 == 0 if where == "mid-epoch" else saved == 62)
     out = run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
     assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout
     resumed, uninterrupted = weights(ckpt_dir.parent), weights(reference)

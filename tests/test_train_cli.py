@@ -86,6 +86,9 @@ def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, syn
     (["data.batch_size=33", "trainer.devices=2", "trainer.strategy=ddp"],
      "error: data.batch_size=33 is the global batch and must divide by the 2 processes"),
     (["data.batch_size=4096"], "error: data.batch_size=4096 is larger than the training set (2000 images)"),
+    (["data.batch_size=abc"], "error: data.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["+data.colour=1"], "error: data.colour: Key 'colour' not in 'Data'"),
+    (["optim.schedule.name=linear"], "error: optim.schedule.name: Invalid value 'linear', expected one of [step, plateau"),
 ])
 def test_bad_configuration_stops_with_one_line(tmp_path, synthetic_root, cli_env, override, message):
     override = [o.format(tmp=tmp_path) for o in override]

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import validate
 from ..data.datamodule import ShardDataModule
 from ..errors import ConfigError
 from ..training.callbacks import Throughput
@@ -25,6 +26,9 @@ from . import one_line_errors
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # Our loaders define __len__ exactly (batches per worker are counted from the manifest).
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
+# The train loader takes its place in the epoch from the restored global step (see EpochLoader),
+# not from Lightning's loader-state protocol that this warning asks for.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 # Evaluation metrics are summed over ranks by the module itself (one all-reduce per epoch).
 warnings.filterwarnings("ignore", message="It is recommended to use `self.log\\(.*sync_dist=True")
 
@@ -59,6 +63,7 @@ def check_world(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_id = run_dir.name
+    validate(cfg)
     check_world(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ShardDataModule(**OmegaConf.to_container(cfg.data, resolve=True),

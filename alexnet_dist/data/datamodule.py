@@ -69,13 +69,26 @@ class ShardDataModule(pl.LightningDataModule):
                               workers=workers, seed=self.seed, flip=self.flip,
                               steps_per_epoch=self.steps_per_epoch() if train else None,
                               shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)))
-        return EpochLoader(dataset, self.progress, seed=self.seed, num_workers=workers if wanted > 0 else 0,
+        position = self.position if train else (lambda: (0, 0))
+        return EpochLoader(dataset, position, seed=self.seed, num_workers=workers if wanted > 0 else 0,
                            pin_memory=torch.cuda.is_available(),
                            prefetch_factor=int(self.loader_cfg.get("prefetch", 2)) if wanted > 0 else None)
 
-    def progress(self) -> tuple[int, int]:
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on), from the trainer's global step: the one
+        count a checkpoint always restores exactly. Every epoch has the same number of steps."""
         trainer = self.trainer
-        return (trainer.current_epoch, trainer.global_step) if trainer else (0, 0)
+        if trainer is None:
+            return 0, 0
+        batches = self.steps_per_epoch()
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None and limit < 1.0:
+            batches = int(batches * limit)
+        accumulate = trainer.accumulate_grad_batches
+        epoch, steps = divmod(trainer.global_step, -(-batches // accumulate))
+        return epoch, steps * accumulate
 
     def train_dataloader(self):
         return self._stream("train", True, self.global_batch)

@@ -191,35 +191,19 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its dataset the trainer's current epoch before each pass (the
-    dataset is copied into fresh worker processes at that moment), and that can resume a pass.
+    """A DataLoader that starts each pass where training stands.
 
-    Lightning saves `state_dict()` in checkpoints and hands it back to `load_state_dict()` on
-    resume, before the first pass. `progress_fn` gives (epoch, global step); batches done in the
-    epoch are the steps taken since the pass began. The loader has its own torch generator, so
-    starting a pass draws nothing from the global one (dropout's): a resumed run's random
-    numbers stay those of an uninterrupted run.
+    `position_fn` gives (epoch, batches of that epoch already trained on), which the data module
+    derives from the trainer's global step. The dataset is copied into fresh worker processes at
+    the start of each pass, so a resumed run continues mid-epoch with the very batches an
+    uninterrupted run would have seen. The loader has its own torch generator, so starting a pass
+    draws nothing from the global one (dropout's).
     """
 
-    def __init__(self, dataset: ShardStream, progress_fn, seed: int = 0, **kwargs):
+    def __init__(self, dataset: ShardStream, position_fn, seed: int = 0, **kwargs):
         super().__init__(dataset, batch_size=None, generator=torch.Generator().manual_seed(seed), **kwargs)
-        self.progress_fn = progress_fn
-        self.pass_start_step = 0
-        self.resume_state = None
+        self.position_fn = position_fn
 
     def __iter__(self):
-        epoch, step = self.progress_fn()
-        skip = 0
-        if self.resume_state and self.resume_state["epoch"] == epoch:
-            skip = self.resume_state["batches_done"]
-        self.resume_state = None
-        self.dataset.epoch, self.dataset.skip = epoch, skip
-        self.pass_start_step = step - skip
+        self.dataset.epoch, self.dataset.skip = self.position_fn()
         return super().__iter__()
-
-    def state_dict(self) -> dict:
-        epoch, step = self.progress_fn()
-        return {"epoch": epoch, "batches_done": step - self.pass_start_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.resume_state = state

@@ -1,0 +1,107 @@
+"""The shape of alexnet-train's configuration, checked before any work starts.
+
+Hydra composes plain YAML; merging it into these dataclasses catches unknown keys and values of
+the wrong type or outside a fixed set, naming the key. `model` and `trainer` stay open: their keys
+are the chosen model's arguments and lightning.pytorch.Trainer's.
+"""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+Choice = lambda name, *values: Enum(name, {v: v for v in values})  # noqa: E731
+OptimName = Choice("OptimName", "krizhevsky", "sgd")
+ScheduleName = Choice("ScheduleName", "step", "plateau", "cosine", "constant")
+NonFinite = Choice("NonFinite", "stop", "skip")
+LoaderName = Choice("LoaderName", "wds")
+LoggerName = Choice("LoggerName", "wandb", "csv")
+
+
+@dataclass
+class Data:
+    root: str = MISSING
+    batch_size: int = 128
+    val_batch_size: Optional[int] = None
+    crop: int = 224
+    val_resize: Optional[int] = 256
+    flip: bool = True
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class Loader:
+    name: LoaderName = LoaderName.wds
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    prefetch: int = 2
+
+
+@dataclass
+class Schedule:
+    name: ScheduleName = ScheduleName.cosine
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_factor: float = 0.0
+    patience: int = 2
+    threshold: float = 1e-3
+    max_drops: int = 3
+
+
+@dataclass
+class Optim:
+    name: OptimName = OptimName.sgd
+    lr: float = 0.01
+    reference_batch: Optional[int] = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    on_nonfinite: NonFinite = NonFinite.stop
+    bias_lr_mult: float = 1.0
+    schedule: Schedule = field(default_factory=Schedule)
+
+
+@dataclass
+class Logger:
+    name: LoggerName = LoggerName.wandb
+    project: str = "alexnet_dist"
+    entity: Optional[str] = None
+    mode: str = "offline"
+
+
+@dataclass
+class Checkpoint:
+    every_n_steps: Optional[int] = None
+    every_n_minutes: Optional[float] = None
+    keep: int = 2
+
+
+@dataclass
+class Train:
+    experiment_name: str = "default"
+    run_id: str = MISSING
+    seed: int = 0
+    resume: str = "auto"
+    init_from: Optional[str] = None
+    paths: dict[str, str] = field(default_factory=dict)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    data: Data = field(default_factory=Data)
+    loader: Loader = field(default_factory=Loader)
+    optim: Optim = field(default_factory=Optim)
+    logger: Logger = field(default_factory=Logger)
+    model: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raises ConfigError naming the first key that is unknown, mistyped or not a valid choice."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(Train), cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: {reason}; fix the override or the config file") from None
