@@ -81,6 +81,11 @@ class Checkpoint:
 
 
 @dataclass
+class Ddp:
+    timeout_s: int = 600
+
+
+@dataclass
 class Train:
     experiment_name: str = "default"
     run_id: str = MISSING
@@ -89,6 +94,7 @@ class Train:
     init_from: Optional[str] = None
     paths: dict[str, str] = field(default_factory=dict)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    ddp: Ddp = field(default_factory=Ddp)
     data: Data = field(default_factory=Data)
     loader: Loader = field(default_factory=Loader)
     optim: Optim = field(default_factory=Optim)

@@ -142,3 +142,27 @@ def test_a_truncated_tar_and_a_count_mismatch_name_the_shard(tmp_path):
     dm.manifest["splits"]["train"]["shards"][1]["count"] += 1
     with pytest.raises(DataError, match=r"train/000001.tar: holds 12 samples but manifest.json says 13"):
         list(dm.train_dataloader())
+
+
+def test_a_sample_without_label_or_with_a_corrupt_jpeg_is_named(tmp_path):
+    import io
+    import json
+    import tarfile
+    write_dataset(sources.synthetic(3, 12, 8, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
+    for name, members in [("nolabel", {"a.jpg": None}), ("corrupt", {"b.jpg": b"\xff\xd8 not really", "b.cls": b"1"})]:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, format="JPEG")
+        with tarfile.open(tmp_path / "val" / "000000.tar", "w") as tar:
+            for member, data in members.items():
+                data = buf.getvalue() if data is None else data
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        manifest["splits"]["val"]["shards"][0]["count"] = 1
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12, loader={"name": "wds", "workers": 0})
+        expected = {"nolabel": r"val/000000.tar:a: sample has no .cls label",
+                    "corrupt": r"val/000000.tar:b: cannot decode image"}[name]
+        with pytest.raises(DataError, match=expected):
+            list(dm.val_dataloader())

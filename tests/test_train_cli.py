@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,19 @@ def test_a_label_outside_the_class_range_names_the_shard_and_key(tmp_path, synth
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"{data}/train/0000" in errors[0] and "is outside 0..4 (the manifest lists 5 classes)" in errors[0]
+
+
+def test_a_data_error_on_one_ddp_rank_stops_both_ranks_in_one_line_each(tmp_path, synthetic_root, cli_env):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    tar = data / "train" / "000003.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # only the rank that reads it fails
+    start = time.time()
+    proc = run_cli("alexnet-train", *SMOKE, f"data.root={data}", "trainer.devices=2", "trainer.strategy=ddp",
+                   cwd=tmp_path, env=cli_env, check=False)
+    assert proc.returncode == 2 and time.time() - start < 120 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    data_error = [e for e in errors if f"{tar}: " in e and "re-run alexnet-prepare" in e]
+    peer_error = [e for e in errors if "another rank of this run failed or stopped answering" in e]
+    assert len(data_error) == 1 and len(peer_error) == 1, errors

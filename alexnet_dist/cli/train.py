@@ -5,6 +5,7 @@ import os
 import re
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -12,11 +13,12 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import validate
 from ..data.datamodule import ShardDataModule
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..training.callbacks import Throughput
 from ..training.checkpoint import (LastCheckpoint, check_compatible, load_weights, resume_checkpoint,
                                    set_aside_damaged_last)
@@ -31,6 +33,10 @@ warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` def
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 # Evaluation metrics are summed over ranks by the module itself (one all-reduce per epoch).
 warnings.filterwarnings("ignore", message="It is recommended to use `self.log\\(.*sync_dist=True")
+
+
+# What a collective reports when a peer process died (gloo) or never answered (a timeout).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Timeout")
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
@@ -84,7 +90,10 @@ def train(cfg: DictConfig) -> dict:
                         auto_insert_metric_name=False),
         throughput,
     ]
-    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer), default_root_dir=str(run_dir),
+    trainer_args = OmegaConf.to_container(cfg.trainer)
+    if trainer_args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
+        trainer_args["strategy"] = DDPStrategy(timeout=timedelta(seconds=cfg.ddp.timeout_s))
+    trainer = pl.Trainer(**trainer_args, default_root_dir=str(run_dir),
                          callbacks=callbacks, logger=make_loggers(cfg, run_dir, run_id),
                          use_distributed_sampler=False)
     if trainer.is_global_zero:
@@ -93,7 +102,13 @@ def train(cfg: DictConfig) -> dict:
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}", flush=True)
         set_aside_damaged_last(ckpt_path)
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except RuntimeError as exc:  # torch.distributed's errors included
+        if any(sign in str(exc) for sign in PEER_LOST):
+            raise TrainingError(f"rank {trainer.global_rank}: another rank of this run failed or stopped answering "
+                                f"within ddp.timeout_s={cfg.ddp.timeout_s} (its error is above); stopping too") from None
+        raise
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     results = {
         "run_id": run_id,
