@@ -124,3 +124,12 @@ def test_a_non_finite_loss_stops_in_one_line_or_is_skipped_and_counted(tmp_path,
     assert results["skipped_steps"] == 7  # every step had a NaN loss: none changed the weights
     ckpt = weights(tmp_path / "runs/smoke/skip")
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+
+
+def test_checkpoints_by_the_clock(tmp_path, synthetic_root, cli_env):
+    """every_n_minutes alone (no step cadence): saves between epoch ends too."""
+    run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=clock", "trainer.max_epochs=1",
+            "checkpoint.every_n_steps=null", "checkpoint.every_n_minutes=0.002", "checkpoint.keep=1000",
+            cwd=tmp_path, env=cli_env)
+    steps = sorted(int(p.name[5:14]) for p in (tmp_path / "runs/smoke/clock/checkpoints").glob("step-*.ckpt"))
+    assert steps[-1] == 62 and len(steps) >= 5 and steps[0] < 62  # epoch end, and several by time before it

@@ -60,10 +60,13 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
 def check_world(cfg: DictConfig) -> None:
     """Refuse at start-up what cannot work with the requested number of processes."""
     devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
-    if isinstance(devices, int) and isinstance(nodes, int) and cfg.data.batch_size % (devices * nodes):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the global batch and must divide by the "
-                          f"{devices * nodes} processes (trainer.devices x trainer.num_nodes); pick a multiple of "
-                          f"{devices * nodes}")
+    if not (isinstance(devices, int) and isinstance(nodes, int)):
+        return
+    for key in ("batch_size", "val_batch_size"):
+        batch = cfg.data[key]
+        if batch and batch % (devices * nodes):
+            raise ConfigError(f"data.{key}={batch} is the global batch and must divide by the {devices * nodes} "
+                              f"processes (trainer.devices x trainer.num_nodes); pick a multiple of {devices * nodes}")
 
 
 def train(cfg: DictConfig) -> dict:

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 BIN = Path(sys.executable).parent
-BASE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "model.dropout=0.5",
-        "trainer.max_epochs=3"]
+BASE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "model.dropout=0.5"]
 
 
 def train(args, cwd, run_id, kill_after=None) -> tuple[bool, float]:
@@ -43,6 +42,12 @@ def final_state(cwd, run_id) -> dict:
     return torch.load(Path(cwd) / "runs/smoke" / run_id / "checkpoints/last.ckpt", weights_only=True)
 
 
+def kind_of(step: int | None, per_epoch: int = 62) -> str:
+    if step is None:
+        return "before the first checkpoint"
+    return "epoch end" if step % per_epoch == 0 else "mid-epoch"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
@@ -61,13 +66,13 @@ def main():
     for trial in range(opts.trials):
         run_id, kills = f"trial{trial}", []
         for _ in range(opts.kills):
-            moment = rng.uniform(1.0, duration)  # from start-up to about the end of a whole run
+            moment = rng.uniform(2.0, 0.9 * duration)  # from start-up to near the end of a whole run
             finished, _ = train(args, cwd, run_id, kill_after=moment)
             if finished:
                 break
             ckpt = Path(cwd) / "runs/smoke" / run_id / "checkpoints/last.ckpt"
             step = torch.load(ckpt, weights_only=True)["global_step"] if ckpt.exists() else None
-            kills.append({"after_s": round(moment, 2), "last_ckpt_step": step})
+            kills.append({"after_s": round(moment, 2), "last_ckpt_step": step, "resumed_from": kind_of(step)})
         else:
             train(args, cwd, run_id)
         state = final_state(cwd, run_id)
