@@ -19,6 +19,7 @@ ScheduleName = Choice("ScheduleName", "step", "plateau", "cosine", "constant")
 NonFinite = Choice("NonFinite", "stop", "skip")
 LoaderName = Choice("LoaderName", "wds")
 LoggerName = Choice("LoggerName", "wandb", "csv")
+SignalName = Choice("SignalName", "USR1", "USR2", "TERM")
 
 
 @dataclass
@@ -86,6 +87,12 @@ class Ddp:
 
 
 @dataclass
+class PreemptionCfg:
+    signal: SignalName = SignalName.USR1
+    requeue: bool = True
+
+
+@dataclass
 class Train:
     experiment_name: str = "default"
     run_id: str = MISSING
@@ -95,6 +102,7 @@ class Train:
     paths: dict[str, str] = field(default_factory=dict)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     ddp: Ddp = field(default_factory=Ddp)
+    preemption: PreemptionCfg = field(default_factory=PreemptionCfg)
     data: Data = field(default_factory=Data)
     loader: Loader = field(default_factory=Loader)
     optim: Optim = field(default_factory=Optim)

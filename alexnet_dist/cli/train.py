@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +24,7 @@ from ..training.callbacks import Throughput
 from ..training.checkpoint import (LastCheckpoint, check_compatible, load_weights, resume_checkpoint,
                                    set_aside_damaged_last)
 from ..training.module import Classifier
+from ..training.preemption import Preemption
 from . import one_line_errors
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -69,10 +71,35 @@ def check_world(cfg: DictConfig) -> None:
                               f"processes (trainer.devices x trainer.num_nodes); pick a multiple of {devices * nodes}")
 
 
+def slurm_tasks() -> tuple[int, int] | None:
+    """(tasks per node, nodes) when running as tasks of a SLURM job step (srun), else None. Jobs
+    named bash or interactive are shells, as Lightning also assumes."""
+    env = os.environ
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    return (int(per_node) if per_node.isdigit() else int(env["SLURM_NTASKS"]) // nodes), nodes
+
+
+def check_launch(cfg: DictConfig, slurm: tuple[int, int] | None) -> None:
+    """Every rank stops at once, before any collective, when the launch and the config disagree."""
+    if slurm and (cfg.trainer.devices, cfg.trainer.num_nodes) != slurm:
+        raise ConfigError(f"trainer.devices={cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes} does not "
+                          f"match the SLURM job ({slurm[1]} nodes x {slurm[0]} tasks per node); launch/slurm/"
+                          "train.sbatch sets both from SLURM, or pass them to match")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if not slurm and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ and missing:
+        raise ConfigError(f"{' and '.join(missing)} not set for a distributed launch (WORLD_SIZE is); "
+                          "start with launch/torchrun.sh or set the rendezvous address")
+
+
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_id = run_dir.name
     validate(cfg)
+    slurm = slurm_tasks()
+    check_launch(cfg, slurm)
     check_world(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ShardDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
@@ -87,8 +114,11 @@ def train(cfg: DictConfig) -> dict:
     elif cfg.init_from:
         load_weights(module, Path(cfg.init_from))
     throughput = Throughput()
+    saver = LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.every_n_minutes, cfg.checkpoint.keep)
+    preemption = Preemption(saver, cfg.preemption.signal, cfg.preemption.requeue)
     callbacks = [
-        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.every_n_minutes, cfg.checkpoint.keep),
+        saver,
+        preemption,
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1,
                         auto_insert_metric_name=False),
         throughput,
@@ -96,6 +126,8 @@ def train(cfg: DictConfig) -> dict:
     trainer_args = OmegaConf.to_container(cfg.trainer)
     if trainer_args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
         trainer_args["strategy"] = DDPStrategy(timeout=timedelta(seconds=cfg.ddp.timeout_s))
+    if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
+        trainer_args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer = pl.Trainer(**trainer_args, default_root_dir=str(run_dir),
                          callbacks=callbacks, logger=make_loggers(cfg, run_dir, run_id),
                          use_distributed_sampler=False)
@@ -112,6 +144,9 @@ def train(cfg: DictConfig) -> dict:
             raise TrainingError(f"rank {trainer.global_rank}: another rank of this run failed or stopped answering "
                                 f"within ddp.timeout_s={cfg.ddp.timeout_s} (its error is above); stopping too") from None
         raise
+    if preemption.preempted_at is not None:
+        preemption.finish(trainer)
+        return {"preempted_at": preemption.preempted_at}
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     results = {
         "run_id": run_id,

@@ -10,7 +10,9 @@ because the metrics are summed across ranks once, at the end of the epoch.
 """
 import io
 import math
+import os
 import random
+import signal
 import tarfile
 
 import numpy as np
@@ -190,6 +192,16 @@ class ShardStream(IterableDataset):
             yield torch.stack(images), torch.tensor(labels)
 
 
+SIGNAL_ENV = "ALEXNET_PREEMPT_SIGNAL"  # set by the training process's preemption handler
+
+
+def ignore_preemption_signal(worker_id: int) -> None:
+    """worker_init_fn: SLURM's preemption warning is for the training process; a worker killed by
+    it would break the very step that should save the checkpoint."""
+    signum = os.environ.get(SIGNAL_ENV)
+    signal.signal(int(signum) if signum else signal.SIGUSR1, signal.SIG_IGN)
+
+
 class EpochLoader(DataLoader):
     """A DataLoader that starts each pass where training stands.
 
@@ -201,7 +213,8 @@ class EpochLoader(DataLoader):
     """
 
     def __init__(self, dataset: ShardStream, position_fn, seed: int = 0, **kwargs):
-        super().__init__(dataset, batch_size=None, generator=torch.Generator().manual_seed(seed), **kwargs)
+        super().__init__(dataset, batch_size=None, generator=torch.Generator().manual_seed(seed),
+                         worker_init_fn=ignore_preemption_signal, **kwargs)
         self.position_fn = position_fn
 
     def __iter__(self):

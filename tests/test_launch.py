@@ -1,0 +1,122 @@
+"""Launching for real: sbatch on a real SLURM cluster with two emulated nodes (launch/local-slurm),
+preemption and requeue, and torchrun with two "nodes" on this machine."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["experiment=smoke", "+trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local cluster of launch/local-slurm, started here if it is not up (needs root)."""
+    if shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
+        return
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM tests need the local cluster: run `sudo bash launch/local-slurm/start.sh` "
+                    "first, or leave them out with -m 'not slurm'")
+    subprocess.run(["bash", str(ROOT / "launch/local-slurm/start.sh")], check=True, timeout=300)
+
+
+@pytest.fixture
+def job_env(cli_env):
+    return dict(cli_env, ALEXNET_TRAIN=str(BIN / "alexnet-train"))
+
+
+def sbatch(args, cwd, env) -> str:
+    out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def job_state(job: str) -> dict:
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(JobState|Restarts|ExitCode)=(\S+)", text))
+
+
+def wait_for(job: str, timeout=300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(job)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} did not finish in {timeout} s: {job_state(job)}")
+
+
+@pytest.mark.slurm
+def test_sbatch_trains_with_one_rank_on_each_of_two_nodes(tmp_path, synthetic_root, job_env, slurm_cluster):
+    job = sbatch(["--nodes=2", "--ntasks-per-node=1", str(ROOT / "launch/slurm/train.sbatch"), *SMOKE, "logger=csv",
+                  f"data.root={synthetic_root}", "trainer.max_epochs=1"], tmp_path, job_env)
+    state = wait_for(job)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    results = json.loads((tmp_path / "runs/smoke" / job / "results.json").read_text())  # run dir named by job id
+    assert results["world_size"] == 2 and results["run_id"] == job and results["global_step"] == 62
+    assert f"job {job} (restart 0): 2 nodes x 1 tasks" in log
+
+
+@pytest.mark.slurm
+def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_wandb_run(tmp_path, synthetic_root, job_env,
+                                                                              slurm_cluster):
+    job = sbatch(["--nodes=2", "--ntasks-per-node=1", str(ROOT / "launch/slurm/train.sbatch"), *SMOKE, "logger=wandb",
+                  f"data.root={synthetic_root}"], tmp_path, job_env)
+    ckpt_dir = tmp_path / "runs/smoke" / job / "checkpoints"
+    deadline = time.time() + 180
+    while not list(ckpt_dir.glob("step-*.ckpt")):
+        assert time.time() < deadline and job_state(job).get("JobState") in ("PENDING", "RUNNING"), job_state(job)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    state = wait_for(job)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
+    saved = int(re.search(r"preempted: checkpoint saved at step (\d+)", log).group(1))
+    assert f"requeued job {job}" in log and f"job {job} (restart 1)" in log
+    assert "Traceback" not in log
+    run_dir = tmp_path / "runs/smoke" / job
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == 5 * 62 and results["world_size"] == 2
+    # the second part started from the checkpoint, not from step 0
+    second = (run_dir / "logs/version_1/metrics.csv").read_text().splitlines()
+    header = second[0].split(",")
+    steps = [int(row.split(",")[header.index("step")]) for row in second[1:]]
+    assert 0 < saved < 310 and min(steps) >= saved
+    # both parts logged to one W&B run
+    records = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [p.name for p in records] == [f"run-smoke-{job}.wandb"] * 2
+
+
+@pytest.mark.slurm
+def test_a_launch_that_disagrees_with_the_config_stops_every_rank_at_once(tmp_path, synthetic_root, job_env,
+                                                                        slurm_cluster):
+    start = time.time()
+    proc = subprocess.run(["srun", "--job-name=alexnet", "--nodes=2", "--ntasks-per-node=1", str(BIN / "alexnet-train"),
+                           *SMOKE, "logger=csv", f"data.root={synthetic_root}", "trainer.strategy=ddp"],
+                          cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 60
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 2 and all("trainer.devices=1 x trainer.num_nodes=1 does not match the SLURM job "
+                                    "(2 nodes x 1 tasks per node)" in e for e in errors), proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env):
+    env = dict(cli_env, NNODES="2", RUN_ID="tr", MASTER_ADDR="127.0.0.1", MASTER_PORT="29631")
+    cmd = ["bash", str(ROOT / "launch/torchrun.sh"), *SMOKE, "logger=csv", f"data.root={synthetic_root}",
+           "trainer.max_epochs=1"]
+    nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=dict(env, NODE_RANK=str(rank)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    results = json.loads((tmp_path / "runs/smoke/tr/results.json").read_text())
+    assert results["world_size"] == 2 and results["global_step"] == 62 and results["val_count"] == 500
