@@ -120,3 +120,17 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env)
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     results = json.loads((tmp_path / "runs/smoke/tr/results.json").read_text())
     assert results["world_size"] == 2 and results["global_step"] == 62 and results["val_count"] == 500
+
+
+@pytest.mark.slurm
+def test_hydra_submitit_launcher_runs_a_ddp_job_on_the_cluster(tmp_path, synthetic_root, job_env, slurm_cluster):
+    proc = subprocess.run([str(BIN / "alexnet-train"), "-m", "hydra/launcher=slurm", *SMOKE, "logger=csv",
+                           f"data.root={synthetic_root}", "trainer.max_epochs=1", "trainer.strategy=ddp",
+                           "trainer.devices=1", "trainer.num_nodes=2", "run_id=sweep", "optim.lr=0.02,0.05"],
+                          cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job_num, lr in ((0, 0.02), (1, 0.05)):  # a sweep of two jobs, each with two ranks on two nodes
+        run_dir = tmp_path / "runs/smoke/sweep" / str(job_num)
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["world_size"] == 2 and results["global_step"] == 62 and results["run_id"] == f"sweep-{job_num}"
+        assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()

@@ -96,7 +96,9 @@ def check_launch(cfg: DictConfig, slurm: tuple[int, int] | None) -> None:
 
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    run_id = run_dir.name
+    # runs/<experiment>/<run_id>, or .../<run_id>/<job number> in a sweep: both parts name the run
+    base = Path(cfg.paths.runs).resolve() / cfg.experiment_name
+    run_id = "-".join(run_dir.relative_to(base).parts) if run_dir.is_relative_to(base) else run_dir.name
     validate(cfg)
     slurm = slurm_tasks()
     check_launch(cfg, slurm)
