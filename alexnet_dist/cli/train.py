@@ -125,14 +125,7 @@ def train(cfg: DictConfig) -> dict:
                         auto_insert_metric_name=False),
         throughput,
     ]
-    trainer_args = OmegaConf.to_container(cfg.trainer)
-    if trainer_args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
-        trainer_args["strategy"] = DDPStrategy(timeout=timedelta(seconds=cfg.ddp.timeout_s))
-    if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
-        trainer_args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
-    trainer = pl.Trainer(**trainer_args, default_root_dir=str(run_dir),
-                         callbacks=callbacks, logger=make_loggers(cfg, run_dir, run_id),
-                         use_distributed_sampler=False)
+    trainer = make_trainer(cfg, run_dir, run_id, slurm, callbacks)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         print(f"run directory: {run_dir}", flush=True)
@@ -150,6 +143,21 @@ def train(cfg: DictConfig) -> dict:
         preemption.finish(trainer)
         return {"preempted_at": preemption.preempted_at}
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    return report(trainer, cfg, run_dir, run_id, metrics, throughput, module.skipped_steps)
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, run_id: str, slurm, callbacks: list) -> pl.Trainer:
+    args = OmegaConf.to_container(cfg.trainer)
+    if args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
+        args["strategy"] = DDPStrategy(timeout=timedelta(seconds=cfg.ddp.timeout_s))
+    if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
+        args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    return pl.Trainer(**args, default_root_dir=str(run_dir), callbacks=callbacks,
+                      logger=make_loggers(cfg, run_dir, run_id), use_distributed_sampler=False)
+
+
+def report(trainer, cfg, run_dir: Path, run_id: str, metrics: dict, throughput, skipped_steps: int) -> dict:
+    """results.json and the closing lines (rank zero writes and prints)."""
     results = {
         "run_id": run_id,
         "experiment": cfg.experiment_name,
@@ -162,7 +170,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "train_images_per_sec": round(throughput.images_per_sec, 1),
         "world_size": trainer.world_size,
-        "skipped_steps": module.skipped_steps,
+        "skipped_steps": skipped_steps,
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
