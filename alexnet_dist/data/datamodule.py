@@ -39,7 +39,7 @@ class ShardDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
     def per_rank_batch(self, global_batch: int) -> int:
-        rank, world = self.world()
+        _, world = self.world()
         if global_batch % world:
             raise ConfigError(f"data.batch_size={global_batch} is the global batch and must divide by the "
                               f"world size {world}; pick a multiple of {world}")
