@@ -48,11 +48,11 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, synthetic_roo
                                                           where, min_step, extra):
     args = [*ARGS, f"data.root={synthetic_root}", "run_id=killed", *extra]
     proc = subprocess.Popen([str(BIN / "alexnet-train"), *args], cwd=tmp_path, env=cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt_dir = tmp_path / "runs/smoke/killed/checkpoints"
     step = wait_for_step_file(ckpt_dir, min_step, proc)
     time.sleep(0.3 if where == "mid-epoch" else 0)  # mid-epoch: land somewhere between two saves
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, loader workers too, as a job kill does
     proc.wait()
     saved = weights(ckpt_dir.parent)["global_step"]
     assert saved >= step and saved < 186 and (saved % 5 == 0 if where == "mid-epoch" else saved == 62)

@@ -8,6 +8,7 @@ temporary folder by default). Prints one JSON line per trial and a summary line.
 """
 import argparse
 import json
+import os
 import random
 import signal
 import subprocess
@@ -26,11 +27,11 @@ def train(args, cwd, run_id, kill_after=None) -> tuple[bool, float]:
     """Runs (or resumes) run_id; kills it after kill_after seconds. Returns (finished, seconds)."""
     start = time.time()
     proc = subprocess.Popen([str(BIN / "alexnet-train"), *args, f"run_id={run_id}"], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the process group: loader workers die too, as in a job kill
         proc.wait()
         return False, time.time() - start
     if proc.returncode != 0:
