@@ -1,6 +1,5 @@
 """The LightningDataModule: reads the manifest, splits the global batch over ranks, builds the
 configured loader, and normalises uint8 batches on the training device."""
-import multiprocessing as mp
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -9,18 +8,6 @@ import torch
 from ..errors import ConfigError, DataError
 from .shards import read_manifest
 from .wds_loader import EpochLoader, ShardStream
-
-
-def worker_context():
-    """Loader workers start from a fork server, not by forking the training process: that process
-    has threads (queue feeders of the previous pass, collective back-ends), and CPython 3.11 can
-    deadlock in a child forked while another thread holds the interpreter's thread-state lock
-    (seen here: a DDP rank's worker hung in PyOS_AfterFork_Child). Each worker re-runs the main
-    script, so the server preloads what the entry points import (Lightning, Hydra, torch): a
-    worker then starts in well under a second instead of importing them again."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["alexnet_dist.cli.train", "alexnet_dist.cli.bench"])
-    return ctx
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -84,7 +71,6 @@ class ShardDataModule(pl.LightningDataModule):
                               shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)))
         position = self.position if train else (lambda: (0, 0))
         return EpochLoader(dataset, position, seed=self.seed, num_workers=workers if wanted > 0 else 0,
-                           multiprocessing_context=worker_context() if wanted > 0 else None,
                            pin_memory=torch.cuda.is_available(),
                            prefetch_factor=int(self.loader_cfg.get("prefetch", 2)) if wanted > 0 else None)
 

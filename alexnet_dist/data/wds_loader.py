@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import tarfile
+import threading
 
 import numpy as np
 import torch
@@ -219,4 +220,16 @@ class EpochLoader(DataLoader):
 
     def __iter__(self):
         self.dataset.epoch, self.dataset.skip = self.position_fn()
+        wait_for_exiting_queue_threads()
         return super().__iter__()
+
+
+def wait_for_exiting_queue_threads(timeout: float = 0.05) -> None:
+    """Workers are forked from this process. CPython 3.11 can deadlock a child forked while
+    another thread is exiting (seen here: a DDP rank's new worker hung in PyOS_AfterFork_Child
+    while the previous pass's multiprocessing queue-feeder threads were shutting down). Those
+    threads end within milliseconds once their pass is over (others, still idle, are only
+    glanced at); wait for them before forking."""
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(timeout)
