@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from .sources import Sample, Source
+from .wds_loader import center_crop as crop_center, resize_short
 
 MANIFEST = "manifest.json"
 
@@ -30,13 +31,9 @@ def to_storage(image: Image.Image, resize: int | None, center_crop: bool) -> Ima
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # CMYK, palette, RGBA, 16-bit grey ...
     if resize:
-        w, h = image.size
-        scale = resize / min(w, h)
-        image = image.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BICUBIC)
+        image = resize_short(image, resize, Image.BICUBIC)  # bicubic: stored once, read many times
         if center_crop:
-            w, h = image.size
-            left, top = (w - resize) // 2, (h - resize) // 2
-            image = image.crop((left, top, left + resize, top + resize))
+            image = crop_center(image, resize)
     return image
 
 

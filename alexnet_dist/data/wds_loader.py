@@ -46,12 +46,12 @@ def random_crop_flip(image: Image.Image, size: int, rng: random.Random, flip: bo
     return image
 
 
-def resize_short(image: Image.Image, size: int) -> Image.Image:
+def resize_short(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
     w, h = image.size
     if min(w, h) == size:
         return image
     scale = size / min(w, h)
-    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
 
 
 def center_crop(image: Image.Image, size: int, resize: int | None = None) -> Image.Image:
