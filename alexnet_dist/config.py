@@ -17,7 +17,12 @@ Choice = lambda name, *values: Enum(name, {v: v for v in values})  # noqa: E731
 OptimName = Choice("OptimName", "krizhevsky", "sgd")
 ScheduleName = Choice("ScheduleName", "step", "plateau", "cosine", "constant")
 NonFinite = Choice("NonFinite", "stop", "skip")
-LoaderName = Choice("LoaderName", "wds")
+LoaderName = Choice("LoaderName", "dali", "wds")
+LoaderDevice = Choice("LoaderDevice", "auto", "cpu", "gpu")
+Layout = Choice("Layout", "NCHW", "NHWC")
+DType = Choice("DType", "float32", "bfloat16")
+BadImages = Choice("BadImages", "skip", "error")
+Augment = Choice("Augment", "paper", "modern")
 LoggerName = Choice("LoggerName", "wandb", "csv")
 SignalName = Choice("SignalName", "USR1", "USR2", "TERM")
 
@@ -32,14 +37,25 @@ class Data:
     flip: bool = True
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
+    augment: Augment = Augment.paper
+    colour_noise: float = 0.0
+    colour_noise_until_epoch: Optional[int] = None
+    train_scale: float = 1.0
+    test_views: int = 1
 
 
 @dataclass
 class Loader:
-    name: LoaderName = LoaderName.wds
-    workers: int = 2
+    """The union of both loaders' settings; each loader's YAML sets the ones it reads."""
+    name: LoaderName = LoaderName.dali
     shuffle_buffer: int = 2000
     prefetch: int = 2
+    workers: int = 2                        # wds
+    device: LoaderDevice = LoaderDevice.auto  # dali
+    threads: int = 2                        # dali
+    layout: Layout = Layout.NCHW            # dali
+    dtype: DType = DType.float32            # dali
+    bad_images: BadImages = BadImages.skip  # dali
 
 
 @dataclass

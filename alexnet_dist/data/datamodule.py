@@ -1,19 +1,27 @@
 """The LightningDataModule: reads the manifest, splits the global batch over ranks, builds the
-configured loader, and normalises uint8 batches on the training device."""
+configured loader (DALI or webdataset + PIL), and normalises uint8 batches on the training device
+(the DALI loader delivers them normalised)."""
+import random
+import zlib
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 
 from ..errors import ConfigError, DataError
 from .shards import read_manifest
 from .wds_loader import EpochLoader, ShardStream
 
+LOADERS = ("dali", "wds")
+
 
 class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, batch_size: int, crop: int, val_resize: int | None = None,
                  mean: list | None = None, std: list | None = None, flip: bool = True,
-                 loader: dict | None = None, seed: int = 0, val_batch_size: int | None = None):
+                 loader: dict | None = None, seed: int = 0, val_batch_size: int | None = None,
+                 augment: str = "paper", colour_noise: float = 0.0, colour_noise_until_epoch: int | None = None,
+                 train_scale: float = 1.0, test_views: int = 1):
         super().__init__()
         self.root = Path(root).expanduser().resolve()
         self.manifest = read_manifest(self.root)  # fails early, before any model is built
@@ -23,6 +31,12 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_global_batch = val_batch_size or batch_size
         self.loader_cfg = dict(loader or {"name": "wds"})
         self.seed = seed
+        self.augment, self.colour_noise, self.noise_until = augment, colour_noise, colour_noise_until_epoch
+        self.train_scale, self.test_views = train_scale, test_views
+        if test_views not in (1, 10):
+            raise ConfigError(f"data.test_views={test_views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
+        self.loaders = {}  # by mode, as last built
+        self.loader_states = None  # per-rank loader states from a checkpoint
         # Normalisation constants on the 0-255 scale; by default the train split's own statistics.
         self.mean = mean if mean is not None else self.manifest.get("mean", [127.5] * 3)
         self.std = std if std is not None else self.manifest.get("std", [64.0] * 3)
@@ -52,15 +66,27 @@ class ShardDataModule(pl.LightningDataModule):
                               f"({self.split_count('train')} images); use a smaller batch")
         return steps
 
-    def _stream(self, split: str, train: bool, global_batch: int) -> EpochLoader:
-        rank, world = self.world()
+    def _shards(self, split: str) -> list[dict]:
+        _, world = self.world()
         shards = [dict(s, tar=str(self.root / s["tar"])) for s in self.manifest["splits"][split]["shards"]]
         if len(shards) < world:
             raise DataError(f"{self.root}: {split} has {len(shards)} shards for {world} ranks; every rank needs "
                             f"one: re-run alexnet-prepare with --min-shards {world} (or more)")
+        return shards
+
+    def _stream(self, split: str, mode: str, global_batch: int):
         name = self.loader_cfg.get("name", "wds")
-        if name != "wds":
-            raise ConfigError(f"loader.name={name}: unknown loader; choose loader=wds")
+        if name not in LOADERS:
+            raise ConfigError(f"loader.name={name}: unknown loader; choose one of {', '.join(LOADERS)}")
+        if name == "dali":
+            self.loaders[mode] = self._dali(split, mode, global_batch)
+            return self.loaders[mode]
+        if self.augment != "paper" or self.colour_noise or self.train_scale != 1.0 or (mode == "test" and self.test_views != 1):
+            raise ConfigError("data.augment=modern, data.colour_noise, data.train_scale and data.test_views=10 need "
+                              "loader=dali; the webdataset loader does the paper's crops and flips only")
+        train = mode == "train"
+        rank, world = self.world()
+        shards = self._shards(split)
         wanted = int(self.loader_cfg.get("workers", 1))
         workers = max(1, min(wanted, len(shards) // world))  # every worker must own a shard
         dataset = ShardStream(shards, train=train, batch_size=self.per_rank_batch(global_batch),
@@ -73,6 +99,65 @@ class ShardDataModule(pl.LightningDataModule):
         return EpochLoader(dataset, position, seed=self.seed, num_workers=workers if wanted > 0 else 0,
                            pin_memory=torch.cuda.is_available(),
                            prefetch_factor=int(self.loader_cfg.get("prefetch", 2)) if wanted > 0 else None)
+
+    def training_device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer else torch.device("cpu")
+
+    def _dali(self, split: str, mode: str, global_batch: int):
+        from .dali_loader import DaliLoader, check_shards, shard_range
+        from .dali_pipeline import PipelineSpec
+
+        cfg, train = self.loader_cfg, mode == "train"
+        rank, world = self.world()
+        batch, shards = self.per_rank_batch(global_batch), self._shards(split)
+        check_shards(shards)
+        target = self.training_device()
+        device = cfg.get("device", "auto")
+        if device == "auto":
+            device = "gpu" if target.type == "cuda" else "cpu"
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("loader.device=gpu but this process sees no CUDA GPU; use loader.device=cpu (or auto)")
+        if train and self.augment == "paper":
+            self._check_paper_crop(split)
+        layout = {"NCHW": "CHW", "NHWC": "HWC"}[cfg.get("layout", "NCHW")]
+
+        def spec_for(epoch: int) -> PipelineSpec:
+            order = list(shards)
+            if train:  # a new tar order and a new slice of it for every rank each epoch
+                random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            noise = self.colour_noise if self.noise_until is None or epoch < self.noise_until else 0.0
+            return PipelineSpec(
+                tars=[s["tar"] for s in order], indexes=[s["tar"][:-4] + ".idx" for s in order], mode=mode,
+                batch_size=batch, crop=self.crop, mean=list(self.mean), std=list(self.std),
+                shard_id=(rank + epoch) % world if train else rank, num_shards=world,
+                seed=zlib.crc32(f"{self.seed}-{epoch}-{rank}-{mode}".encode()) & 0x7FFFFFFF,
+                device=device, device_id=target.index if device == "gpu" else None,
+                threads=int(cfg.get("threads", 2)), prefetch=int(cfg.get("prefetch", 2)),
+                shuffle_buffer=int(cfg.get("shuffle_buffer", 2000)), augment=self.augment, flip=self.flip,
+                val_resize=self.val_resize, colour_noise=noise, train_scale=self.train_scale, layout=layout)
+
+        count = self.split_count(split)
+        if train:
+            batches, valid = self.steps_per_epoch(), None
+        else:
+            start, end = shard_range(count, rank, world)
+            valid = end - start
+            batches = -(-valid // batch)
+        loader = DaliLoader(spec_for, batches=batches, valid=valid, num_classes=self.num_classes,
+                            position_fn=self.position if train else (lambda: (0, 0)),
+                            device=target if device == "gpu" else torch.device("cpu"),
+                            dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.get("dtype", "float32")],
+                            strict=cfg.get("bad_images", "skip") == "error")
+        if train and self.loader_states:
+            loader.restore(self.loader_states[min(rank, len(self.loader_states) - 1)])
+        return loader
+
+    def _check_paper_crop(self, split: str) -> None:
+        size = self.manifest.get("image_size")
+        if size and min(size) < self.crop:
+            raise ConfigError(f"data.crop={self.crop} is larger than the stored {size[0]}x{size[1]} images of {self.root}; "
+                              f"lower data.crop or re-run alexnet-prepare with --resize {self.crop} or more")
 
     def position(self) -> tuple[int, int]:
         """(epoch, batches of it already trained on), from the trainer's global step: the one
@@ -91,17 +176,37 @@ class ShardDataModule(pl.LightningDataModule):
         return epoch, steps * accumulate
 
     def train_dataloader(self):
-        return self._stream("train", True, self.global_batch)
+        return self._stream("train", "train", self.global_batch)
 
     def val_dataloader(self):
-        return self._stream("val", False, self.val_global_batch)
+        return self._stream("val", "val", self.val_global_batch)
 
     def test_dataloader(self):
         split = "test" if "test" in self.manifest["splits"] else "val"
-        return self._stream(split, False, self.val_global_batch)
+        return self._stream(split, "test" if self.test_views == 10 else "val", self.val_global_batch)
+
+    def state_dict(self) -> dict:
+        """The training loader's position state of every rank (the DALI pipelines' checkpoints)."""
+        if "train" not in self.loaders:
+            return {}
+        state = self.loaders["train"].state(*self.position())
+        states = [state]
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        return {"loader": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader_states = state.get("loader")
+
+    def skipped_images(self) -> list[str]:
+        """Images this process's loaders skipped as undecodable, so far."""
+        return [where for loader in self.loaders.values() for where in loader.skipped]
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         images, labels = batch
+        if images.dtype != torch.uint8:  # already normalised by the DALI pipeline
+            return images, labels
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images.float() - mean) / std, labels

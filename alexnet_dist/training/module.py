@@ -65,10 +65,19 @@ class Classifier(pl.LightningModule):
     def _eval_start(self):
         self.eval_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
 
+    def predict_log_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """Log class probabilities; a batch of views (N, V, C, H, W) gets the mean of the V
+        softmaxes, the paper's 10-view test (section 4.1)."""
+        if images.dim() == 5:
+            n, views = images.shape[:2]
+            probs = self.model(images.flatten(0, 1)).float().softmax(dim=1).view(n, views, -1).mean(dim=1)
+            return probs.clamp_min(1e-30).log()
+        return self.model(images).float().log_softmax(dim=1)
+
     def _eval_step(self, batch):
         images, labels = batch
-        logits = self.model(images)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        logits = self.predict_log_probs(images)
+        loss = F.nll_loss(logits, labels, reduction="sum")
         self.eval_sums += torch.stack([loss.double(), topk_correct(logits, labels, 1).double(),
                                        topk_correct(logits, labels, 5).double(),
                                        torch.tensor(len(labels), dtype=torch.float64, device=self.device)])

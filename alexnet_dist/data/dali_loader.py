@@ -1,0 +1,211 @@
+"""The DALI loader: batches from dali_pipeline.py as torch tensors on the training device.
+
+Each pass (a training epoch, a validation run) builds a fresh pipeline for this rank, so an epoch
+is always whole and its shuffle depends only on (seed, epoch, rank). Training takes the same,
+known number of batches on every rank; evaluation reads this rank's share of the samples once and
+drops the reader's padding.
+
+Exact resume: before each batch the pipeline's own checkpoint (reader position, random
+generators) is kept, and `state()` hands the one matching the trained position to the training
+checkpoint; a resumed pass rebuilds the pipeline from it instead of decoding its way forward.
+
+A corrupt image stops a DALI pipeline without naming the sample. The loader then finds it (see
+dali_pipeline.py for the substitution switch), and either skips it, counted, or stops with the
+shard and key named (`bad_images=error`).
+"""
+import tarfile
+from pathlib import Path
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
+
+
+def shard_range(count: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """The samples DALI's reader gives shard `shard_id` of `num_shards` (contiguous, sizes differ
+    by at most one)."""
+    return count * shard_id // num_shards, count * (shard_id + 1) // num_shards
+
+
+def to_torch(dali_batch, device: torch.device) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    tensor = dali_batch.as_tensor()
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    return feed_ndarray(tensor, out, cuda_stream=stream)
+
+
+def read_member(where: str) -> bytes:
+    """The bytes of a tar member from DALI's source info "<tar>:<data offset>:<name>"."""
+    tar, offset, _ = where.rsplit(":", 2)
+    with open(tar, "rb") as f:
+        f.seek(int(offset) - tarfile.BLOCKSIZE)
+        header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+        return f.read(header.size)
+
+
+def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
+    """Why DALI cannot decode `data` on the spec's device, or None if it can."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=spec.device_id if spec.device == "gpu" else None)
+    def check():
+        encoded = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
+        return fn.decoders.image(encoded, device="mixed" if spec.device == "gpu" else "cpu", output_type=types.RGB)
+
+    try:
+        pipe = check()
+        pipe.build()
+        pipe.run()
+        return None
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return next((line for line in lines if "failure" in line or "rror" in line.split(":")[0]), lines[-1])
+
+
+def check_shards(shards: list[dict]) -> None:
+    """Each tar has its DALI index and holds every byte the index points at: a truncated tar
+    would otherwise stop the reader with a message about the index file."""
+    for shard in shards:
+        tar, index = Path(shard["tar"]), Path(shard["tar"][:-4] + ".idx")
+        if not index.exists():
+            raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds")
+        lines = index.read_text().split("\n")
+        last = lines[-2] if not lines[-1].strip() else lines[-1]
+        fields = last.split()
+        end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
+        if end > tar.stat().st_size:
+            raise DataError(f"{tar}: {tar.stat().st_size} bytes but its index lists data up to byte {end}; the tar is "
+                            "truncated: re-create it with alexnet-prepare")
+
+
+def dali_reason(exc: Exception) -> str:
+    """The line of a DALI error that says what went wrong."""
+    text = str(exc)
+    lines = [line.strip() for line in text.split("encountered:", 1)[-1].splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("C++ context", "Current pipeline"))]
+    return lines[0] if lines else text.strip().splitlines()[0]
+
+
+class DaliLoader:
+    """Iterable over one split for this rank.
+
+    `spec_for(epoch)` gives the pipeline of a pass; `batches` is its length; `valid` the number of
+    real samples of this rank in an evaluation pass (None for training); `position_fn` gives
+    (epoch, batches already trained on) at the start of a pass.
+    """
+
+    def __init__(self, spec_for, *, batches: int, num_classes: int, position_fn, device: torch.device,
+                 valid: int | None = None, dtype: torch.dtype = torch.float32, strict: bool = False):
+        self.spec_for, self.batches, self.valid = spec_for, batches, valid
+        self.num_classes, self.position_fn, self.device, self.dtype = num_classes, position_fn, device, dtype
+        self.strict = strict
+        self.epoch = None
+        self.states = {}      # batches done in the current pass -> pipeline checkpoint
+        self.pipe, self.yielded = None, 0
+        self.restored = None  # (epoch, batches done, checkpoint) from a training checkpoint
+        self.skipped = []     # "<tar>:<key> (reason)" of images skipped in this process
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def state(self, epoch: int, done: int) -> dict:
+        """What resuming at (epoch, done) needs; empty at an epoch boundary."""
+        if done == 0 or epoch != self.epoch:
+            return {}
+        if done == self.yielded:  # nothing fetched ahead: the pipeline stands right there
+            checkpoint = self.pipe.checkpoint()
+        elif done in self.states:  # the trainer fetched a batch ahead: the state kept before it
+            checkpoint = self.states[done]
+        else:
+            return {}
+        return {"epoch": epoch, "done": done, "dali": torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8)}
+
+    def restore(self, state: dict) -> None:
+        if state:
+            self.restored = (state["epoch"], state["done"], bytes(state["dali"].numpy().tobytes()))
+
+    def __iter__(self):
+        epoch, done = self.position_fn()
+        self.epoch, self.states, self.yielded = epoch, {}, done
+        spec = self.spec_for(epoch)
+        checkpoint = None
+        if self.restored and self.restored[:2] == (epoch, done):
+            checkpoint = self.restored[2]
+        self.restored = None
+        self.pipe = build_pipeline(spec, Substitute(spec.batch_size), checkpoint)
+        if done and checkpoint is None:  # no saved pipeline state (e.g. switched loaders): replay
+            for i in range(done):
+                self.pipe, _ = self._run(self.pipe, spec, i, self.pipe.checkpoint())
+        for i in range(done, self.batches):
+            before = self.pipe.checkpoint()
+            self.states = {k: v for k, v in self.states.items() if k >= i - 2}
+            self.states[i] = before
+            self.pipe, outputs = self._run(self.pipe, spec, i, before)
+            self.yielded = i + 1
+            yield self._batch(outputs, i, spec)
+
+    def _run(self, pipe, spec: PipelineSpec, iteration: int, before: bytes):
+        try:
+            return pipe, pipe.run()
+        except RuntimeError as exc:
+            reason = dali_reason(exc)
+            bad = self._find_bad(spec, iteration, before) if "decoders" in str(exc) else {}
+            if not bad:
+                raise DataError(f"the DALI {spec.mode} pipeline stopped at batch {iteration}: {reason}; "
+                                "if it names a shard, re-create it with alexnet-prepare") from None
+            if self.strict:
+                where, why = next(w for masks in bad.values() for w in masks.values())
+                raise DataError(f"{where}: cannot decode image ({why}); re-create the shard with alexnet-prepare, "
+                                "or set loader.bad_images=skip to skip such images") from None
+            masks = {}
+            for it, found in bad.items():
+                masks[it] = [pos in found for pos in range(spec.batch_size)]
+                self.skipped.extend(f"{where} ({why})" for where, why in dict(found.values()).items())
+            pipe = build_pipeline(spec, Substitute(spec.batch_size, masks), before)
+            return pipe, pipe.run()
+
+    def _find_bad(self, spec: PipelineSpec, iteration: int, before: bytes) -> dict:
+        """{iteration: {position: (where, reason)}} for undecodable images in the batches the
+        failed run could have been working on (the one asked for and those prefetched)."""
+        probe = build_pipeline(spec, Substitute(spec.batch_size, everything=True), before)
+        bad = {}
+        for it in range(iteration, iteration + spec.prefetch + 1):
+            info = probe.run()[2]
+            for pos in range(spec.batch_size):
+                where = bytes(info.at(pos)).decode()
+                why = decode_error(read_member(where), spec)
+                if why:
+                    bad.setdefault(it, {})[pos] = (where, why)
+            if bad:
+                break
+        return bad
+
+    def _batch(self, outputs, iteration: int, spec: PipelineSpec):
+        images, cls, info, swapped = outputs
+        labels = self._labels(cls, info)
+        keep = ~np.asarray(swapped.as_array(), dtype=bool).reshape(-1)
+        if self.valid is not None:  # the reader pads the last batch with copies of the last sample
+            keep[max(0, self.valid - iteration * spec.batch_size):] = False
+        images = to_torch(images, self.device)
+        if spec.layout == "HWC":  # channels-last memory, NCHW shape
+            images = images.movedim(-1, -3)
+        if not keep.all():
+            index = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
+            images, labels = images.index_select(0, index), labels[keep]
+        return images.to(self.dtype), torch.from_numpy(labels).to(self.device)
+
+    def _labels(self, cls, info) -> np.ndarray:
+        labels = np.empty(len(cls), np.int64)
+        for i in range(len(cls)):
+            text = bytes(cls.at(i))
+            try:
+                labels[i] = int(text.decode().strip())
+            except (UnicodeDecodeError, ValueError):
+                raise DataError(f"{bytes(info.at(i)).decode()}: label {text[:20]!r} is not an integer") from None
+            if not 0 <= labels[i] < self.num_classes:
+                raise DataError(f"{bytes(info.at(i)).decode()}: label {labels[i]} is outside 0..{self.num_classes - 1} "
+                                f"(the manifest lists {self.num_classes} classes); fix the shard or the manifest")
+        return labels

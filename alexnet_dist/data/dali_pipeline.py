@@ -1,0 +1,146 @@
+"""The DALI pipeline definition: WebDataset shards in, normalised crops out.
+
+One definition serves the CPU (DALI's CPU mode, `device_id=None`) and the GPU (nvJPEG through
+the "mixed" decoder, then GPU operators); only the device strings differ, so the CPU tests run
+the same graph a GPU job runs.
+
+Every pipeline also carries a substitution switch in front of the decoder: an external source
+says, per sample, "decode a small blank JPEG instead". It is off in normal running. When a
+corrupt image stops the pipeline, the loader rebuilds it from the checkpoint taken before the
+failing batch with the switch on, which reveals the batch's samples without decoding them, and
+then with the switch on only for the bad ones, which skips them and leaves every other sample
+and random draw as it was (see dali_loader.py). Checkpoints only restore into the very same
+graph, so the switch must always be there.
+"""
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+# The colour noise of section 4.1, Krizhevsky's ILSVRC-2012 values on the 0-255 scale
+# (cuda-convnet2 make-data/input_meta): standard deviations along the RGB principal axes, and
+# the axes as columns.
+PCA_STD = np.array([19.7208, 37.0939, 121.7801], np.float32)
+PCA_VECTORS = np.array([[0.41796, -0.71258, -0.56351],
+                        [-0.81698, -0.02354, -0.57618],
+                        [0.39731, 0.70120, -0.59200]], np.float32)
+
+# The ten test views (section 4.1): four corners and the centre, then the same five mirrored.
+TEN_VIEWS = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
+
+
+def _blank_jpeg(size: int = 16) -> np.ndarray:
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(out, format="JPEG")
+    return np.frombuffer(out.getvalue(), np.uint8)
+
+
+BLANK_JPEG = _blank_jpeg()
+
+
+@dataclass
+class PipelineSpec:
+    """Everything that shapes one pipeline; `mode` is train, val or test (ten views)."""
+    tars: list
+    indexes: list
+    mode: str
+    batch_size: int
+    crop: int
+    mean: list
+    std: list
+    shard_id: int = 0
+    num_shards: int = 1
+    seed: int = 0
+    device: str = "cpu"           # cpu | gpu
+    device_id: int | None = None  # CUDA device for device=gpu
+    threads: int = 2
+    prefetch: int = 2
+    shuffle_buffer: int = 2000
+    augment: str = "paper"        # paper | modern
+    flip: bool = True
+    val_resize: int | None = 256
+    colour_noise: float = 0.0     # the paper's 0.1; 0 is off
+    train_scale: float = 1.0      # the paper divides training inputs by 1.1
+    layout: str = "CHW"           # CHW | HWC (channels-last once batched)
+    min_area: float = 0.08        # modern mode's random-resized-crop range
+    extra: dict = field(default_factory=dict)
+
+
+class Substitute:
+    """External source for the substitution switch: {iteration: per-sample bools}; `everything`
+    turns it on for every sample (the probe)."""
+
+    def __init__(self, batch_size: int, masks: dict | None = None, everything: bool = False):
+        self.batch_size, self.masks, self.everything = batch_size, masks or {}, everything
+
+    def __call__(self, info):
+        mask = self.masks.get(info.iteration)
+        if mask is None:
+            mask = np.full(self.batch_size, self.everything)
+        return [np.array(bool(m)) for m in mask]
+
+
+def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes | None = None):
+    """A built pipeline returning (images, raw .cls bytes, source info, substituted flags)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = spec.device == "gpu"
+    decoder = "mixed" if gpu else "cpu"
+    train = spec.mode == "train"
+
+    @pipeline_def(batch_size=spec.batch_size, num_threads=spec.threads, prefetch_queue_depth=spec.prefetch,
+                  device_id=spec.device_id if gpu else None, seed=spec.seed, enable_checkpointing=True,
+                  enable_conditionals=True)
+    def pipeline():
+        jpg, cls = fn.readers.webdataset(
+            paths=spec.tars, index_paths=spec.indexes, ext=["jpg", "cls"], name="Reader",
+            shard_id=spec.shard_id, num_shards=spec.num_shards, random_shuffle=train,
+            initial_fill=max(1, spec.shuffle_buffer), pad_last_batch=not train,
+            missing_component_behavior="error")
+        info = fn.get_property(jpg, key="source_info")
+        swap = fn.external_source(source=substitute, batch=True, batch_info=True)
+        blank = fn.permute_batch(types.Constant(BLANK_JPEG), indices=[0] * spec.batch_size)
+        if swap:
+            encoded = blank
+        else:
+            encoded = jpg
+        mean, std = list(spec.mean), [s * (spec.train_scale if train else 1.0) for s in spec.std]
+        normalise = dict(dtype=types.FLOAT, output_layout=spec.layout, std=std)
+        if train:
+            mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
+            if spec.augment == "paper":
+                # A random crop x crop window of the stored (256x256) image, decoding only that
+                # window: offsets 0..32 on each axis for 224 (section 4.1).
+                images = fn.decoders.image_crop(
+                    encoded, device=decoder, output_type=types.RGB, crop=(spec.crop, spec.crop),
+                    crop_pos_x=fn.random.uniform(range=(0.0, 1.0)), crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
+            else:
+                images = fn.decoders.image_random_crop(
+                    encoded, device=decoder, output_type=types.RGB, random_area=[spec.min_area, 1.0],
+                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                images = fn.resize(images, size=[spec.crop, spec.crop])
+            if spec.colour_noise > 0:
+                # Adding 0.1 * V (z * s) to every pixel (z ~ N(0, I3) per image) is the same as
+                # subtracting it from the mean, which normalisation does anyway.
+                z = fn.random.normal(shape=[3]) * types.Constant(PCA_STD * spec.colour_noise)
+                shift = fn.reshape(fn.coord_transform(fn.reshape(z, shape=[1, 3]), M=PCA_VECTORS.flatten().tolist()),
+                                   shape=[3])
+                mean = types.Constant(np.array(mean, np.float32)) - shift
+            images = fn.crop_mirror_normalize(images, mean=mean, mirror=mirror, **normalise)
+        else:
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            if spec.val_resize:
+                images = fn.resize(images, resize_shorter=spec.val_resize)
+            window = dict(crop=(spec.crop, spec.crop), mean=mean, **normalise)
+            if spec.mode == "val":
+                images = fn.crop_mirror_normalize(images, crop_pos_x=0.5, crop_pos_y=0.5, **window)
+            else:
+                views = [fn.crop_mirror_normalize(images, crop_pos_x=x, crop_pos_y=y, mirror=m, **window)
+                         for m in (0, 1) for x, y in TEN_VIEWS]
+                images = fn.stack(*views)
+        return images, cls, info, swap
+
+    pipe = pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
+    pipe.build()
+    return pipe

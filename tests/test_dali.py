@@ -1,0 +1,294 @@
+"""The DALI loader in DALI's CPU mode: the same pipeline definition a GPU job runs, with the
+"cpu" decoder instead of "mixed"."""
+import io
+import tarfile
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet_dist.data import sources
+from alexnet_dist.data.dali_pipeline import PCA_STD, PCA_VECTORS
+from alexnet_dist.data.datamodule import ShardDataModule
+from alexnet_dist.data.shards import write_dataset
+from alexnet_dist.errors import ConfigError, DataError
+from alexnet_dist.models import create_model
+from alexnet_dist.training.module import Classifier
+
+RAW = dict(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])  # batches come out on the 0-255 scale
+
+
+def coded_image(index: int, label: int, size: int = 20) -> Image.Image:
+    """A flat colour that names its sample (red and blue) and its label (green), in steps wide
+    enough to survive JPEG's colour rounding."""
+    return Image.new("RGB", (size, size), (20 * (index % 12), 30 * label, 20 * (index // 12)))
+
+
+def decode_codes(images: torch.Tensor) -> tuple[list, list]:
+    r, g, b = images.double().mean(dim=(-1, -2)).T.tolist()  # per image
+    return [round(x / 20) + 12 * round(z / 20) for x, z in zip(r, b)], [round(v / 30) for v in g]
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    """101 training and 53 validation images (odd counts), 7 classes, 5 shards each."""
+    root = tmp_path_factory.mktemp("coded")
+    splits = {split: [sources.Sample(f"{split}-{i:04d}", partial(coded_image, i, i % 7), i % 7) for i in range(n)]
+              for split, n in (("train", 101), ("val", 53))}
+    write_dataset(sources.Source([f"c{k}" for k in range(7)], splits), root, source_name="test", quality=100,
+                  min_shards=5, progress=False)
+    return root
+
+
+def module(root, rank=0, world=1, epoch=0, **kw):
+    args = dict(batch_size=8 * world, crop=16, val_resize=None, loader={"name": "dali"}, **RAW)
+    args.update(kw)
+    dm = ShardDataModule(str(root), **args)
+    dm.world = lambda: (rank, world)
+    dm.position = lambda: (epoch, 0)
+    return dm
+
+
+def test_every_label_stays_with_its_image_in_training_and_validation(coded):
+    dm = module(coded, colour_noise=0.0)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        seen = 0
+        for images, labels in loader:
+            ids, codes = decode_codes(images)
+            assert codes == labels.tolist()
+            assert codes == [i % 7 for i in ids]
+            seen += len(labels)
+        assert seen == len(loader) * 8 if loader is not dm.loaders["val"] else seen == 53
+
+
+def test_validation_reads_every_sample_exactly_once_across_ranks(coded):
+    ids = []
+    for rank in range(3):
+        for images, _ in module(coded, rank, 3).val_dataloader():
+            ids += decode_codes(images)[0]
+    assert sorted(ids) == list(range(53))
+
+
+def test_training_gives_every_rank_the_same_steps_and_no_sample_twice_in_an_epoch(coded):
+    per_rank = []
+    for rank in range(3):
+        loader = module(coded, rank, 3).train_dataloader()
+        batches = list(loader)
+        assert len(batches) == len(loader) == 101 // 24
+        assert all(len(labels) == 8 for _, labels in batches)
+        per_rank.append([i for images, _ in batches for i in decode_codes(images)[0]])
+    everything = sum(per_rank, [])
+    assert len(set(everything)) == len(everything) == 3 * 4 * 8
+
+
+def test_same_seed_same_batches_another_seed_or_epoch_others(coded):
+    def order(**kw):
+        return [i for images, _ in module(coded, **kw).train_dataloader() for i in decode_codes(images)[0]]
+    assert order(seed=1) == order(seed=1)
+    assert order(seed=1) != order(seed=2)
+    assert order(seed=1, epoch=0) != order(seed=1, epoch=1)
+
+
+def ramp_image() -> Image.Image:
+    """A 32x32 picture whose red channel grows with the column and green with the row, so every
+    window of it is different."""
+    ramp = np.zeros((32, 32, 3), np.uint8)
+    ramp[..., 0] = (np.arange(32) * 7)[None, :]
+    ramp[..., 1] = (np.arange(32) * 7)[:, None]
+    return Image.fromarray(ramp)
+
+
+@pytest.fixture(scope="module")
+def coordinates(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coordinates")
+    splits = {s: [sources.Sample(f"{s}-{i}", ramp_image, 0) for i in range(64)] for s in ("train", "val")}
+    write_dataset(sources.Source(["only"], splits), root, source_name="test", quality=100, min_shards=2,
+                  progress=False)
+    return root
+
+
+def test_paper_crops_stay_inside_the_stored_image_and_flips_mirror(coordinates):
+    whole = next(iter(module(coordinates, crop=32).val_dataloader()))[0][0]  # the decoded picture
+    flips, offsets = 0, set()
+    for images, _ in module(coordinates, crop=24, batch_size=64).train_dataloader():
+        for image in images:
+            matches = [(x, y, m) for m in (0, 1) for y in range(9) for x in range(9)
+                       if torch.equal(image, (whole.flip(-1) if m else whole)[:, y:y + 24, x:x + 24])]
+            assert matches, "a training crop that is no window of the stored image"
+            x, y, m = matches[0]
+            flips += m
+            offsets.add((x, y))
+    assert 16 <= flips <= 48  # p = 0.5 over 64 images
+    assert len(offsets) > 20  # positions spread over the 9 x 9 possible offsets
+
+
+def test_colour_noise_has_the_papers_covariance(coordinates):
+    clean = next(iter(module(coordinates, crop=32).val_dataloader()))[0][0].double().mean(dim=(1, 2))
+    shifts = []
+    for epoch in range(40):  # every image identical: what differs is the noise, 64 draws an epoch
+        dm = module(coordinates, crop=32, colour_noise=0.1, epoch=epoch, batch_size=64)
+        for images, _ in dm.train_dataloader():
+            shifts.append((images.double().mean(dim=(2, 3)) - clean).numpy())
+    shifts = np.concatenate(shifts)  # 2560 draws of 0.1 * V (z * s)
+    in_axes = shifts @ PCA_VECTORS  # along the principal axes: independent, std 0.1 * s
+    assert np.allclose(in_axes.std(axis=0), 0.1 * PCA_STD, rtol=0.08)
+    corr = np.corrcoef(in_axes.T)
+    assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.08
+    assert np.abs(in_axes.mean(axis=0) / (0.1 * PCA_STD)).max() < 0.1
+
+
+def test_train_scale_divides_training_inputs_only(coded):
+    plain = next(iter(module(coded, crop=20, flip=False).train_dataloader()))[0]
+    scaled = next(iter(module(coded, crop=20, flip=False, train_scale=1.1).train_dataloader()))[0]
+    assert torch.allclose(plain / 1.1, scaled, atol=1e-4)
+    val = next(iter(module(coded, crop=20, train_scale=1.1).val_dataloader()))[0]
+    assert val.max() > 150  # validation is not scaled
+
+
+def test_ten_views_are_corners_centre_and_mirrors_and_their_prediction_is_the_mean(coordinates):
+    whole = next(iter(module(coordinates, crop=32).val_dataloader()))[0][0]
+    views, _ = next(iter(module(coordinates, crop=24, test_views=10).test_dataloader()))
+    assert views.shape == (8, 10, 3, 24, 24)
+    windows = [whole[:, y:y + 24, x:x + 24] for x, y in ((0, 0), (8, 0), (0, 8), (8, 8), (4, 4))]
+    for v, window in enumerate(windows + [w.flip(-1) for w in windows]):
+        assert torch.equal(views[0, v], window), f"view {v}"
+    classifier = Classifier({"name": "alexnet_small", "num_classes": 3, "width": 8, "fc": 16}, optim={},
+                            steps_per_epoch=1, max_epochs=1, global_batch=8).eval()
+    with torch.no_grad():
+        ten = classifier.predict_log_probs((views - 128) / 64).exp()
+        singles = torch.stack([classifier((views[:, v] - 128) / 64).softmax(1) for v in range(10)]).mean(0)
+    assert torch.allclose(ten, singles, atol=1e-6)
+
+
+def test_modern_crops_have_the_crop_size_and_channels_last_and_bf16_layouts(coded):
+    images, _ = next(iter(module(coded, augment="modern", loader={"name": "dali", "layout": "NHWC",
+                                                                  "dtype": "bfloat16"}).train_dataloader()))
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.bfloat16
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_the_pipeline_checkpoint_resumes_a_pass_mid_epoch(coded, ahead):
+    """`ahead`: batches the trainer fetched beyond the one it trained on (Lightning fetches one)."""
+    full = list(module(coded, crop=16, colour_noise=0.1).train_dataloader())
+    loader = module(coded, crop=16, colour_noise=0.1).train_dataloader()
+    it = iter(loader)
+    for _ in range(2 + ahead):
+        next(it)
+    state = loader.state(0, 2)
+    assert state["done"] == 2
+    resumed = module(coded, crop=16, colour_noise=0.1)
+    resumed.position = lambda: (0, 2)
+    resumed.load_state_dict({"loader": [state]})
+    rest = list(resumed.train_dataloader())
+    assert len(rest) == len(full) - 2
+    for (a, la), (b, lb) in zip(full[2:], rest):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def tar_of(samples: list[tuple[str, bytes, bytes | None]], path):
+    with tarfile.open(path, "w") as tar:
+        for key, jpg, cls in samples:
+            for ext, data in (("jpg", jpg), ("cls", cls)):
+                if data is not None:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def encoded(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.fixture
+def awkward(tmp_path, coded):
+    """The coded set with a val shard replaced by one holding greyscale, CMYK and PNG images and
+    one corrupt JPEG; the DALI index is rebuilt for it."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    root = tmp_path / "awkward"
+    shutil.copytree(coded, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    shard = manifest["splits"]["val"]["shards"][0]
+    picture = coded_image(7, 0)
+    samples = [(f"odd-{i}", data, b"0") for i, data in enumerate([
+        encoded(picture.convert("L")), encoded(picture.convert("CMYK")), encoded(picture, "PNG"),
+        b"\xff\xd8\xff\xe0 this is not a JPEG" * 4, encoded(picture)])]
+    tar_of(samples, root / shard["tar"])
+    manifest["splits"]["val"]["count"] += len(samples) - shard["count"]
+    shard["count"] = len(samples)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    index = root / shard["tar"].replace(".tar", ".idx")
+    subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "wds2idx"), str(root / shard["tar"]),
+                    str(index)], check=True, capture_output=True)
+    return root, shard["tar"]
+
+
+def test_grey_cmyk_and_png_decode_to_rgb_and_a_corrupt_image_is_skipped_and_counted(awkward):
+    root, tar = awkward
+    dm = module(root)
+    loader = dm.val_dataloader()
+    seen = sum(len(labels) for _, labels in loader)
+    assert seen == dm.split_count("val") - 1
+    assert len(dm.skipped_images()) == 1
+    assert f"{tar}:" in dm.skipped_images()[0] and "odd-3.jpg" in dm.skipped_images()[0]
+    first = next(iter(loader))[0]  # grey, CMYK and PNG come out as three channels of the right colour
+    assert first.shape[1] == 3
+
+
+def test_a_corrupt_image_stops_a_strict_loader_naming_shard_and_key(awkward):
+    root, tar = awkward
+    dm = module(root, loader={"name": "dali", "bad_images": "error"})
+    with pytest.raises(DataError, match=rf"{tar}:\d+:odd-3.jpg: cannot decode image"):
+        list(dm.val_dataloader())
+
+
+def test_a_truncated_shard_is_named_before_training_starts(tmp_path, coded):
+    import shutil
+    shutil.copytree(coded, tmp_path / "data")
+    tar = tmp_path / "data" / "train" / "000003.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with pytest.raises(DataError, match=rf"{tar}: \d+ bytes but its index lists data up to byte \d+; the tar is truncated"):
+        module(tmp_path / "data").train_dataloader()
+
+
+def test_paper_crops_larger_than_the_stored_images_are_refused(coded):
+    with pytest.raises(ConfigError, match="data.crop=24 is larger than the stored 20x20"):
+        module(coded, crop=24).train_dataloader()
+
+
+def test_dali_and_webdataset_loaders_agree_on_validation_accuracy(synthetic_root):
+    torch.manual_seed(0)
+    model = create_model("alexnet_small", num_classes=10, width=16, fc=64, dropout=0.0)
+    wds = ShardDataModule(str(synthetic_root), batch_size=32, val_batch_size=50, crop=28, val_resize=36,
+                          loader={"name": "wds", "workers": 0})
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    for lr in (0.02, 0.02, 0.02, 0.002, 0.002):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for batch in wds.train_dataloader():
+            images, labels = wds.on_after_batch_transfer(batch, 0)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            opt.step()
+    model.eval()
+
+    def accuracy(dm):
+        hits = n = 0
+        with torch.no_grad():
+            for batch in dm.val_dataloader():
+                images, labels = dm.on_after_batch_transfer(batch, 0)
+                hits += (model(images).argmax(1) == labels).sum().item()
+                n += len(labels)
+        assert n == 500
+        return hits / n
+    dali = ShardDataModule(str(synthetic_root), batch_size=50, crop=28, val_resize=36, loader={"name": "dali"})
+    a, b = accuracy(wds), accuracy(dali)
+    assert a > 0.4  # the model has learnt something, so the comparison means something
+    assert abs(a - b) <= 0.005
