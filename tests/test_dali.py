@@ -249,6 +249,27 @@ def test_a_corrupt_image_stops_a_strict_loader_naming_shard_and_key(awkward):
         list(dm.val_dataloader())
 
 
+def test_a_sample_without_a_label_stops_with_shard_and_key(tmp_path, coded):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    shutil.copytree(coded, tmp_path / "data")
+    tar = tmp_path / "data" / "val" / "000001.tar"
+    with tarfile.open(tar) as f:
+        members = [(m, f.extractfile(m).read()) for m in f.getmembers()]
+    unlabelled = [m.name for m, _ in members if m.name.endswith(".cls")][1]
+    with tarfile.open(tar, "w") as f:
+        for member, data in members:
+            if member.name != unlabelled:
+                f.addfile(member, io.BytesIO(data))
+    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
+                   check=True, capture_output=True)
+    key = unlabelled[:-4]
+    with pytest.raises(DataError, match=rf"{tar}: sample {key} has only .jpg \(needs .jpg and .cls\)"):
+        list(module(tmp_path / "data").val_dataloader())
+
+
 def test_a_truncated_shard_is_named_before_training_starts(tmp_path, coded):
     import shutil
     shutil.copytree(coded, tmp_path / "data")

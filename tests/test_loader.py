@@ -166,3 +166,25 @@ def test_a_sample_without_label_or_with_a_corrupt_jpeg_is_named(tmp_path):
                     "corrupt": r"val/000000.tar:b: cannot decode image"}[name]
         with pytest.raises(DataError, match=expected):
             list(dm.val_dataloader())
+
+
+def test_modern_crops_cover_their_region_and_reduced_decoding_changes_little():
+    import io
+    from alexnet_dist.data.wds_loader import crop_box, random_resized_crop
+    rng = random.Random(0)
+    for _ in range(500):
+        left, top, w, h = crop_box(400, 300, rng)
+        assert 0 <= left and left + w <= 400 and 0 <= top and top + h <= 300
+        assert w * h >= 0.08 * 400 * 300 * 0.95 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    ramp = np.zeros((300, 400, 3), np.uint8)
+    ramp[..., 0] = np.linspace(0, 255, 400)[None, :]
+    ramp[..., 1] = np.linspace(0, 255, 300)[:, None]
+    data = io.BytesIO()
+    Image.fromarray(ramp).save(data, format="JPEG", quality=95)
+    full = Image.open(io.BytesIO(data.getvalue())).convert("RGB")
+    for seed in range(20):
+        out = random_resized_crop(data.getvalue(), 64, random.Random(seed), "x", flip=False)
+        left, top, w, h = crop_box(400, 300, random.Random(seed))
+        exact = full.resize((64, 64), Image.BILINEAR, box=(left, top, left + w, top + h))
+        assert out.size == (64, 64)
+        assert np.abs(np.asarray(out, float) - np.asarray(exact, float)).mean() < 2.0

@@ -135,3 +135,43 @@ def test_a_data_error_on_one_ddp_rank_stops_both_ranks_in_one_line_each(tmp_path
     data_error = [e for e in errors if f"{tar}: " in e and "re-run alexnet-prepare" in e]
     peer_error = [e for e in errors if "another rank of this run failed or stopped answering" in e]
     assert len(data_error) == 1 and len(peer_error) == 1, errors
+
+
+def corrupt_one_image(tar: Path) -> str:
+    """Rewrites `tar` with its third image replaced by bytes no decoder accepts, and its DALI
+    index to match; returns that sample's key."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+    with tarfile.open(tar) as f:
+        members = [(m, f.extractfile(m).read()) for m in f.getmembers()]
+    bad = [m.name for m, _ in members if m.name.endswith(".jpg")][2]
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as f:
+        for member, data in members:
+            data = b"\xff\xd8\xff\xe0 not a picture" * 8 if member.name == bad else data
+            member.size = len(data)
+            f.addfile(member, io.BytesIO(data))
+    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
+                   check=True, capture_output=True)
+    return bad
+
+
+def test_a_corrupt_training_image_is_skipped_counted_and_named_or_stops_a_strict_run(tmp_path, synthetic_root, cli_env):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    tar = data / "train" / "000002.tar"
+    bad = corrupt_one_image(tar)
+    args = [*SMOKE, f"data.root={data}", "trainer.max_epochs=2", f"paths.runs={tmp_path / 'runs'}"]
+    proc = run_cli("alexnet-train", *args, "run_id=skip", cwd=tmp_path, env=cli_env)
+    results = json.loads((tmp_path / "runs/smoke/skip/results.json").read_text())
+    assert results["skipped_images"] == 1 and results["val_top1"] > 0.5
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 1 and f"{tar}:" in warnings[0] and bad in warnings[0], proc.stderr[-2000:]
+    assert any(float(r["skipped_images"]) == 1 for r in metrics_rows(tmp_path / "runs/smoke/skip") if r.get("skipped_images"))
+
+    proc = run_cli("alexnet-train", *args, "run_id=strict", "loader.bad_images=error", cwd=tmp_path, env=cli_env,
+                   check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{tar}:" in errors[0] and bad in errors[0] and "cannot decode image" in errors[0]

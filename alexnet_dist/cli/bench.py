@@ -1,7 +1,8 @@
 """alexnet-bench MODE ...: throughput measurements, one JSON object per line.
 
   model   forward + backward + SGD step on random tensors already on the device (compute ceiling)
-  loader  the webdataset + PIL loader alone, reading shards made by alexnet-prepare
+  loader  a loader alone (--loader dali or wds), reading shards made by alexnet-prepare, the
+          training augmentation of --augment, batches delivered where training would use them
 """
 import argparse
 import json
@@ -30,7 +31,11 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--data", help="loader mode: the folder holding manifest.json")
-    p.add_argument("--workers", type=int, default=2, help="loader mode: worker processes")
+    p.add_argument("--loader", choices=["dali", "wds"], default="dali", help="loader mode: which loader")
+    p.add_argument("--augment", choices=["paper", "modern"], default="paper",
+                   help="loader mode: paper (random crop of the stored image + flip) or modern (random-resized crop + flip)")
+    p.add_argument("--workers", type=int, default=2, help="loader mode: worker processes (wds)")
+    p.add_argument("--threads", type=int, default=2, help="loader mode: DALI threads (dali)")
     return p.parse_args(argv)
 
 
@@ -81,19 +86,31 @@ def bench_loader(args) -> dict:
 
     if not args.data:
         raise ConfigError("loader mode needs --data DIR (a folder made by alexnet-prepare)")
-    data = ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size,
-                           loader={"name": "wds", "workers": args.workers})
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    loader_cfg = {"name": args.loader, "workers": args.workers, "threads": args.threads, "device": args.device}
+    data = ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size, augment=args.augment,
+                           loader=loader_cfg)
+    data.default_device = device
     loader = data.train_dataloader()
-    batches = iter(loader)
+
+    def batches():  # pass after pass, as training does
+        while True:
+            yield from loader
+    stream = batches()
     for _ in range(args.warmup):
-        next(batches)
+        next(stream)
+    sync(device)
     start = time.perf_counter()
     images = 0
     for _ in range(args.steps):
-        images += len(next(batches)[1])
+        batch = next(stream)
+        images += len(batch[1])
+    sync(device)
     seconds = time.perf_counter() - start
-    return {"name": "loader/wds", "images_per_sec": round(images / seconds, 1), "batch_size": args.batch_size,
-            "crop": args.size, "workers": args.workers, "steps": args.steps}
+    return {"name": f"loader/{args.loader}", "images_per_sec": round(images / seconds, 1), "device": args.device,
+            "augment": args.augment, "batch_size": args.batch_size, "crop": args.size,
+            "workers" if args.loader == "wds" else "threads": args.workers if args.loader == "wds" else args.threads,
+            "steps": args.steps, "images": images, "seconds": round(seconds, 3)}
 
 
 @one_line_errors

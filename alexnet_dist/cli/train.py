@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import validate
 from ..data.datamodule import ShardDataModule
 from ..errors import ConfigError, TrainingError
-from ..training.callbacks import Throughput
+from ..training.callbacks import SkippedImages, Throughput
 from ..training.checkpoint import (LastCheckpoint, check_compatible, load_weights, resume_checkpoint,
                                    set_aside_damaged_last)
 from ..training.module import Classifier
@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> dict:
         check_compatible(ckpt_path, module, "resume")
     elif cfg.init_from:
         load_weights(module, Path(cfg.init_from))
-    throughput = Throughput()
+    throughput, skipped_images = Throughput(), SkippedImages()
     saver = LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.every_n_minutes, cfg.checkpoint.keep)
     preemption = Preemption(saver, cfg.preemption.signal, cfg.preemption.requeue)
     callbacks = [
@@ -124,6 +124,7 @@ def train(cfg: DictConfig) -> dict:
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1,
                         auto_insert_metric_name=False),
         throughput,
+        skipped_images,
     ]
     trainer = make_trainer(cfg, run_dir, run_id, slurm, callbacks)
     if trainer.is_global_zero:
@@ -143,7 +144,7 @@ def train(cfg: DictConfig) -> dict:
         preemption.finish(trainer)
         return {"preempted_at": preemption.preempted_at}
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-    return report(trainer, cfg, run_dir, run_id, metrics, throughput, module.skipped_steps)
+    return report(trainer, cfg, run_dir, run_id, metrics, throughput, module.skipped_steps, len(skipped_images.seen))
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, run_id: str, slurm, callbacks: list) -> pl.Trainer:
@@ -156,7 +157,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, run_id: str, slurm, callbacks: 
                       logger=make_loggers(cfg, run_dir, run_id), use_distributed_sampler=False)
 
 
-def report(trainer, cfg, run_dir: Path, run_id: str, metrics: dict, throughput, skipped_steps: int) -> dict:
+def report(trainer, cfg, run_dir: Path, run_id: str, metrics: dict, throughput, skipped_steps: int,
+           skipped_images: int) -> dict:
     """results.json and the closing lines (rank zero writes and prints)."""
     results = {
         "run_id": run_id,
@@ -171,6 +173,7 @@ def report(trainer, cfg, run_dir: Path, run_id: str, metrics: dict, throughput, 
         "train_images_per_sec": round(throughput.images_per_sec, 1),
         "world_size": trainer.world_size,
         "skipped_steps": skipped_steps,
+        "skipped_images": skipped_images,
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -13,8 +13,10 @@ A corrupt image stops a DALI pipeline without naming the sample. The loader then
 dali_pipeline.py for the substitution switch), and either skips it, counted, or stops with the
 shard and key named (`bad_images=error`).
 """
+import re
 import tarfile
 from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -89,6 +91,22 @@ def dali_reason(exc: Exception) -> str:
     return lines[0] if lines else text.strip().splitlines()[0]
 
 
+def build(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes | None = None):
+    """build_pipeline, with the reader's complaints about the shards in one line."""
+    try:
+        return build_pipeline(spec, substitute, checkpoint)
+    except RuntimeError as exc:
+        reason = dali_reason(exc)
+        found = re.search(r'Underful sample detected at index file at "(.+)" line (\d+)', reason)
+        if found:  # the index lists a sample with fewer parts than .jpg + .cls
+            index, line = Path(found[1]), int(found[2])
+            entry = index.read_text().splitlines()[line].split()  # DALI counts samples from 1 after the header
+            parts = ", ".join(f".{entry[i]}" for i in range(0, len(entry), 4))
+            raise DataError(f"{index.with_suffix('.tar')}: sample {Path(entry[3]).stem} has only {parts} (needs .jpg "
+                            "and .cls); re-create the shard with alexnet-prepare") from None
+        raise DataError(f"cannot read the shards ({reason}); re-create them with alexnet-prepare") from None
+
+
 class DaliLoader:
     """Iterable over one split for this rank.
 
@@ -135,7 +153,7 @@ class DaliLoader:
         if self.restored and self.restored[:2] == (epoch, done):
             checkpoint = self.restored[2]
         self.restored = None
-        self.pipe = build_pipeline(spec, Substitute(spec.batch_size), checkpoint)
+        self.pipe = build(spec, Substitute(spec.batch_size), checkpoint)
         if done and checkpoint is None:  # no saved pipeline state (e.g. switched loaders): replay
             for i in range(done):
                 self.pipe, _ = self._run(self.pipe, spec, i, self.pipe.checkpoint())
@@ -164,13 +182,13 @@ class DaliLoader:
             for it, found in bad.items():
                 masks[it] = [pos in found for pos in range(spec.batch_size)]
                 self.skipped.extend(f"{where} ({why})" for where, why in dict(found.values()).items())
-            pipe = build_pipeline(spec, Substitute(spec.batch_size, masks), before)
+            pipe = build(spec, Substitute(spec.batch_size, masks), before)
             return pipe, pipe.run()
 
     def _find_bad(self, spec: PipelineSpec, iteration: int, before: bytes) -> dict:
         """{iteration: {position: (where, reason)}} for undecodable images in the batches the
         failed run could have been working on (the one asked for and those prefetched)."""
-        probe = build_pipeline(spec, Substitute(spec.batch_size, everything=True), before)
+        probe = build(spec, Substitute(spec.batch_size, everything=True), before)
         bad = {}
         for it in range(iteration, iteration + spec.prefetch + 1):
             info = probe.run()[2]

@@ -81,9 +81,8 @@ class ShardDataModule(pl.LightningDataModule):
         if name == "dali":
             self.loaders[mode] = self._dali(split, mode, global_batch)
             return self.loaders[mode]
-        if self.augment != "paper" or self.colour_noise or self.train_scale != 1.0 or (mode == "test" and self.test_views != 1):
-            raise ConfigError("data.augment=modern, data.colour_noise, data.train_scale and data.test_views=10 need "
-                              "loader=dali; the webdataset loader does the paper's crops and flips only")
+        if self.colour_noise or self.train_scale != 1.0 or (mode == "test" and self.test_views != 1):
+            raise ConfigError("data.colour_noise, data.train_scale and data.test_views=10 need loader=dali")
         train = mode == "train"
         rank, world = self.world()
         shards = self._shards(split)
@@ -94,15 +93,17 @@ class ShardDataModule(pl.LightningDataModule):
                               resize=None if train else self.val_resize, rank=rank, world=world,
                               workers=workers, seed=self.seed, flip=self.flip,
                               steps_per_epoch=self.steps_per_epoch() if train else None,
-                              shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)))
+                              shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)), augment=self.augment)
         position = self.position if train else (lambda: (0, 0))
         return EpochLoader(dataset, position, seed=self.seed, num_workers=workers if wanted > 0 else 0,
                            pin_memory=torch.cuda.is_available(),
                            prefetch_factor=int(self.loader_cfg.get("prefetch", 2)) if wanted > 0 else None)
 
+    default_device = torch.device("cpu")  # where batches go without a trainer (benchmarks)
+
     def training_device(self) -> torch.device:
         trainer = self.trainer
-        return trainer.strategy.root_device if trainer else torch.device("cpu")
+        return trainer.strategy.root_device if trainer else self.default_device
 
     def _dali(self, split: str, mode: str, global_batch: int):
         from .dali_loader import DaliLoader, check_shards, shard_range

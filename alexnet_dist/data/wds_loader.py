@@ -46,6 +46,40 @@ def random_crop_flip(image: Image.Image, size: int, rng: random.Random, flip: bo
     return image
 
 
+def crop_box(w: int, h: int, rng: random.Random, min_area: float = 0.08) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a random region covering min_area..100% of the image with an
+    aspect ratio in 3/4..4/3; the whole image, trimmed to that ratio, if ten draws do not fit."""
+    for _ in range(10):
+        area = w * h * rng.uniform(min_area, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+    cw, ch = min(w, round(h * 4 / 3)), min(h, round(w * 4 / 3))
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def random_resized_crop(data: bytes, size: int, rng: random.Random, where: str, flip: bool = True) -> Image.Image:
+    """The modern training view: a random region resized to size x size, mirrored with p=0.5.
+    The region is chosen from the JPEG header alone, so the decoder can work at 1/2, 1/4 or 1/8
+    scale (libjpeg's DCT scaling, PIL's draft mode) whenever the region still covers size pixels
+    at that scale: most regions are large, and this is where most of the speed comes from."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        left, top, cw, ch = crop_box(w, h, rng)
+        if image.format == "JPEG":
+            image.draft("RGB", (-(-w * size // cw), -(-h * size // ch)))  # at least size px of region
+        sx, sy = image.size[0] / w, image.size[1] / h
+        image = image.convert("RGB")
+    except Exception as exc:
+        raise DataError(f"{where}: cannot decode image ({exc}); re-create the shard with alexnet-prepare") from None
+    image = image.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+    if flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image
+
+
 def resize_short(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
     w, h = image.size
     if min(w, h) == size:
@@ -95,11 +129,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards, *, train: bool, batch_size: int, num_classes: int, crop: int,
                  resize: int | None, rank: int, world: int, workers: int, seed: int,
-                 steps_per_epoch: int | None = None, shuffle_buffer: int = 2000, flip: bool = True):
+                 steps_per_epoch: int | None = None, shuffle_buffer: int = 2000, flip: bool = True,
+                 augment: str = "paper"):
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.num_classes, self.crop, self.resize, self.flip = num_classes, crop, resize, flip
         self.rank, self.world, self.workers, self.seed = rank, world, max(1, workers), seed
         self.steps_per_epoch, self.shuffle_buffer = steps_per_epoch, shuffle_buffer
+        self.augment = augment
         self.epoch = 0
         self.skip = 0  # batches of this epoch already trained on (resume)
 
@@ -177,11 +213,13 @@ class ShardStream(IterableDataset):
             label = parse_label(sample, where, self.num_classes)
             if "jpg" not in sample:
                 raise DataError(f"{where}: sample has no .jpg image")
-            image = decode_image(sample["jpg"], where)
-            if self.train:
-                image = random_crop_flip(image, self.crop, random.Random(f"{name}-{index}"), self.flip)
+            rng = random.Random(f"{name}-{index}")
+            if self.train and self.augment == "modern":
+                image = random_resized_crop(sample["jpg"], self.crop, rng, where, self.flip)
+            elif self.train:
+                image = random_crop_flip(decode_image(sample["jpg"], where), self.crop, rng, self.flip)
             else:
-                image = center_crop(image, self.crop, self.resize)
+                image = center_crop(decode_image(sample["jpg"], where), self.crop, self.resize)
             index += 1
             images.append(to_tensor(image))
             labels.append(label)

@@ -1,7 +1,10 @@
-"""Callbacks: training throughput (images/s and the share of step time spent waiting for data)."""
+"""Callbacks: training throughput (images/s and the share of step time spent waiting for data),
+and the report of images the loader skipped as undecodable."""
+import sys
 import time
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 
 
 class Throughput(pl.Callback):
@@ -41,3 +44,33 @@ class Throughput(pl.Callback):
     @property
     def images_per_sec(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+class SkippedImages(pl.Callback):
+    """Undecodable images the loaders skipped (loader.bad_images=skip): after every training and
+    validation epoch the number of distinct ones over all ranks is logged as `skipped_images`
+    (W&B included) and rank zero names the new ones on stderr."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def _report(self, trainer, pl_module):
+        datamodule = trainer.datamodule
+        mine = datamodule.skipped_images() if hasattr(datamodule, "skipped_images") else []
+        everyone = [mine]
+        if dist.is_available() and dist.is_initialized():
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        new = sorted({where for rank in everyone for where in rank} - self.seen)
+        self.seen.update(new)
+        if new and trainer.is_global_zero:
+            print(f"warning: skipped {len(new)} undecodable image(s): {'; '.join(new[:10])}"
+                  f"{' ...' if len(new) > 10 else ''} (re-create those shards with alexnet-prepare)",
+                  file=sys.stderr, flush=True)
+        pl_module.log("skipped_images", float(len(self.seen)))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._report(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._report(trainer, pl_module)
