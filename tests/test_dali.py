@@ -206,8 +206,8 @@ def encoded(image: Image.Image, fmt: str = "JPEG") -> bytes:
 
 @pytest.fixture
 def awkward(tmp_path, coded):
-    """The coded set with a val shard replaced by one holding greyscale, CMYK and PNG images and
-    one corrupt JPEG; the DALI index is rebuilt for it."""
+    """The coded set with a val shard replaced by one holding greyscale, CMYK and PNG images, bytes
+    that are no image and a truncated JPEG; the DALI index is rebuilt for it."""
     import json
     import shutil
     import subprocess
@@ -219,7 +219,7 @@ def awkward(tmp_path, coded):
     picture = coded_image(7, 0)
     samples = [(f"odd-{i}", data, b"0") for i, data in enumerate([
         encoded(picture.convert("L")), encoded(picture.convert("CMYK")), encoded(picture, "PNG"),
-        b"\xff\xd8\xff\xe0 this is not a JPEG" * 4, encoded(picture)])]
+        b"\xff\xd8\xff\xe0 this is not a JPEG" * 4, encoded(picture)[:300], encoded(picture)])]
     tar_of(samples, root / shard["tar"])
     manifest["splits"]["val"]["count"] += len(samples) - shard["count"]
     shard["count"] = len(samples)
@@ -235,11 +235,15 @@ def test_grey_cmyk_and_png_decode_to_rgb_and_a_corrupt_image_is_skipped_and_coun
     dm = module(root)
     loader = dm.val_dataloader()
     seen = sum(len(labels) for _, labels in loader)
-    assert seen == dm.split_count("val") - 1
-    assert len(dm.skipped_images()) == 1
-    assert f"{tar}:" in dm.skipped_images()[0] and "odd-3.jpg" in dm.skipped_images()[0]
-    first = next(iter(loader))[0]  # grey, CMYK and PNG come out as three channels of the right colour
-    assert first.shape[1] == 3
+    assert seen == dm.split_count("val") - 2
+    skipped = sorted(dm.skipped_images())
+    assert len(skipped) == 2 and all(f"{tar}:" in where and "cannot decode" in where for where in skipped)
+    assert "odd-3.jpg" in skipped[0] and "odd-4.jpg" in skipped[1]  # not an image; a JPEG cut short
+    first = next(iter(loader))[0]  # the shard's samples in order, the two bad ones left out
+    grey, cmyk, png, plain = first[:4].double().mean(dim=(2, 3))
+    assert grey.max() - grey.min() < 2  # grey comes out as three equal channels
+    assert torch.allclose(cmyk, plain, atol=3) and torch.allclose(png, plain, atol=3)
+    assert decode_codes(first[1:4])[0] == [7, 7, 7]
 
 
 def test_a_corrupt_image_stops_a_strict_loader_naming_shard_and_key(awkward):

@@ -49,22 +49,25 @@ def read_member(where: str) -> bytes:
 
 
 def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
-    """Why DALI cannot decode `data` on the spec's device, or None if it can."""
+    """Why DALI cannot decode `data` on the spec's device, or None if it can. The header is read
+    on its own first, as in the pipeline (see there)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=spec.device_id if spec.device == "gpu" else None)
-    def check():
-        encoded = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
-        return fn.decoders.image(encoded, device="mixed" if spec.device == "gpu" else "cpu", output_type=types.RGB)
+    for step in ("peek", "decode"):
+        @pipeline_def(batch_size=1, num_threads=1, device_id=spec.device_id if spec.device == "gpu" else None)
+        def check():
+            encoded = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
+            if step == "peek":
+                return fn.peek_image_shape(encoded)
+            return fn.decoders.image(encoded, device="mixed" if spec.device == "gpu" else "cpu", output_type=types.RGB)
 
-    try:
-        pipe = check()
-        pipe.build()
-        pipe.run()
-        return None
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        return next((line for line in lines if "failure" in line or "rror" in line.split(":")[0]), lines[-1])
+        try:
+            pipe = check()
+            pipe.build()
+            pipe.run()
+        except RuntimeError as exc:
+            return dali_reason(exc)
+    return None
 
 
 def check_shards(shards: list[dict]) -> None:
@@ -170,7 +173,8 @@ class DaliLoader:
             return pipe, pipe.run()
         except RuntimeError as exc:
             reason = dali_reason(exc)
-            bad = self._find_bad(spec, iteration, before) if "decoders" in str(exc) else {}
+            image_error = "decoders" in str(exc) or "peek_image_shape" in str(exc)
+            bad = self._find_bad(spec, iteration, before) if image_error else {}
             if not bad:
                 raise DataError(f"the DALI {spec.mode} pipeline stopped at batch {iteration}: {reason}; "
                                 "if it names a shard, re-create it with alexnet-prepare") from None
@@ -181,7 +185,7 @@ class DaliLoader:
             masks = {}
             for it, found in bad.items():
                 masks[it] = [pos in found for pos in range(spec.batch_size)]
-                self.skipped.extend(f"{where} ({why})" for where, why in dict(found.values()).items())
+                self.skipped.extend(f"{where} (cannot decode: {why})" for where, why in dict(found.values()).items())
             pipe = build(spec, Substitute(spec.batch_size, masks), before)
             return pipe, pipe.run()
 

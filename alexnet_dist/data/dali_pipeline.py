@@ -30,13 +30,11 @@ PCA_VECTORS = np.array([[0.41796, -0.71258, -0.56351],
 TEN_VIEWS = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
 
 
-def _blank_jpeg(size: int = 16) -> np.ndarray:
+def blank_jpeg(size: int) -> np.ndarray:
+    """The stand-in for a skipped image; as large as the crop, which must fit inside it."""
     out = io.BytesIO()
     Image.new("RGB", (size, size), (128, 128, 128)).save(out, format="JPEG")
     return np.frombuffer(out.getvalue(), np.uint8)
-
-
-BLANK_JPEG = _blank_jpeg()
 
 
 @dataclass
@@ -100,11 +98,17 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
             missing_component_behavior="error")
         info = fn.get_property(jpg, key="source_info")
         swap = fn.external_source(source=substitute, batch=True, batch_info=True)
-        blank = fn.permute_batch(types.Constant(BLANK_JPEG), indices=[0] * spec.batch_size)
+        blank = fn.permute_batch(types.Constant(blank_jpeg(max(spec.crop, spec.val_resize or 0))),
+                                 indices=[0] * spec.batch_size)
         if swap:
             encoded = blank
         else:
-            encoded = jpg
+            # Reading the header first makes bytes that are no image fail here, cleanly: DALI
+            # 2.4's CPU decoder, given them, crashed the process now and then instead.
+            if fn.peek_image_shape(jpg)[0] > 0:
+                encoded = jpg
+            else:  # not reached: the peek raises on anything it cannot read
+                encoded = blank
         mean, std = list(spec.mean), [s * (spec.train_scale if train else 1.0) for s in spec.std]
         normalise = dict(dtype=types.FLOAT, output_layout=spec.layout, std=std)
         if train:
