@@ -26,17 +26,25 @@ bench="python3 -m alexnet_dist.cli.bench"
 # 256x256 JPEG shards, like the paper's storage, 100 classes of synthetic pictures
 python3 -m alexnet_dist.cli.prepare synthetic --out /tmp/syn256 --size 256 --classes 100 \
     --train-count 25600 --val-count 2000 --workers 16 --min-shards 32 2>/dev/null
-for workers in 4 8 14; do
-    $bench loader --data /tmp/syn256 --size 224 --batch-size 256 --workers $workers --steps 40
-done | tee "$OUT/loader.jsonl"
-# end to end: the 2012 network and recipe, bf16, one epoch, the webdataset + PIL loader
+{
+    for workers in 4 8 14; do
+        $bench loader --loader wds --data /tmp/syn256 --size 224 --batch-size 256 --workers $workers --steps 40
+    done
+    if python3 -c "import nvidia.dali" 2>/dev/null; then  # the DALI wheel must be installed on the machine
+        for threads in 2 4 8; do
+            $bench loader --loader dali --device gpu --data /tmp/syn256 --size 224 --batch-size 256 --threads $threads --steps 100
+        done
+    fi
+} | tee "$OUT/loader.jsonl"
+# end to end: the 2012 network and recipe, bf16, two epochs; DALI (GPU decoding) when installed
+LOADER=$(python3 -c "import nvidia.dali" 2>/dev/null && echo "loader=dali" || echo "loader=wds loader.workers=14")
 python3 -m alexnet_dist.cli.train experiment=alexnet2012 data.root=/tmp/syn256 logger=csv run_id=gpu \
-    paths.runs=/tmp/runs trainer.max_epochs=2 trainer.precision=bf16-mixed loader.workers=14 \
+    paths.runs=/tmp/runs trainer.max_epochs=2 trainer.precision=bf16-mixed $LOADER \
     +trainer.enable_progress_bar=false 2>&1 | grep -v Warning | tail -5
 cp /tmp/runs/alexnet2012/gpu/results.json "$OUT/train_results.json"
 cp /tmp/runs/alexnet2012/gpu/logs/version_0/metrics.csv "$OUT/train_metrics.csv"
 # the DDP code path on a GPU (NCCL), one process: a short run must finish and report world_size 1
 python3 -m alexnet_dist.cli.train experiment=alexnet2012 data.root=/tmp/syn256 logger=csv run_id=ddp \
-    paths.runs=/tmp/runs trainer.max_epochs=1 trainer.precision=bf16-mixed loader.workers=14 \
+    paths.runs=/tmp/runs trainer.max_epochs=1 trainer.precision=bf16-mixed $LOADER \
     trainer.strategy=ddp trainer.limit_train_batches=20 +trainer.enable_progress_bar=false 2>&1 | tail -2
 cp /tmp/runs/alexnet2012/ddp/results.json "$OUT/ddp_results.json"

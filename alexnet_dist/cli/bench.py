@@ -36,6 +36,8 @@ def parse_args(argv=None):
                    help="loader mode: paper (random crop of the stored image + flip) or modern (random-resized crop + flip)")
     p.add_argument("--workers", type=int, default=2, help="loader mode: worker processes (wds)")
     p.add_argument("--threads", type=int, default=2, help="loader mode: DALI threads (dali)")
+    p.add_argument("--shuffle-buffer", type=int, default=500,
+                   help="loader mode: samples mixed in memory (a small set is re-read to fill it every epoch)")
     return p.parse_args(argv)
 
 
@@ -87,7 +89,8 @@ def bench_loader(args) -> dict:
     if not args.data:
         raise ConfigError("loader mode needs --data DIR (a folder made by alexnet-prepare)")
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
-    loader_cfg = {"name": args.loader, "workers": args.workers, "threads": args.threads, "device": args.device}
+    loader_cfg = {"name": args.loader, "workers": args.workers, "threads": args.threads, "device": args.device,
+                  "shuffle_buffer": args.shuffle_buffer}
     data = ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size, augment=args.augment,
                            loader=loader_cfg)
     data.default_device = device

@@ -47,6 +47,8 @@ class Preemption(pl.Callback):
         for logger in trainer.loggers:  # close the W&B run now: the requeue's cancel would cut it short
             if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
                 logger.experiment.finish()
+                import wandb
+                wandb.teardown()  # and stop its service, which the cancel kills: its exit hook would fail
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nor may it cut this process's exit short
         job = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero and self.requeue and job:
