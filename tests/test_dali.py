@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from alexnet_dist.data import sources
-from alexnet_dist.data.dali_pipeline import PCA_STD, PCA_VECTORS
+from alexnet_dist.data.augment import PCA_STD, PCA_VECTORS
 from alexnet_dist.data.datamodule import ShardDataModule
 from alexnet_dist.data.shards import write_dataset
 from alexnet_dist.errors import ConfigError, DataError
@@ -49,6 +49,15 @@ def module(root, rank=0, world=1, epoch=0, **kw):
     dm.world = lambda: (rank, world)
     dm.position = lambda: (epoch, 0)
     return dm
+
+
+def batches(dm, split):
+    """What training sees: the loader's batches after the data module's on-device step."""
+    loader = getattr(dm, f"{split}_dataloader")()
+    return [dm.on_after_batch_transfer(batch, 0) for batch in loader]
+
+
+WDS = {"name": "wds", "workers": 0}
 
 
 def test_every_label_stays_with_its_image_in_training_and_validation(coded):
@@ -124,12 +133,13 @@ def test_paper_crops_stay_inside_the_stored_image_and_flips_mirror(coordinates):
     assert len(offsets) > 20  # positions spread over the 9 x 9 possible offsets
 
 
-def test_colour_noise_has_the_papers_covariance(coordinates):
-    clean = next(iter(module(coordinates, crop=32).val_dataloader()))[0][0].double().mean(dim=(1, 2))
+@pytest.mark.parametrize("loader", [{"name": "dali"}, WDS], ids=["dali", "wds"])
+def test_colour_noise_has_the_papers_covariance(coordinates, loader):
+    clean = batches(module(coordinates, crop=32, loader=loader), "val")[0][0][0].double().mean(dim=(1, 2))
     shifts = []
     for epoch in range(40):  # every image identical: what differs is the noise, 64 draws an epoch
-        dm = module(coordinates, crop=32, colour_noise=0.1, epoch=epoch, batch_size=64)
-        for images, _ in dm.train_dataloader():
+        dm = module(coordinates, crop=32, colour_noise=0.1, epoch=epoch, batch_size=64, loader=loader)
+        for images, _ in batches(dm, "train"):
             shifts.append((images.double().mean(dim=(2, 3)) - clean).numpy())
     shifts = np.concatenate(shifts)  # 2560 draws of 0.1 * V (z * s)
     in_axes = shifts @ PCA_VECTORS  # along the principal axes: independent, std 0.1 * s
@@ -147,9 +157,10 @@ def test_train_scale_divides_training_inputs_only(coded):
     assert val.max() > 150  # validation is not scaled
 
 
-def test_ten_views_are_corners_centre_and_mirrors_and_their_prediction_is_the_mean(coordinates):
-    whole = next(iter(module(coordinates, crop=32).val_dataloader()))[0][0]
-    views, _ = next(iter(module(coordinates, crop=24, test_views=10).test_dataloader()))
+@pytest.mark.parametrize("loader", [{"name": "dali"}, WDS], ids=["dali", "wds"])
+def test_ten_views_are_corners_centre_and_mirrors_and_their_prediction_is_the_mean(coordinates, loader):
+    whole = batches(module(coordinates, crop=32, loader=loader), "val")[0][0][0]
+    views, _ = batches(module(coordinates, crop=24, test_views=10, loader=loader), "test")[0]
     assert views.shape == (8, 10, 3, 24, 24)
     windows = [whole[:, y:y + 24, x:x + 24] for x, y in ((0, 0), (8, 0), (0, 8), (8, 8), (4, 4))]
     for v, window in enumerate(windows + [w.flip(-1) for w in windows]):

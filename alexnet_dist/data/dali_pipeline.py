@@ -13,21 +13,12 @@ and random draw as it was (see dali_loader.py). Checkpoints only restore into th
 graph, so the switch must always be there.
 """
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-# The colour noise of section 4.1, Krizhevsky's ILSVRC-2012 values on the 0-255 scale
-# (cuda-convnet2 make-data/input_meta): standard deviations along the RGB principal axes, and
-# the axes as columns.
-PCA_STD = np.array([19.7208, 37.0939, 121.7801], np.float32)
-PCA_VECTORS = np.array([[0.41796, -0.71258, -0.56351],
-                        [-0.81698, -0.02354, -0.57618],
-                        [0.39731, 0.70120, -0.59200]], np.float32)
-
-# The ten test views (section 4.1): four corners and the centre, then the same five mirrored.
-TEN_VIEWS = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
+from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS
 
 
 def blank_jpeg(size: int) -> np.ndarray:
@@ -62,7 +53,6 @@ class PipelineSpec:
     train_scale: float = 1.0      # the paper divides training inputs by 1.1
     layout: str = "CHW"           # CHW | HWC (channels-last once batched)
     min_area: float = 0.08        # modern mode's random-resized-crop range
-    extra: dict = field(default_factory=dict)
 
 
 class Substitute:

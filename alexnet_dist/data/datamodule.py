@@ -81,8 +81,6 @@ class ShardDataModule(pl.LightningDataModule):
         if name == "dali":
             self.loaders[mode] = self._dali(split, mode, global_batch)
             return self.loaders[mode]
-        if self.colour_noise or self.train_scale != 1.0 or (mode == "test" and self.test_views != 1):
-            raise ConfigError("data.colour_noise, data.train_scale and data.test_views=10 need loader=dali")
         train = mode == "train"
         rank, world = self.world()
         shards = self._shards(split)
@@ -93,7 +91,9 @@ class ShardDataModule(pl.LightningDataModule):
                               resize=None if train else self.val_resize, rank=rank, world=world,
                               workers=workers, seed=self.seed, flip=self.flip,
                               steps_per_epoch=self.steps_per_epoch() if train else None,
-                              shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)), augment=self.augment)
+                              shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)), augment=self.augment,
+                              colour_noise=self.colour_noise, noise_until=self.noise_until,
+                              views=10 if mode == "test" and self.test_views == 10 else 1)
         position = self.position if train else (lambda: (0, 0))
         return EpochLoader(dataset, position, seed=self.seed, num_workers=workers if wanted > 0 else 0,
                            pin_memory=torch.cuda.is_available(),
@@ -205,9 +205,16 @@ class ShardDataModule(pl.LightningDataModule):
         return [where for loader in self.loaders.values() for where in loader.skipped]
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        images, labels = batch
-        if images.dtype != torch.uint8:  # already normalised by the DALI pipeline
+        """uint8 batches of the webdataset loader: (x - mean + colour shift) / (std x train_scale)
+        as the DALI pipeline computes it; DALI's batches arrive normalised."""
+        images, labels, *shift = batch
+        if images.dtype != torch.uint8:
             return images, labels
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images.float() - mean) / std, labels
+        mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
+        x = images.float() - mean
+        if shift:
+            x += shift[0].to(x.device, torch.float32)[:, :, None, None]
+        if self.trainer is not None and self.trainer.training:
+            std = std * self.train_scale
+        return x / std, labels

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from ..errors import DataError
+from .augment import TEN_VIEWS, colour_shift
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -99,6 +100,16 @@ def center_crop(image: Image.Image, size: int, resize: int | None = None) -> Ima
     return image.crop((left, top, left + size, top + size))
 
 
+def ten_views(image: Image.Image, size: int, resize: int | None = None) -> list[Image.Image]:
+    """The paper's test views (section 4.1): the four corners and the centre, then their mirrors."""
+    if resize:
+        image = resize_short(image, resize)
+    w, h = image.size
+    crops = [image.crop((round(x * (w - size)), round(y * (h - size)), round(x * (w - size)) + size,
+                         round(y * (h - size)) + size)) for x, y in TEN_VIEWS]
+    return crops + [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -130,12 +141,14 @@ class ShardStream(IterableDataset):
     def __init__(self, shards, *, train: bool, batch_size: int, num_classes: int, crop: int,
                  resize: int | None, rank: int, world: int, workers: int, seed: int,
                  steps_per_epoch: int | None = None, shuffle_buffer: int = 2000, flip: bool = True,
-                 augment: str = "paper"):
+                 augment: str = "paper", colour_noise: float = 0.0, noise_until: int | None = None,
+                 views: int = 1):
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.num_classes, self.crop, self.resize, self.flip = num_classes, crop, resize, flip
         self.rank, self.world, self.workers, self.seed = rank, world, max(1, workers), seed
         self.steps_per_epoch, self.shuffle_buffer = steps_per_epoch, shuffle_buffer
-        self.augment = augment
+        self.augment, self.views = augment, views
+        self.colour_noise, self.noise_until = colour_noise, noise_until
         self.epoch = 0
         self.skip = 0  # batches of this epoch already trained on (resume)
 
@@ -205,7 +218,8 @@ class ShardStream(IterableDataset):
         for _ in range(index):
             next(stream, None)
         remaining -= self.skipped_batches(worker)
-        images, labels = [], []
+        noise = self.colour_noise if self.noise_until is None or self.epoch < self.noise_until else 0.0
+        images, labels, shifts = [], [], []
         for tar, sample in stream:
             if remaining <= 0:
                 return
@@ -218,17 +232,26 @@ class ShardStream(IterableDataset):
                 image = random_resized_crop(sample["jpg"], self.crop, rng, where, self.flip)
             elif self.train:
                 image = random_crop_flip(decode_image(sample["jpg"], where), self.crop, rng, self.flip)
+            elif self.views == 10:
+                image = ten_views(decode_image(sample["jpg"], where), self.crop, self.resize)
             else:
                 image = center_crop(decode_image(sample["jpg"], where), self.crop, self.resize)
+            if noise:  # the colour shift of section 4.1, added on the device by the data module
+                shifts.append(torch.from_numpy(colour_shift([rng.gauss(0, 1) for _ in range(3)], noise)))
             index += 1
-            images.append(to_tensor(image))
+            images.append(torch.stack([to_tensor(v) for v in image]) if isinstance(image, list) else to_tensor(image))
             labels.append(label)
             if len(images) == self.batch_size:
-                yield torch.stack(images), torch.tensor(labels)
-                images, labels = [], []
+                yield self._batch(images, labels, shifts)
+                images, labels, shifts = [], [], []
                 remaining -= 1
         if images and remaining > 0:
-            yield torch.stack(images), torch.tensor(labels)
+            yield self._batch(images, labels, shifts)
+
+    @staticmethod
+    def _batch(images, labels, shifts):
+        batch = (torch.stack(images), torch.tensor(labels))
+        return (*batch, torch.stack(shifts)) if shifts else batch
 
 
 SIGNAL_ENV = "ALEXNET_PREEMPT_SIGNAL"  # set by the training process's preemption handler
