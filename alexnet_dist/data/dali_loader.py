@@ -119,9 +119,9 @@ class DaliLoader:
     """
 
     def __init__(self, spec_for, *, batches: int, num_classes: int, position_fn, device: torch.device,
-                 valid: int | None = None, dtype: torch.dtype = torch.float32, strict: bool = False):
+                 valid: int | None = None, strict: bool = False):
         self.spec_for, self.batches, self.valid = spec_for, batches, valid
-        self.num_classes, self.position_fn, self.device, self.dtype = num_classes, position_fn, device, dtype
+        self.num_classes, self.position_fn, self.device = num_classes, position_fn, device
         self.strict = strict
         self.epoch = None
         self.states = {}      # batches done in the current pass -> pipeline checkpoint
@@ -206,18 +206,21 @@ class DaliLoader:
         return bad
 
     def _batch(self, outputs, iteration: int, spec: PipelineSpec):
-        images, cls, info, swapped = outputs
+        """(uint8 images, labels) or, in training, (images, labels, colour shifts) on the device."""
+        images, cls, info, swapped, *shift = outputs
         labels = self._labels(cls, info)
         keep = ~np.asarray(swapped.as_array(), dtype=bool).reshape(-1)
         if self.valid is not None:  # the reader pads the last batch with copies of the last sample
             keep[max(0, self.valid - iteration * spec.batch_size):] = False
-        images = to_torch(images, self.device)
+        batch = [to_torch(images, self.device), torch.from_numpy(labels)]
+        if shift:
+            batch.append(torch.from_numpy(shift[0].as_array().copy()))
         if spec.layout == "HWC":  # channels-last memory, NCHW shape
-            images = images.movedim(-1, -3)
+            batch[0] = batch[0].movedim(-1, -3)
         if not keep.all():
-            index = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
-            images, labels = images.index_select(0, index), labels[keep]
-        return images.to(self.dtype), torch.from_numpy(labels).to(self.device)
+            index = torch.from_numpy(np.flatnonzero(keep))
+            batch = [t.index_select(0, index.to(t.device)) for t in batch]
+        return tuple(t.to(self.device) for t in batch)
 
     def _labels(self, cls, info) -> np.ndarray:
         labels = np.empty(len(cls), np.int64)

@@ -1,4 +1,4 @@
-"""The DALI pipeline definition: WebDataset shards in, normalised crops out.
+"""The DALI pipeline definition: WebDataset shards in, uint8 crops out.
 
 One definition serves the CPU (DALI's CPU mode, `device_id=None`) and the GPU (nvJPEG through
 the "mixed" decoder, then GPU operators); only the device strings differ, so the CPU tests run
@@ -36,8 +36,6 @@ class PipelineSpec:
     mode: str
     batch_size: int
     crop: int
-    mean: list
-    std: list
     shard_id: int = 0
     num_shards: int = 1
     seed: int = 0
@@ -50,7 +48,6 @@ class PipelineSpec:
     flip: bool = True
     val_resize: int | None = 256
     colour_noise: float = 0.0     # the paper's 0.1; 0 is off
-    train_scale: float = 1.0      # the paper divides training inputs by 1.1
     layout: str = "CHW"           # CHW | HWC (channels-last once batched)
     min_area: float = 0.08        # modern mode's random-resized-crop range
 
@@ -70,7 +67,8 @@ class Substitute:
 
 
 def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes | None = None):
-    """A built pipeline returning (images, raw .cls bytes, source info, substituted flags)."""
+    """A built pipeline returning uint8 images, raw .cls bytes, source info, substituted flags
+    and, in training, each image's colour shift."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device == "gpu"
@@ -99,8 +97,9 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
                 encoded = jpg
             else:  # not reached: the peek raises on anything it cannot read
                 encoded = blank
-        mean, std = list(spec.mean), [s * (spec.train_scale if train else 1.0) for s in spec.std]
-        normalise = dict(dtype=types.FLOAT, output_layout=spec.layout, std=std)
+        # uint8 out, a quarter of float32's bytes to copy; the data module normalises on the
+        # training device, for both loaders alike.
+        layout = dict(dtype=types.UINT8, output_layout=spec.layout)
         if train:
             mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
             if spec.augment == "paper":
@@ -114,25 +113,23 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
                     encoded, device=decoder, output_type=types.RGB, random_area=[spec.min_area, 1.0],
                     random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
                 images = fn.resize(images, size=[spec.crop, spec.crop])
-            if spec.colour_noise > 0:
-                # Adding 0.1 * V (z * s) to every pixel (z ~ N(0, I3) per image) is the same as
-                # subtracting it from the mean, which normalisation does anyway.
-                z = fn.random.normal(shape=[3]) * types.Constant(PCA_STD * spec.colour_noise)
-                shift = fn.reshape(fn.coord_transform(fn.reshape(z, shape=[1, 3]), M=PCA_VECTORS.flatten().tolist()),
-                                   shape=[3])
-                mean = types.Constant(np.array(mean, np.float32)) - shift
-            images = fn.crop_mirror_normalize(images, mean=mean, mirror=mirror, **normalise)
+            images = fn.crop_mirror_normalize(images, mirror=mirror, **layout)
+            # The colour shift 0.1 * V (z * s) of section 4.1, one per image (z ~ N(0, I3)), added
+            # to every pixel when the batch is normalised.
+            z = fn.random.normal(shape=[3]) * types.Constant(PCA_STD * spec.colour_noise)
+            shift = fn.reshape(fn.coord_transform(fn.reshape(z, shape=[1, 3]), M=PCA_VECTORS.flatten().tolist()),
+                               shape=[3])
+            return images, cls, info, swap, shift
+        images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        if spec.val_resize:
+            images = fn.resize(images, resize_shorter=spec.val_resize)
+        window = dict(crop=(spec.crop, spec.crop), **layout)
+        if spec.mode == "val":
+            images = fn.crop_mirror_normalize(images, crop_pos_x=0.5, crop_pos_y=0.5, **window)
         else:
-            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-            if spec.val_resize:
-                images = fn.resize(images, resize_shorter=spec.val_resize)
-            window = dict(crop=(spec.crop, spec.crop), mean=mean, **normalise)
-            if spec.mode == "val":
-                images = fn.crop_mirror_normalize(images, crop_pos_x=0.5, crop_pos_y=0.5, **window)
-            else:
-                views = [fn.crop_mirror_normalize(images, crop_pos_x=x, crop_pos_y=y, mirror=m, **window)
-                         for m in (0, 1) for x, y in TEN_VIEWS]
-                images = fn.stack(*views)
+            views = [fn.crop_mirror_normalize(images, crop_pos_x=x, crop_pos_y=y, mirror=m, **window)
+                     for m in (0, 1) for x, y in TEN_VIEWS]
+            images = fn.stack(*views)
         return images, cls, info, swap
 
     pipe = pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()

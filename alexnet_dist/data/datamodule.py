@@ -1,6 +1,6 @@
 """The LightningDataModule: reads the manifest, splits the global batch over ranks, builds the
-configured loader (DALI or webdataset + PIL), and normalises uint8 batches on the training device
-(the DALI loader delivers them normalised)."""
+configured loader (DALI or webdataset + PIL), and normalises their uint8 batches on the training
+device."""
 import random
 import zlib
 from pathlib import Path
@@ -130,13 +130,13 @@ class ShardDataModule(pl.LightningDataModule):
             noise = self.colour_noise if self.noise_until is None or epoch < self.noise_until else 0.0
             return PipelineSpec(
                 tars=[s["tar"] for s in order], indexes=[s["tar"][:-4] + ".idx" for s in order], mode=mode,
-                batch_size=batch, crop=self.crop, mean=list(self.mean), std=list(self.std),
+                batch_size=batch, crop=self.crop,
                 shard_id=(rank + epoch) % world if train else rank, num_shards=world,
                 seed=zlib.crc32(f"{self.seed}-{epoch}-{rank}-{mode}".encode()) & 0x7FFFFFFF,
                 device=device, device_id=target.index if device == "gpu" else None,
                 threads=int(cfg.get("threads", 2)), prefetch=int(cfg.get("prefetch", 2)),
                 shuffle_buffer=int(cfg.get("shuffle_buffer", 2000)), augment=self.augment, flip=self.flip,
-                val_resize=self.val_resize, colour_noise=noise, train_scale=self.train_scale, layout=layout)
+                val_resize=self.val_resize, colour_noise=noise, layout=layout)
 
         count = self.split_count(split)
         if train:
@@ -147,9 +147,7 @@ class ShardDataModule(pl.LightningDataModule):
             batches = -(-valid // batch)
         loader = DaliLoader(spec_for, batches=batches, valid=valid, num_classes=self.num_classes,
                             position_fn=self.position if train else (lambda: (0, 0)),
-                            device=target if device == "gpu" else torch.device("cpu"),
-                            dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.get("dtype", "float32")],
-                            strict=cfg.get("bad_images", "skip") == "error")
+                            device=target if device == "gpu" else torch.device("cpu"), strict=cfg.get("bad_images", "skip") == "error")
         if train and self.loader_states:
             loader.restore(self.loader_states[min(rank, len(self.loader_states) - 1)])
         return loader
@@ -205,16 +203,15 @@ class ShardDataModule(pl.LightningDataModule):
         return [where for loader in self.loaders.values() for where in loader.skipped]
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        """uint8 batches of the webdataset loader: (x - mean + colour shift) / (std x train_scale)
-        as the DALI pipeline computes it; DALI's batches arrive normalised."""
+        """Both loaders deliver uint8 images; training batches also carry each image's colour
+        shift (zeros without colour noise). On the training device: (x - mean + shift) / std, and
+        training inputs further divided by data.train_scale (the 2012 code's 1.1)."""
         images, labels, *shift = batch
-        if images.dtype != torch.uint8:
-            return images, labels
         mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
         x = images.float() - mean
         if shift:
             x += shift[0].to(x.device, torch.float32)[:, :, None, None]
-        if self.trainer is not None and self.trainer.training:
             std = std * self.train_scale
-        return x / std, labels
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.loader_cfg.get("dtype", "float32")]
+        return (x / std).to(dtype), labels

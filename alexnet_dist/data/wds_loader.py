@@ -1,6 +1,7 @@
 """The portable loader: webdataset reads the tars, PIL decodes, a torch DataLoader runs workers.
 
-Batches leave as uint8 NCHW tensors; the data module normalises them on the training device.
+Batches leave as uint8 NCHW tensors, training batches with each image's colour shift; the data
+module normalises them on the training device.
 
 Splitting across ranks and workers is by shard. Training gives every rank the same number of
 batches, known up front (DDP would hang on an unequal count): each worker streams its own
@@ -236,8 +237,9 @@ class ShardStream(IterableDataset):
                 image = ten_views(decode_image(sample["jpg"], where), self.crop, self.resize)
             else:
                 image = center_crop(decode_image(sample["jpg"], where), self.crop, self.resize)
-            if noise:  # the colour shift of section 4.1, added on the device by the data module
-                shifts.append(torch.from_numpy(colour_shift([rng.gauss(0, 1) for _ in range(3)], noise)))
+            if self.train:  # the colour shift of section 4.1, added on the device by the data module
+                z = [rng.gauss(0, 1) for _ in range(3)] if noise else [0.0] * 3
+                shifts.append(torch.from_numpy(colour_shift(z, noise)))
             index += 1
             images.append(torch.stack([to_tensor(v) for v in image]) if isinstance(image, list) else to_tensor(image))
             labels.append(label)
