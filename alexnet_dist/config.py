@@ -23,6 +23,8 @@ Layout = Choice("Layout", "NCHW", "NHWC")
 DType = Choice("DType", "float32", "bfloat16")
 BadImages = Choice("BadImages", "skip", "error")
 Augment = Choice("Augment", "paper", "modern")
+OptimImpl = Choice("OptimImpl", "foreach", "loop", "fused")
+CommHook = Choice("CommHook", "none", "bf16", "fp16")
 LoggerName = Choice("LoggerName", "wandb", "csv")
 SignalName = Choice("SignalName", "USR1", "USR2", "TERM")
 
@@ -79,6 +81,7 @@ class Optim:
     weight_decay: float = 5e-4
     on_nonfinite: NonFinite = NonFinite.stop
     bias_lr_mult: float = 1.0
+    impl: OptimImpl = OptimImpl.foreach
     schedule: Schedule = field(default_factory=Schedule)
 
 
@@ -100,6 +103,14 @@ class Checkpoint:
 @dataclass
 class Ddp:
     timeout_s: int = 600
+    bucket_cap_mb: int = 25
+    comm_hook: CommHook = CommHook.none
+
+
+@dataclass
+class Compute:
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -118,6 +129,7 @@ class Train:
     paths: dict[str, str] = field(default_factory=dict)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     ddp: Ddp = field(default_factory=Ddp)
+    compute: Compute = field(default_factory=Compute)
     preemption: PreemptionCfg = field(default_factory=PreemptionCfg)
     data: Data = field(default_factory=Data)
     loader: Loader = field(default_factory=Loader)

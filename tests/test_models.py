@@ -111,3 +111,19 @@ def test_spatial_norm_matches_the_formula_with_zero_padding():
                 win = x[0, c, max(0, i - 2):i + 3, max(0, j - 2):j + 3]
                 expected[0, c, i, j] = x[0, c, i, j] * (1 + 1e-3 / 25 * (win ** 2).sum()) ** -0.75
     assert torch.allclose(SpatialNorm()(x), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_channels_last_and_compiled_models_compute_the_same_and_save_the_same_names(compile):
+    from alexnet_dist.training.module import Classifier
+    spec = {"name": "alexnet_small", "num_classes": 10, "width": 8, "fc": 32, "dropout": 0.0}
+    torch.manual_seed(0)
+    plain = Classifier(spec, optim={}, steps_per_epoch=1, max_epochs=1, global_batch=4).eval()
+    fast = Classifier(spec, optim={}, steps_per_epoch=1, max_epochs=1, global_batch=4, channels_last=True,
+                      compile=compile).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    assert fast.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), fast(x), atol=1e-4)

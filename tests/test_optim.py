@@ -89,3 +89,31 @@ def test_plateau_divides_by_ten_after_patience_epochs_without_improvement():
         factors.append(module.lr_multiplier(step=0))
     # improvement resets the count; a drop after 2 flat epochs (patience 1); at most 2 drops
     assert factors == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01])
+
+
+def _train_steps(name: str, impl: str, steps: int = 5) -> list[torch.Tensor]:
+    from alexnet_dist.training.optim import build_optimizer
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = build_optimizer(name, param_groups(net, 0.1, 0.01, 2.0), 0.1, 0.9, impl)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("name,impls", [("krizhevsky", ["loop", "foreach"]), ("sgd", ["loop", "foreach", "fused"])])
+def test_optimizer_implementations_give_the_same_weights(name, impls):
+    reference = _train_steps(name, impls[0])
+    for impl in impls[1:]:
+        for a, b in zip(reference, _train_steps(name, impl)):
+            assert torch.allclose(a, b, atol=1e-6), impl
+
+
+def test_fused_is_refused_for_the_krizhevsky_rule_in_one_line():
+    from alexnet_dist.errors import ConfigError
+    from alexnet_dist.training.optim import build_optimizer
+    with pytest.raises(ConfigError, match="optim.impl=fused exists for optim=sgd only"):
+        build_optimizer("krizhevsky", [{"params": [nn.Parameter(torch.zeros(1))]}], 0.1, 0.9, "fused")

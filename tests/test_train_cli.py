@@ -175,3 +175,20 @@ def test_a_corrupt_training_image_is_skipped_counted_and_named_or_stops_a_strict
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"{tar}:" in errors[0] and bad in errors[0] and "cannot decode image" in errors[0]
+
+
+def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, synthetic_root, cli_env):
+    # torch.compile is checked on the model (tests/test_models.py): compiling costs a minute here.
+    run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", "run_id=fast", "trainer.precision=bf16-mixed",
+            "compute.channels_last=true", "loader.layout=NHWC", "optim.impl=fused", cwd=tmp_path, env=cli_env)
+    results = json.loads((tmp_path / "runs/smoke/fast/results.json").read_text())
+    assert results["val_top1"] > 0.6
+    state = torch.load(tmp_path / "runs/smoke/fast/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert all(not k.startswith("net.") and "_orig_mod" not in k for k in state)  # the plain model's names
+
+
+def test_ddp_with_bf16_gradient_compression_and_small_buckets(tmp_path, synthetic_root, cli_env):
+    run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", "run_id=hook", "trainer.devices=2",
+            "trainer.strategy=ddp", "ddp.comm_hook=bf16", "ddp.bucket_cap_mb=1", cwd=tmp_path, env=cli_env)
+    results = json.loads((tmp_path / "runs/smoke/hook/results.json").read_text())
+    assert results["world_size"] == 2 and results["val_top1"] > 0.6

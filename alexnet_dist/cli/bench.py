@@ -1,11 +1,19 @@
 """alexnet-bench MODE ...: throughput measurements, one JSON object per line.
 
   model   forward + backward + SGD step on random tensors already on the device (compute ceiling)
-  loader  a loader alone (--loader dali or wds), reading shards made by alexnet-prepare, the
-          training augmentation of --augment, batches delivered where training would use them
+  loader    a loader alone (--loader dali or wds), reading shards made by alexnet-prepare, the
+            training augmentation of --augment, batches delivered where training would use them
+  train     the whole framework: the loader, the data module and Lightning's training step, with
+            the share of step time spent waiting for data
+  baseline  a plain PyTorch loop over a plain webdataset + PIL DataLoader, same model, optimiser,
+            batch and precision: what one would write without this project
+  ddp       train with 1 process, then with --devices processes (DDP): the scaling efficiency
 """
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -20,7 +28,7 @@ from . import one_line_errors
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="alexnet-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["model", "loader"])
+    p.add_argument("mode", choices=["model", "loader", "train", "baseline", "ddp"])
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="alexnet2012")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -36,6 +44,8 @@ def parse_args(argv=None):
                    help="loader mode: paper (random crop of the stored image + flip) or modern (random-resized crop + flip)")
     p.add_argument("--workers", type=int, default=2, help="loader mode: worker processes (wds)")
     p.add_argument("--threads", type=int, default=2, help="loader mode: DALI threads (dali)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="train mode: DDP processes (default 1); ddp mode: processes to compare with one (default 2)")
     p.add_argument("--shuffle-buffer", type=int, default=500,
                    help="loader mode: samples mixed in memory (a small set is re-read to fill it every epoch)")
     return p.parse_args(argv)
@@ -116,11 +126,96 @@ def bench_loader(args) -> dict:
             "steps": args.steps, "images": images, "seconds": round(seconds, 3)}
 
 
+def settings(args) -> dict:
+    return {"model": args.model, "batch_size": args.batch_size, "crop": args.size, "precision": args.precision,
+            "channels_last": args.channels_last, "device": args.device, "steps": args.steps}
+
+
+def bench_train(args) -> dict | None:
+    import lightning.pytorch as pl
+
+    from ..data.datamodule import ShardDataModule
+    from ..training.callbacks import Throughput
+    from ..training.module import Classifier
+
+    if not args.data:
+        raise ConfigError("train mode needs --data DIR (a folder made by alexnet-prepare)")
+    loader_cfg = {"name": args.loader, "workers": args.workers, "threads": args.threads, "device": "auto",
+                  "shuffle_buffer": args.shuffle_buffer,
+                  "layout": "NHWC" if args.channels_last else "NCHW"}
+    data = ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size, augment=args.augment,
+                           loader=loader_cfg)
+    optim = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "reference_batch": None,
+             "schedule": {"name": "constant"}}
+    module = Classifier({"name": args.model, "num_classes": data.num_classes}, optim,
+                        steps_per_epoch=data.steps_per_epoch(), max_epochs=10**6, global_batch=args.batch_size,
+                        channels_last=args.channels_last)
+    throughput = Throughput(skip=args.warmup)
+    devices = args.devices or 1
+    trainer = pl.Trainer(accelerator="gpu" if args.device == "gpu" else "cpu", devices=devices,
+                         strategy="ddp" if devices > 1 else "auto",
+                         precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+                         max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                         callbacks=[throughput])
+    trainer.fit(module, datamodule=data)
+    if not trainer.is_global_zero:
+        return None
+    if throughput.steps < args.steps // 2:
+        raise ConfigError(f"only {throughput.steps} steps were timed: an epoch of {data.steps_per_epoch()} steps "
+                          f"is too short for --warmup {args.warmup}; use a larger data set or a smaller --warmup")
+    return {"name": f"train/{args.loader}", "images_per_sec": round(throughput.images_per_sec, 1),
+            "data_wait": round(throughput.data_wait, 3), "step_ms": round(throughput.step_ms, 2),
+            "processes": devices, "loader": args.loader, **settings(args)}
+
+
+def bench_baseline(args) -> dict:
+    from ..training.baseline import run_baseline
+
+    if not args.data:
+        raise ConfigError("baseline mode needs --data DIR (a folder made by alexnet-prepare)")
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    result = run_baseline(args.data, model=args.model, batch_size=args.batch_size, crop=args.size,
+                          workers=args.workers, steps=args.steps, warmup=args.warmup, device=device,
+                          bf16=args.precision == "bf16", channels_last=args.channels_last)
+    return {"name": "baseline/plain-pytorch-webdataset", **result, "workers": args.workers, **settings(args)}
+
+
+def bench_ddp(args, argv) -> list[dict]:
+    """`train` once with one process and once with --devices, each in its own process tree."""
+    rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "ddp"]
+    if "--devices" in rest:
+        del rest[rest.index("--devices"):rest.index("--devices") + 2]
+    processes = args.devices or 2
+    runs = []
+    for devices in (1, processes):
+        cmd = [sys.executable, "-m", "alexnet_dist.cli.bench", "train", *rest, "--devices", str(devices)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            raise ConfigError(f"alexnet-bench train --devices {devices} failed: "
+                              f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        runs.append(json.loads(lines[-1]))
+    one, many = runs
+    runs.append({"name": "ddp/scaling", "images_per_sec": many["images_per_sec"], "processes": processes,
+                 "images_per_sec_one_process": one["images_per_sec"],
+                 "efficiency": round(many["images_per_sec"] / (processes * one["images_per_sec"]), 3),
+                 "speedup": round(many["images_per_sec"] / one["images_per_sec"], 3), **settings(args)})
+    return runs
+
+
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
-    result = bench_model(args) if args.mode == "model" else bench_loader(args)
-    print(json.dumps(result), flush=True)
+    if args.mode == "ddp":
+        results = bench_ddp(args, argv)
+    else:
+        run = {"model": bench_model, "loader": bench_loader, "train": bench_train, "baseline": bench_baseline}
+        results = [run[args.mode](args)]
+    for result in results:
+        if result is not None:
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

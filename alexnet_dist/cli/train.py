@@ -108,7 +108,8 @@ def train(cfg: DictConfig) -> dict:
                            loader=OmegaConf.to_container(cfg.loader), seed=cfg.seed)
     module = Classifier(model={**OmegaConf.to_container(cfg.model), "num_classes": data.num_classes},
                         optim=OmegaConf.to_container(cfg.optim), steps_per_epoch=data.steps_per_epoch(),
-                        max_epochs=cfg.trainer.max_epochs, global_batch=cfg.data.batch_size, seed=cfg.seed)
+                        max_epochs=cfg.trainer.max_epochs, global_batch=cfg.data.batch_size, seed=cfg.seed,
+                        channels_last=cfg.compute.channels_last, compile=cfg.compute.compile)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = resume_checkpoint(str(cfg.resume), ckpt_dir)
     if ckpt_path:
@@ -147,10 +148,19 @@ def train(cfg: DictConfig) -> dict:
     return report(trainer, cfg, run_dir, run_id, metrics, throughput, module.skipped_steps, len(skipped_images.seen))
 
 
+def comm_hook(name: str):
+    """DDP gradient compression: gradients are cast to bf16/fp16 for the all-reduce, halving the
+    bytes on the wire, and back to float32 after."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return {"none": None, "bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}[name]
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, run_id: str, slurm, callbacks: list) -> pl.Trainer:
     args = OmegaConf.to_container(cfg.trainer)
     if args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
-        args["strategy"] = DDPStrategy(timeout=timedelta(seconds=cfg.ddp.timeout_s))
+        args["strategy"] = DDPStrategy(timeout=timedelta(seconds=cfg.ddp.timeout_s), bucket_cap_mb=cfg.ddp.bucket_cap_mb,
+                                       ddp_comm_hook=comm_hook(cfg.ddp.comm_hook))
     if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
         args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     return pl.Trainer(**args, default_root_dir=str(run_dir), callbacks=callbacks,

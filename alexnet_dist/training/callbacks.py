@@ -8,17 +8,20 @@ import torch.distributed as dist
 
 
 class Throughput(pl.Callback):
-    """Images per second over all ranks, shown on the progress bar and logged.
+    """Images per second over all ranks, step time and the share of it spent waiting for data,
+    on the progress bar and logged (W&B included).
 
     Data time is the gap between the end of one step and the start of the next (the loader's
     wait); compute time is the step itself. The first `skip` steps of each epoch (worker start-up,
-    first-step allocation) are left out of the run's average.
+    first-step allocation) are left out of the run's averages.
     """
 
     def __init__(self, skip: int = 2):
         self.skip = skip
         self.images = 0
         self.seconds = 0.0
+        self.waited = 0.0
+        self.steps = 0
         self.last_end = None
         self.start = None
 
@@ -33,17 +36,28 @@ class Throughput(pl.Callback):
         if self.last_end is not None:
             step = end - self.last_end
             images = len(batch[1]) * trainer.world_size
-            data_wait = (self.start - self.last_end) / step
+            wait = self.start - self.last_end
             pl_module.log("images_per_sec", images / step, prog_bar=True)
-            pl_module.log("data_wait", data_wait)
+            pl_module.log("step_ms", 1000 * step, prog_bar=True)
+            pl_module.log("data_wait", wait / step, prog_bar=True)
             if batch_idx >= self.skip:
                 self.images += images
                 self.seconds += step
+                self.waited += wait
+                self.steps += 1
         self.last_end = end
 
     @property
     def images_per_sec(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def data_wait(self) -> float:
+        return self.waited / self.seconds if self.seconds else 0.0
+
+    @property
+    def step_ms(self) -> float:
+        return 1000 * self.seconds / self.steps if self.steps else 0.0
 
 
 class SkippedImages(pl.Callback):

@@ -22,10 +22,15 @@ class Classifier(pl.LightningModule):
     checkpoint alone is enough to rebuild it; `optim` holds the optimiser and schedule settings."""
 
     def __init__(self, model: dict, optim: dict, steps_per_epoch: int, max_epochs: int, global_batch: int,
-                 seed: int = 0):
+                 seed: int = 0, channels_last: bool = False, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(**model)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        # The compiled model shares the parameters; kept off the module tree so checkpoints hold
+        # the plain model's names either way.
+        object.__setattr__(self, "net", torch.compile(self.model) if compile else self.model)
         self.optim_cfg, self.steps_per_epoch, self.max_epochs = optim, steps_per_epoch, max_epochs
         self.global_batch = global_batch
         self.eval_sums = None  # loss sum, top-1 and top-5 hits, count: summed over ranks at epoch end
@@ -41,11 +46,11 @@ class Classifier(pl.LightningModule):
             torch.manual_seed(self.hparams.seed * 1000 + self.global_rank)
 
     def forward(self, x):
-        return self.model(x)
+        return self.net(x.contiguous(memory_format=self.memory_format))
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        logits = self.model(images)
+        logits = self(images)
         loss = F.cross_entropy(logits, labels)
         if not self._all_finite(loss):
             if self.optim_cfg.get("on_nonfinite", "stop") == "skip":
@@ -70,9 +75,9 @@ class Classifier(pl.LightningModule):
         softmaxes, the paper's 10-view test (section 4.1)."""
         if images.dim() == 5:
             n, views = images.shape[:2]
-            probs = self.model(images.flatten(0, 1)).float().softmax(dim=1).view(n, views, -1).mean(dim=1)
+            probs = self(images.flatten(0, 1)).float().softmax(dim=1).view(n, views, -1).mean(dim=1)
             return probs.clamp_min(1e-30).log()
-        return self.model(images).float().log_softmax(dim=1)
+        return self(images).float().log_softmax(dim=1)
 
     def _eval_step(self, batch):
         images, labels = batch
@@ -156,6 +161,6 @@ class Classifier(pl.LightningModule):
         o = self.optim_cfg
         lr = scaled_lr(o["lr"], self.global_batch, o.get("reference_batch"))
         groups = param_groups(self.model, lr, o["weight_decay"], o.get("bias_lr_mult", 1.0))
-        optimizer = build_optimizer(o["name"], groups, lr, o["momentum"])
+        optimizer = build_optimizer(o["name"], groups, lr, o["momentum"], o.get("impl", "foreach"))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

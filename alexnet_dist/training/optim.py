@@ -14,8 +14,9 @@ class KrizhevskySGD(torch.optim.Optimizer):
     drop: here the old, larger steps fade out over a few iterations instead of shrinking at once.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, foreach: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.foreach = foreach  # one kernel per operation over all tensors, not one per tensor
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -25,14 +26,21 @@ class KrizhevskySGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p)
-                v = state["velocity"]
-                v.mul_(momentum).add_(p.grad, alpha=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "velocity" not in self.state[p]:
+                    self.state[p]["velocity"] = torch.zeros_like(p)
+            velocities = [self.state[p]["velocity"] for p in params]
+            grads = [p.grad for p in params]
+            if self.foreach and params:
+                torch._foreach_mul_(velocities, momentum)
+                torch._foreach_add_(velocities, grads, alpha=-lr)
+                if wd:
+                    torch._foreach_add_(velocities, params, alpha=-lr * wd)
+                torch._foreach_add_(params, velocities)
+                continue
+            for p, v, g in zip(params, velocities, grads):
+                v.mul_(momentum).add_(g, alpha=-lr)
                 if wd:
                     v.add_(p, alpha=-lr * wd)
                 p.add_(v)
@@ -55,9 +63,19 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int | None) -> floa
     return lr * global_batch / reference_batch if reference_batch else lr
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+IMPLEMENTATIONS = ("foreach", "loop", "fused")
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float,
+                    impl: str = "foreach") -> torch.optim.Optimizer:
+    """`impl`: foreach (one kernel per operation over all tensors), loop (one per tensor), or
+    fused (one kernel for the whole update; torch's SGD only)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ConfigError(f"optim.impl={impl}: choose one of {', '.join(IMPLEMENTATIONS)}")
     if name == "krizhevsky":
-        return KrizhevskySGD(groups, lr=lr, momentum=momentum)
+        if impl == "fused":
+            raise ConfigError("optim.impl=fused exists for optim=sgd only; use optim.impl=foreach with krizhevsky")
+        return KrizhevskySGD(groups, lr=lr, momentum=momentum, foreach=impl == "foreach")
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=impl == "foreach", fused=impl == "fused")
     raise ConfigError(f"optim.name={name}: unknown optimiser; choose krizhevsky or sgd")
