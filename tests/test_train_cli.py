@@ -35,6 +35,7 @@ def test_smoke_training_learns_and_writes_its_run_directory(tmp_path, synthetic_
     assert results["epochs"] == 2 and results["global_step"] == 2 * (2000 // 32)
     assert results["val_count"] == 500 and results["val_top1"] > 0.6 and results["val_top5"] >= results["val_top1"]
     assert results["train_images_per_sec"] > 0 and results["val_loss"] < 2.0
+    assert results["train_step_ms"] > 0 and 0 <= results["train_data_wait"] < 1
     losses = train_losses(run_dir)
     first, last = sum(l for _, l in losses[:2]) / 2, sum(l for _, l in losses[-2:]) / 2
     assert last < 0.6 * first, losses

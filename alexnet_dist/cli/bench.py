@@ -51,6 +51,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, SXM parts), for the
+# fraction of peak that model mode reports on a GPU.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,9 +91,11 @@ def bench_model(args) -> dict:
     sync(device)
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tflops = counter.get_total_flops() * args.steps / seconds / 1e12
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     return {"name": f"model/{args.model}", "images_per_sec": round(args.batch_size * args.steps / seconds, 1),
-            "step_ms": round(1000 * seconds / args.steps, 3),
-            "tflops": round(counter.get_total_flops() * args.steps / seconds / 1e12, 2),
+            "step_ms": round(1000 * seconds / args.steps, 3), "tflops": round(tflops, 2),
+            "fraction_of_bf16_peak": round(tflops / peak, 3) if peak else None,
             "device": name, "batch_size": args.batch_size, "size": args.size, "precision": args.precision,
             "channels_last": args.channels_last, "steps": args.steps}
 
