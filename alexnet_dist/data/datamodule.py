@@ -211,7 +211,8 @@ class ShardDataModule(pl.LightningDataModule):
         std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
         x = images.float() - mean
         if shift:
-            x += shift[0].to(x.device, torch.float32)[:, :, None, None]
+            if shift[0].any():  # colour noise on
+                x += shift[0].to(x.device, torch.float32)[:, :, None, None]
             std = std * self.train_scale
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.loader_cfg.get("dtype", "float32")]
         return (x / std).to(dtype), labels

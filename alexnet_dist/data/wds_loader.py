@@ -237,9 +237,8 @@ class ShardStream(IterableDataset):
                 image = ten_views(decode_image(sample["jpg"], where), self.crop, self.resize)
             else:
                 image = center_crop(decode_image(sample["jpg"], where), self.crop, self.resize)
-            if self.train:  # the colour shift of section 4.1, added on the device by the data module
-                z = [rng.gauss(0, 1) for _ in range(3)] if noise else [0.0] * 3
-                shifts.append(torch.from_numpy(colour_shift(z, noise)))
+            if noise:  # the colour shift of section 4.1, added on the device by the data module
+                shifts.append(torch.from_numpy(colour_shift([rng.gauss(0, 1) for _ in range(3)], noise)))
             index += 1
             images.append(torch.stack([to_tensor(v) for v in image]) if isinstance(image, list) else to_tensor(image))
             labels.append(label)
@@ -250,10 +249,11 @@ class ShardStream(IterableDataset):
         if images and remaining > 0:
             yield self._batch(images, labels, shifts)
 
-    @staticmethod
-    def _batch(images, labels, shifts):
+    def _batch(self, images, labels, shifts):
         batch = (torch.stack(images), torch.tensor(labels))
-        return (*batch, torch.stack(shifts)) if shifts else batch
+        if not self.train:
+            return batch
+        return *batch, torch.stack(shifts) if shifts else torch.zeros(len(labels), 3)
 
 
 SIGNAL_ENV = "ALEXNET_PREEMPT_SIGNAL"  # set by the training process's preemption handler
