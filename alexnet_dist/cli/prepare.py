@@ -1,4 +1,4 @@
-"""alexnet-prepare SOURCE --src DIR --out DIR: image folders, Fashion-MNIST or synthetic images to shards."""
+"""alexnet-prepare SOURCE --src DIR --out DIR: image folders, ImageNet, Fashion-MNIST or synthetic images to shards."""
 import argparse
 import os
 from pathlib import Path
@@ -11,8 +11,11 @@ from . import one_line_errors
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="alexnet-prepare", description=__doc__)
-    p.add_argument("source", choices=["imagefolder", "fashion-mnist", "synthetic"])
-    p.add_argument("--src", type=Path, help="input: SRC/train/<class>/* (imagefolder) or the IDX files' folder (fashion-mnist)")
+    p.add_argument("source", choices=["imagefolder", "imagenet", "fashion-mnist", "synthetic"])
+    p.add_argument("--src", type=Path, help="input: SRC/train/<class>/* (imagefolder, imagenet: also SRC/train/<wnid>.tar) "
+                                            "or the IDX files' folder (fashion-mnist)")
+    p.add_argument("--val-labels", type=Path, help="imagenet with flat SRC/val/*.JPEG: LOC_val_solution.csv or one "
+                                                   "synset id per line (default SRC/LOC_val_solution.csv)")
     p.add_argument("--out", type=Path, required=True, help="output folder for train/, val/ and manifest.json")
     p.add_argument("--resize", type=int, help="resize so the short side is this many pixels (the paper: 256)")
     p.add_argument("--center-crop", action="store_true", help="after --resize, keep the central square (the paper's 256x256)")
@@ -43,8 +46,8 @@ def main(argv=None):
         source = sources.fashion_mnist(src)
     else:
         if args.src is None:
-            raise DataError("imagefolder needs --src DIR (DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)")
-        source = sources.imagefolder(args.src)
+            raise DataError(f"{args.source} needs --src DIR (DIR/train/<class>/*.jpg and DIR/val/...)")
+        source = sources.imagefolder(args.src) if args.source == "imagefolder" else sources.imagenet(args.src, args.val_labels)
     manifest = write_dataset(source, args.out, source_name=args.source, resize=args.resize,
                              center_crop=args.center_crop, quality=args.quality, shard_size=args.shard_size,
                              min_shards=args.min_shards, workers=args.workers, seed=args.seed)

@@ -4,6 +4,7 @@ A shard is a plain tar. Beside each tar lies the index file DALI's webdataset re
 seek to samples ("v1.2 <count>" then one line per sample: ext offset size name ...), written
 from the offsets we know while writing, so no separate wds2idx pass is needed.
 """
+import hashlib
 import io
 import json
 import math
@@ -91,7 +92,54 @@ def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality,
     os.replace(tmp, path)
     idx = path.with_suffix(".idx")
     idx.write_text(f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
-    return len(index_lines), skipped, sizes, (sums, sq, pixels)
+    labels = {}
+    for sample in samples:
+        labels[sample.label] = labels.get(sample.label, 0) + 1
+    for message in skipped:  # skipped samples are not in the shard
+        key = message.split(":", 1)[0]
+        label = next(s.label for s in samples if s.key == key)
+        labels[label] -= 1
+    result = {"count": len(index_lines), "skipped": skipped, "sizes": sorted(sizes), "sums": sums.tolist(),
+              "squares": sq.tolist(), "pixels": pixels, "labels": {str(k): v for k, v in labels.items() if v},
+              "plan": plan_digest(samples)}
+    # Written last: a shard with its .json beside it is finished, and a re-run keeps it.
+    done = path.with_suffix(".json.tmp")
+    done.write_text(json.dumps(result))
+    os.replace(done, path.with_suffix(".json"))
+    return result
+
+
+def plan_digest(samples: list[Sample]) -> str:
+    return hashlib.sha1("\n".join(f"{s.key} {s.label}" for s in samples).encode()).hexdigest()
+
+
+def finished_shard(path: Path, samples: list[Sample]) -> dict | None:
+    """The record of a shard an earlier run finished with exactly these samples, if any."""
+    record = path.with_suffix(".json")
+    if not (record.exists() and path.exists() and path.with_suffix(".idx").exists()):
+        return None
+    try:
+        result = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return None
+    return result if result.get("plan") == plan_digest(samples) else None
+
+
+def verify_split(out: Path, split: str, shards: list[dict], expected: dict) -> None:
+    """Reads every shard's labels back and compares the counts per class with what was written."""
+    found = {}
+    for shard in shards:
+        with tarfile.open(out / shard["tar"]) as tar:
+            for member in tar:
+                if member.name.endswith(".cls"):
+                    label = tar.extractfile(member).read().decode().strip()
+                    found[label] = found.get(label, 0) + 1
+    if found != expected:
+        wrong = sorted(set(found) | set(expected), key=lambda k: int(k))
+        diff = [f"class {k}: {found.get(k, 0)} in the shards, {expected.get(k, 0)} written" for k in wrong
+                if found.get(k, 0) != expected.get(k, 0)]
+        raise DataError(f"{out / split}: verification failed ({'; '.join(diff[:3])}); delete {out / split} and "
+                        "re-run alexnet-prepare")
 
 
 def _clean_key(key: str) -> str:
@@ -122,20 +170,27 @@ def write_dataset(source: Source, out: Path, *, source_name: str, resize: int | 
         shards, skipped, total = [], [], 0
         sums, sq, pixels = np.zeros(3), np.zeros(3), 0
         bar = tqdm(total=len(samples), desc=f"{split} shards", unit="img", disable=not progress)
+        class_counts = {}
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [pool.submit(write_shard, path, chunk, resize, center_crop, quality, split == "train")
+            # Resumable: shards an earlier run finished with the same samples are kept.
+            futures = [finished_shard(path, chunk) or
+                       pool.submit(write_shard, path, chunk, resize, center_crop, quality, split == "train")
                        for path, chunk in plan]
             for (path, chunk), future in zip(plan, futures):
-                count, bad, sizes, (s, q, n) = future.result()
+                r = future if isinstance(future, dict) else future.result()
                 bar.update(len(chunk))
                 shards.append({"tar": f"{split}/{path.name}", "index": f"{split}/{path.with_suffix('.idx').name}",
-                               "count": count})
-                skipped += bad
-                total += count
-                all_sizes |= sizes
-                sums, sq, pixels = sums + s, sq + q, pixels + n
+                               "count": r["count"]})
+                skipped += r["skipped"]
+                total += r["count"]
+                all_sizes |= {tuple(size) for size in r["sizes"]}
+                sums, sq, pixels = sums + r["sums"], sq + r["squares"], pixels + r["pixels"]
+                for label, n in r["labels"].items():
+                    class_counts[label] = class_counts.get(label, 0) + n
         bar.close()
-        manifest["splits"][split] = {"count": total, "shards": shards, "skipped": skipped}
+        verify_split(out, split, shards, class_counts)
+        manifest["splits"][split] = {"count": total, "shards": shards, "skipped": skipped,
+                                     "class_counts": dict(sorted(class_counts.items(), key=lambda kv: int(kv[0])))}
         if split == "train" and pixels:
             mean = sums / pixels
             manifest["mean"] = [round(float(v), 3) for v in mean]

@@ -53,24 +53,99 @@ def imagefolder(src: Path) -> Source:
     if not classes:
         raise DataError(f"{src}/train: no class sub-folders; put each class's images in SRC/train/<class>/")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split in ("train", "val"):
-        root = src / split
-        if not root.is_dir():
-            continue
-        samples = []
-        for cdir in sorted(d for d in root.iterdir() if d.is_dir()):
-            if cdir.name not in index:
-                raise DataError(f"{cdir}: class '{cdir.name}' is not among the train classes; "
-                                "every val class needs a train folder of the same name")
-            for f in sorted(cdir.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    key = f"{cdir.name}/{f.stem}"
-                    samples.append(Sample(key, partial(_read_file, f), index[cdir.name]))
-        if not samples:
-            raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-        splits[split] = samples
+    splits = {split: imagefolder_split(src / split, index) for split in ("train", "val") if (src / split).is_dir()}
     return Source(classes, splits)
+
+
+def _read_member(tar: Path, offset: int, size: int) -> bytes:
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _class_tar(path: Path, label: int) -> list[Sample]:
+    """The images of one per-class tar (ILSVRC2012_img_train.tar holds 1000 of them), located
+    once so that each later read is a single seek."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [Sample(f"{path.stem}/{Path(m.name).stem}", partial(_read_member, path, m.offset_data, m.size), label)
+                for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _val_labels(path: Path, names: list[str], index: dict) -> dict:
+    """{image stem: label} from Kaggle's LOC_val_solution.csv (ImageId,PredictionString) or from a
+    text file with one synset id per line in the sorted order of the validation images."""
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if lines and lines[0].startswith("ImageId"):
+        pairs = [line.split(",", 1) for line in lines[1:]]
+        table = {image: prediction.split()[0] for image, prediction in pairs}
+    elif lines and lines[0].isdigit():
+        raise DataError(f"{path}: numeric ILSVRC2012 ids; their synsets are in the devkit's meta.mat, which this "
+                        "tool does not read: give val as per-class folders (SRC/val/<wnid>/*.JPEG) or a file with "
+                        "one synset id (n01440764 ...) per line")
+    else:
+        if len(lines) != len(names):
+            raise DataError(f"{path}: {len(lines)} labels for {len(names)} validation images; one synset id per "
+                            "image, in the sorted order of the file names")
+        table = dict(zip(names, lines))
+    labels = {}
+    for name in names:
+        wnid = table.get(name)
+        if wnid not in index:
+            raise DataError(f"{path}: {'no label' if wnid is None else f'synset {wnid} (not a train class)'} "
+                            f"for validation image {name}")
+        labels[name] = index[wnid]
+    return labels
+
+
+def imagenet(src: Path, val_labels: Path | None = None) -> Source:
+    """ILSVRC-2012 as downloaded: train as SRC/train/<wnid>/*.JPEG or SRC/train/<wnid>.tar; val as
+    SRC/val/<wnid>/*.JPEG, or flat SRC/val/*.JPEG with a labels file (`val_labels`, else
+    SRC/LOC_val_solution.csv). Classes are the sorted synset ids (the usual label order)."""
+    src = Path(src)
+    train = src / "train"
+    if not train.is_dir():
+        raise DataError(f"{train}: no such folder; imagenet wants SRC/train/<wnid>/*.JPEG or SRC/train/<wnid>.tar")
+    folders = {d.name: d for d in train.iterdir() if d.is_dir()}
+    tars = {t.stem: t for t in train.glob("*.tar")}
+    classes = sorted(set(folders) | set(tars))
+    if not classes:
+        raise DataError(f"{train}: neither class folders nor per-class tars")
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for wnid in classes:
+        if wnid in folders:
+            samples += [Sample(f"{wnid}/{f.stem}", partial(_read_file, f), index[wnid])
+                        for f in sorted(folders[wnid].iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            samples += _class_tar(tars[wnid], index[wnid])
+    splits = {"train": samples}
+    val = src / "val"
+    if val.is_dir() and any(d.is_dir() for d in val.iterdir()):
+        splits["val"] = imagefolder_split(val, index)
+    elif val.is_dir():
+        files = sorted(f for f in val.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        labels_file = val_labels or src / "LOC_val_solution.csv"
+        if not labels_file.exists():
+            raise DataError(f"{val} holds flat images but {labels_file} is missing; pass --val-labels FILE "
+                            "(LOC_val_solution.csv, or one synset id per line) or use per-class val folders")
+        labels = _val_labels(labels_file, [f.stem for f in files], index)
+        splits["val"] = [Sample(f"val/{f.stem}", partial(_read_file, f), labels[f.stem]) for f in files]
+    return Source(classes, splits)
+
+
+def imagefolder_split(root: Path, index: dict) -> list[Sample]:
+    samples = []
+    for cdir in sorted(d for d in root.iterdir() if d.is_dir()):
+        if cdir.name not in index:
+            raise DataError(f"{cdir}: class '{cdir.name}' is not among the train classes; "
+                            "every val class needs a train folder of the same name")
+        samples += [Sample(f"{cdir.name}/{f.stem}", partial(_read_file, f), index[cdir.name])
+                    for f in sorted(cdir.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not samples:
+        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return samples
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""ImageNet as downloaded, in miniature: synset folders and a per-class tar for train (with a
+CMYK JPEG and a PNG named .JPEG among them), flat validation images with Kaggle's label file."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def photo(seed: int, size=(90, 70)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, 3)
+    ramp = np.linspace(0, 80, size[0])[None, :, None]
+    return Image.fromarray(np.clip(base + ramp + rng.normal(0, 10, (size[1], size[0], 3)), 0, 255).astype(np.uint8))
+
+
+def jpeg(image: Image.Image, fmt="JPEG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def imagenet_src(tmp_path_factory):
+    src = tmp_path_factory.mktemp("ilsvrc")
+    for c, wnid in enumerate(WNIDS[:2]):  # synset folders
+        (src / "train" / wnid).mkdir(parents=True)
+        for i in range(8):
+            (src / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg(photo(10 * c + i)))
+    (src / "train" / WNIDS[0] / f"{WNIDS[0]}_cmyk.JPEG").write_bytes(jpeg(photo(99).convert("CMYK")))
+    (src / "train" / WNIDS[1] / f"{WNIDS[1]}_png.JPEG").write_bytes(jpeg(photo(98), "PNG"))
+    with tarfile.open(src / "train" / f"{WNIDS[2]}.tar", "w") as tar:  # a per-class tar
+        for i in range(8):
+            data = jpeg(photo(50 + i, (60, 80)))
+            info = tarfile.TarInfo(f"{WNIDS[2]}_{i}.JPEG")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (src / "val").mkdir()
+    rows = ["ImageId,PredictionString"]
+    for i in range(6):
+        name = f"ILSVRC2012_val_{i + 1:08d}"
+        (src / "val" / f"{name}.JPEG").write_bytes(jpeg(photo(200 + i)))
+        rows.append(f"{name},{WNIDS[i % 3]} 1 2 3 4")
+    (src / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return src
+
+
+def read_shards(root, split):
+    out = {}
+    for tar_path in sorted((root / split).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in files.items():
+            if name.endswith(".jpg"):
+                out[name[:-4]] = (int(files[name[:-4] + ".cls"]), Image.open(io.BytesIO(data)))
+    return out
+
+
+def test_imagenet_becomes_rgb_jpeg_shards_with_the_right_labels(tmp_path, imagenet_src, cli_env):
+    out = tmp_path / "shards"
+    proc = run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", out, "--resize", "64",
+                   "--center-crop", "--min-shards", "2", "--workers", "2", cwd=tmp_path, env=cli_env)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == WNIDS and manifest["image_size"] == [64, 64]
+    assert manifest["splits"]["train"]["class_counts"] == {"0": 9, "1": 9, "2": 8}
+    assert manifest["splits"]["val"]["class_counts"] == {"0": 2, "1": 2, "2": 2}
+    train, val = read_shards(out, "train"), read_shards(out, "val")
+    assert all(image.format == "JPEG" and image.mode == "RGB" and image.size == (64, 64)
+               for _, image in list(train.values()) + list(val.values()))
+    assert train[f"{WNIDS[0]}_{WNIDS[0]}_cmyk"][0] == 0 and train[f"{WNIDS[1]}_{WNIDS[1]}_png"][0] == 1
+    assert train[f"{WNIDS[2]}_{WNIDS[2]}_3"][0] == 2  # from the per-class tar
+    assert {key: label for key, (label, _) in val.items()} == {f"val_ILSVRC2012_val_{i + 1:08d}": i % 3 for i in range(6)}
+    assert "train: 26 images in 2 shards" in proc.stdout
+
+
+def test_an_interrupted_preparation_keeps_finished_shards(tmp_path, imagenet_src, cli_env):
+    out = tmp_path / "shards"
+    args = ["alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", out, "--min-shards", "3"]
+    run_cli(*args, cwd=tmp_path, env=cli_env)
+    first = {p.name: p.read_bytes() for p in (out / "train").glob("*.tar")}
+    kept = out / "train" / "000000.tar"
+    before = kept.stat().st_mtime_ns
+    os.remove(out / "train" / "000001.json")  # as if the run died while writing shard 1
+    run_cli(*args, cwd=tmp_path, env=cli_env)
+    assert kept.stat().st_mtime_ns == before  # finished shards are not rewritten
+    assert {p.name: p.read_bytes() for p in (out / "train").glob("*.tar")} == first
+
+
+def test_flat_validation_without_labels_is_one_line(tmp_path, imagenet_src, cli_env):
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(imagenet_src, src)
+    os.remove(src / "LOC_val_solution.csv")
+    proc = run_cli("alexnet-prepare", "imagenet", "--src", src, "--out", tmp_path / "o", cwd=tmp_path, env=cli_env,
+                   check=False)
+    assert proc.returncode == 2 and "LOC_val_solution.csv is missing; pass --val-labels FILE" in proc.stderr
