@@ -101,3 +101,31 @@ def test_flat_validation_without_labels_is_one_line(tmp_path, imagenet_src, cli_
     proc = run_cli("alexnet-prepare", "imagenet", "--src", src, "--out", tmp_path / "o", cwd=tmp_path, env=cli_env,
                    check=False)
     assert proc.returncode == 2 and "LOC_val_solution.csv is missing; pass --val-labels FILE" in proc.stderr
+
+
+@pytest.mark.slow
+def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet_src, cli_env):
+    """The commands of docs/reproducing-2012.md at toy scale."""
+    data = tmp_path / "imagenet-wds"
+    run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", data, "--resize", "256", "--center-crop",
+            "--min-shards", "2", cwd=tmp_path, env=cli_env)
+    run_cli("alexnet-train", "experiment=alexnet2012", f"data.root={data}", "data.batch_size=8", "trainer.max_epochs=1",
+            "logger=csv", "run_id=toy", "+trainer.enable_progress_bar=false", cwd=tmp_path, env=cli_env, timeout=600)
+    run_dir = tmp_path / "runs/alexnet2012/toy"
+    sizes = {name: Image.open(run_dir / "pictures" / f"{name}.png").size for name in ("conv1", "augmented", "curves")}
+    assert sizes == {"conv1": (772, 292), "augmented": (1801, 226), "curves": (1280, 240)}  # 96 filters 11x11, 8 crops
+    ckpt = run_dir / "checkpoints/last.ckpt"
+    results = {}
+    for views in (1, 10):
+        proc = run_cli("alexnet-eval", f"ckpt_path={ckpt}", f"views={views}", f"probs={tmp_path}/v{views}.npz",
+                       cwd=tmp_path, env=cli_env)
+        results[views] = json.loads(proc.stdout.splitlines()[0])
+        assert results[views]["val_count"] == 6 and results[views]["views"] == views
+    ten = np.load(tmp_path / "v10.npz")
+    assert ten["probs"].shape == (6, 3) and np.allclose(ten["probs"].sum(1), 1, atol=1e-5)
+    assert sorted(ten["labels"].tolist()) == [0, 0, 1, 1, 2, 2]  # labels from the csv, in shard order
+    proc = run_cli("alexnet-eval", "ensemble", f"probs={tmp_path}/v1.npz,{tmp_path}/v10.npz", cwd=tmp_path, env=cli_env)
+    both = json.loads(proc.stdout.splitlines()[0])
+    mean = (np.load(tmp_path / "v1.npz")["probs"] + ten["probs"]) / 2
+    assert both["val_top1"] == pytest.approx((mean.argmax(1) == ten["labels"]).mean())
+    assert both["val_loss"] == pytest.approx(-np.log(mean[np.arange(6), ten["labels"]]).mean(), rel=1e-4)

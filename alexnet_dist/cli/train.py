@@ -21,6 +21,7 @@ from ..config import validate
 from ..data.datamodule import ShardDataModule
 from ..errors import ConfigError, TrainingError
 from ..training.callbacks import SkippedImages, Throughput
+from ..training.pictures import Pictures
 from ..training.checkpoint import (LastCheckpoint, check_compatible, load_weights, resume_checkpoint,
                                    set_aside_damaged_last)
 from ..training.module import Classifier
@@ -126,6 +127,7 @@ def train(cfg: DictConfig) -> dict:
                         auto_insert_metric_name=False),
         throughput,
         skipped_images,
+        Pictures(run_dir / "pictures"),
     ]
     trainer = make_trainer(cfg, run_dir, run_id, slurm, callbacks)
     if trainer.is_global_zero:

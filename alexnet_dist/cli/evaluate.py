@@ -1,0 +1,111 @@
+"""alexnet-eval ckpt_path=PATH [views=1|10] [probs=FILE.npz] ...: top-1, top-5 and NLL of a
+checkpoint on the validation split, from the centre crop or the paper's 10 views (section 4.1).
+
+  ckpt_path   a checkpoint of alexnet-train (checkpoints/last.ckpt, best.ckpt, step-*.ckpt)
+  views       1: the centre crop; 10: four corners, centre and their mirrors, softmax averaged
+  data_root   the shards (default: data.root of the run's config.yaml)
+  loader      dali (default) or wds
+  batch_size  images per batch (default 100)
+  probs       also write every image's class probabilities and label to this .npz
+
+alexnet-eval ensemble probs=A.npz,B.npz,...: the metrics of the averaged probabilities of several
+runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ..errors import ConfigError
+from ..training.checkpoint import loadable
+from . import one_line_errors
+
+KEYS = {"ckpt_path", "views", "data_root", "loader", "batch_size", "probs"}
+
+
+def parse(argv: list[str]) -> dict:
+    args = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in KEYS:
+            raise ConfigError(f"{item}: expected KEY=VALUE with KEY one of {', '.join(sorted(KEYS))}")
+        args[key] = value
+    return args
+
+
+def metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    top5 = log_probs.topk(min(5, log_probs.shape[1]), dim=1).indices
+    return {"val_top1": (top5[:, 0] == labels).double().mean().item(),
+            "val_top5": (top5 == labels[:, None]).any(dim=1).double().mean().item(),
+            "val_loss": torch.nn.functional.nll_loss(log_probs, labels).item(), "val_count": len(labels)}
+
+
+def evaluate(args: dict) -> dict:
+    from ..data.datamodule import ShardDataModule
+    from ..training.module import Classifier
+
+    path = Path(args.get("ckpt_path", ""))
+    if problem := loadable(path):
+        raise ConfigError(f"ckpt_path={path}: cannot be loaded ({problem})")
+    views = int(args.get("views", 1))
+    config = path.resolve().parent.parent / "config.yaml"
+    data = OmegaConf.to_container(OmegaConf.load(config).data, resolve=True) if config.exists() else {}
+    if "data_root" in args:
+        data["root"] = args["data_root"]
+    if "root" not in data:
+        raise ConfigError(f"ckpt_path={path}: no config.yaml two folders up to name the data; pass data_root=DIR")
+    data.update(batch_size=int(args.get("batch_size", 100)), val_batch_size=None, test_views=views)
+    dm = ShardDataModule(**data, loader={"name": args.get("loader", "dali")})
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "compile"}
+    module = Classifier(**hparams).eval()
+    module.load_state_dict(ckpt["state_dict"])
+    outputs, labels = [], []
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            images, y = dm.on_after_batch_transfer(batch, 0)
+            outputs.append(module.predict_log_probs(images))
+            labels.append(y)
+    log_probs, labels = torch.cat(outputs), torch.cat(labels)
+    result = {"ckpt_path": str(path), "views": views, **metrics(log_probs, labels)}
+    if "probs" in args:
+        np.savez_compressed(args["probs"], probs=log_probs.exp().numpy(), labels=labels.numpy())
+        result["probs"] = args["probs"]
+    return result
+
+
+def ensemble(args: dict) -> dict:
+    files = [f for f in args.get("probs", "").split(",") if f]
+    if len(files) < 2:
+        raise ConfigError("ensemble needs probs=A.npz,B.npz,... (two or more files written by alexnet-eval probs=...)")
+    loaded = [np.load(f) for f in files]
+    labels = loaded[0]["labels"]
+    for f, item in zip(files[1:], loaded[1:]):
+        if item["probs"].shape != loaded[0]["probs"].shape or not np.array_equal(item["labels"], labels):
+            raise ConfigError(f"{f}: not the same images in the same order as {files[0]}; evaluate every run on "
+                              "the same data with the same loader")
+    probs = np.mean([item["probs"] for item in loaded], axis=0)
+    log_probs = torch.from_numpy(np.log(np.maximum(probs, 1e-30)))
+    return {"ensemble": files, **metrics(log_probs, torch.from_numpy(labels))}
+
+
+@one_line_errors
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    if argv and argv[0] == "ensemble":
+        result = ensemble(parse(argv[1:]))
+    else:
+        result = evaluate(parse(argv))
+    print(json.dumps(result), flush=True)
+    print(f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}  (errors {1 - result['val_top1']:.4f} / "
+          f"{1 - result['val_top5']:.4f}, {result['val_count']} images)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
