@@ -73,6 +73,13 @@ class Schedule:
 
 
 @dataclass
+class LayerRate:
+    layer: str = MISSING
+    from_epoch: float = MISSING
+    lr: float = MISSING
+
+
+@dataclass
 class Optim:
     name: OptimName = OptimName.sgd
     lr: float = 0.01
@@ -82,6 +89,7 @@ class Optim:
     on_nonfinite: NonFinite = NonFinite.stop
     bias_lr_mult: float = 1.0
     impl: OptimImpl = OptimImpl.foreach
+    layer_rates: list[LayerRate] = field(default_factory=list)
     schedule: Schedule = field(default_factory=Schedule)
 
 

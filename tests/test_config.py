@@ -33,4 +33,5 @@ def test_alexnet2012_experiment_is_the_papers_recipe():
     assert cfg.model.name == "alexnet2012" and cfg.optim.name == "krizhevsky"
     assert (cfg.data.batch_size, cfg.data.crop, cfg.data.val_resize) == (128, 224, 256)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.bias_lr_mult) == (0.01, 0.9, 5e-4, 2.0)
-    assert list(cfg.optim.schedule.milestones) == [25, 51] and cfg.trainer.max_epochs == 90
+    assert list(cfg.optim.schedule.milestones) == [25, 51, 79] and cfg.trainer.max_epochs == 90
+    assert [(r.layer, r.from_epoch, r.lr) for r in cfg.optim.layer_rates] == [("conv1", 67, 1e-5), ("conv1", 72, 0.0)]

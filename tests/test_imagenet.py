@@ -129,3 +129,34 @@ def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet
     mean = (np.load(tmp_path / "v1.npz")["probs"] + ten["probs"]) / 2
     assert both["val_top1"] == pytest.approx((mean.argmax(1) == ten["labels"]).mean())
     assert both["val_loss"] == pytest.approx(-np.log(mean[np.arange(6), ten["labels"]]).mean(), rel=1e-4)
+
+
+def flat(colour):
+    return Image.new("RGB", (32, 32), colour)
+
+
+def test_stats_of_a_known_image_set(tmp_path, cli_env):
+    """Half the images one flat colour, half another: the mean is their midpoint and the colour
+    covariance has one axis, along their difference, with std |difference| / 2."""
+    from functools import partial
+
+    from alexnet_dist.data import sources
+    from alexnet_dist.data.datamodule import ShardDataModule
+    from alexnet_dist.data.shards import write_dataset
+    a, b = np.array([200.0, 60.0, 40.0]), np.array([40.0, 120.0, 200.0])
+    train = [sources.Sample(f"s{i}", partial(flat, tuple(int(v) for v in (a if i % 2 else b))), 0) for i in range(40)]
+    write_dataset(sources.Source(["only"], {"train": train, "val": train[:4]}), tmp_path, source_name="test",
+                  quality=100, min_shards=4, progress=False)
+    proc = run_cli("alexnet-prepare", "stats", "--out", tmp_path, "--sample", "40", cwd=tmp_path, env=cli_env)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["images"] == 40 and "wrote" in proc.stdout
+    assert np.allclose(stats["channel_mean"], (a + b) / 2, atol=1.5)
+    d = a - b
+    assert stats["pca_std"][2] == pytest.approx(np.linalg.norm(d) / 2, rel=0.02) and max(stats["pca_std"][:2]) < 2
+    axis = np.array(stats["pca_vectors"])[:, 2]
+    assert abs(axis @ d / np.linalg.norm(d)) == pytest.approx(1, abs=1e-3)
+    mean_image = np.load(tmp_path / "mean_image.npy")
+    assert mean_image.shape == (32, 32, 3) and np.allclose(mean_image.mean((0, 1)), (a + b) / 2, atol=1.5)
+    assert Image.open(tmp_path / "mean_image.png").size == (32, 32)
+    dm = ShardDataModule(str(tmp_path), batch_size=4, crop=32)  # the loaders' colour noise now uses these axes
+    assert np.allclose(dm.pca[0], stats["pca_std"]) and np.allclose(dm.pca[1], stats["pca_vectors"])

@@ -117,3 +117,31 @@ def test_fused_is_refused_for_the_krizhevsky_rule_in_one_line():
     from alexnet_dist.training.optim import build_optimizer
     with pytest.raises(ConfigError, match="optim.impl=fused exists for optim=sgd only"):
         build_optimizer("krizhevsky", [{"params": [nn.Parameter(torch.zeros(1))]}], 0.1, 0.9, "fused")
+
+
+def test_a_layer_gets_its_own_rate_from_an_epoch_on_like_conv1_in_2012():
+    from alexnet_dist.training.module import Classifier
+    optim = {"name": "krizhevsky", "lr": 0.01, "reference_batch": 128, "momentum": 0.9, "weight_decay": 5e-4,
+             "bias_lr_mult": 2.0, "schedule": {"name": "step", "milestones": [25, 51], "gamma": 0.1},
+             "layer_rates": [{"layer": "conv1", "from_epoch": 67, "lr": 1e-5}, {"layer": "conv1", "from_epoch": 72, "lr": 0.0}]}
+    module = Classifier({"name": "alexnet_small", "num_classes": 10}, optim, steps_per_epoch=10, max_epochs=90,
+                        global_batch=256)
+    config = module.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+
+    def rates(epoch):
+        sched.last_epoch = epoch * 10 - 1
+        sched.step()
+        return {g["name"]: g["lr"] for g in opt.param_groups}
+    assert rates(60) == pytest.approx({"weights/conv1": 2e-4, "biases/conv1": 4e-4, "weights": 2e-4, "biases": 4e-4})
+    assert rates(67) == pytest.approx({"weights/conv1": 2e-5, "biases/conv1": 4e-5, "weights": 2e-4, "biases": 4e-4})
+    assert rates(72) == pytest.approx({"weights/conv1": 0.0, "biases/conv1": 0.0, "weights": 2e-4, "biases": 4e-4})
+    assert len(opt.param_groups[0]["params"]) == 1  # conv1.weight alone
+
+
+def test_a_layer_rate_for_a_missing_layer_names_the_layers():
+    from alexnet_dist.errors import ConfigError
+    from alexnet_dist.training.optim import param_groups
+    net = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="optim.layer_rates names conv1, which this model has no parameters for; its layers: 0"):
+        param_groups(net, 0.1, 0.0, 1.0, ("conv1",))

@@ -11,7 +11,8 @@ from . import one_line_errors
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="alexnet-prepare", description=__doc__)
-    p.add_argument("source", choices=["imagefolder", "imagenet", "fashion-mnist", "synthetic"])
+    p.add_argument("source", choices=["imagefolder", "imagenet", "fashion-mnist", "synthetic", "stats"],
+                   help="stats: the mean image, channel means and colour axes of the shards in --out")
     p.add_argument("--src", type=Path, help="input: SRC/train/<class>/* (imagefolder, imagenet: also SRC/train/<wnid>.tar) "
                                             "or the IDX files' folder (fashion-mnist)")
     p.add_argument("--val-labels", type=Path, help="imagenet with flat SRC/val/*.JPEG: LOC_val_solution.csv or one "
@@ -25,6 +26,7 @@ def parse_args(argv=None):
                    help="at least this many shards per split, so ranks x loader workers each get some (default 8)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards (and draws synthetic images)")
+    p.add_argument("--sample", type=int, default=10000, help="stats: training images to sample")
     g = p.add_argument_group("synthetic")
     g.add_argument("--classes", type=int, default=10)
     g.add_argument("--train-count", type=int, default=2000)
@@ -36,6 +38,13 @@ def parse_args(argv=None):
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
+    if args.source == "stats":
+        from ..data.stats import compute_stats
+
+        stats = compute_stats(args.out, args.sample)
+        print(f"{stats['images']} images: channel mean {stats['channel_mean']}, colour axes' std {stats['pca_std']}")
+        print(f"wrote {args.out / 'stats.json'}, mean_image.npy and mean_image.png")
+        return
     if args.source == "synthetic":
         source = sources.synthetic(args.classes, args.train_count, args.val_count, args.size, args.seed)
     elif args.source == "fashion-mnist":

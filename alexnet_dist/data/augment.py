@@ -14,6 +14,6 @@ PCA_VECTORS = np.array([[0.41796, -0.71258, -0.56351],
 TEN_VIEWS = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
 
 
-def colour_shift(z, strength: float) -> np.ndarray:
+def colour_shift(z, strength: float, std=PCA_STD, vectors=PCA_VECTORS) -> np.ndarray:
     """The RGB shift added to every pixel of one image: strength * V (z * s), z ~ N(0, I3)."""
-    return PCA_VECTORS @ (np.asarray(z, np.float32) * PCA_STD * strength)
+    return np.asarray(vectors, np.float32) @ (np.asarray(z, np.float32) * np.asarray(std, np.float32) * strength)

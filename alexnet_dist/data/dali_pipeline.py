@@ -48,6 +48,8 @@ class PipelineSpec:
     flip: bool = True
     val_resize: int | None = 256
     colour_noise: float = 0.0     # the paper's 0.1; 0 is off
+    pca_std: tuple = tuple(PCA_STD.tolist())  # the colour axes' std devs and the axes (columns)
+    pca_vectors: tuple = tuple(PCA_VECTORS.flatten().tolist())
     layout: str = "CHW"           # CHW | HWC (channels-last once batched)
     min_area: float = 0.08        # modern mode's random-resized-crop range
 
@@ -116,9 +118,8 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
             images = fn.crop_mirror_normalize(images, mirror=mirror, **layout)
             # The colour shift 0.1 * V (z * s) of section 4.1, one per image (z ~ N(0, I3)), added
             # to every pixel when the batch is normalised.
-            z = fn.random.normal(shape=[3]) * types.Constant(PCA_STD * spec.colour_noise)
-            shift = fn.reshape(fn.coord_transform(fn.reshape(z, shape=[1, 3]), M=PCA_VECTORS.flatten().tolist()),
-                               shape=[3])
+            z = fn.random.normal(shape=[3]) * types.Constant(np.array(spec.pca_std, np.float32) * spec.colour_noise)
+            shift = fn.reshape(fn.coord_transform(fn.reshape(z, shape=[1, 3]), M=list(spec.pca_vectors)), shape=[3])
             return images, cls, info, swap, shift
         images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
         if spec.val_resize:

@@ -6,11 +6,14 @@ import zlib
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, DataError
+from .augment import PCA_STD, PCA_VECTORS
 from .shards import read_manifest
+from .stats import read_stats
 from .wds_loader import EpochLoader, ShardStream
 
 LOADERS = ("dali", "wds")
@@ -36,6 +39,9 @@ class ShardDataModule(pl.LightningDataModule):
         if test_views not in (1, 10):
             raise ConfigError(f"data.test_views={test_views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
         self.loaders = {}  # by mode, as last built
+        # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
+        stats = read_stats(self.root)
+        self.pca = (np.array(stats["pca_std"]), np.array(stats["pca_vectors"])) if stats else (PCA_STD, PCA_VECTORS)
         self.loader_states = None  # per-rank loader states from a checkpoint
         # Normalisation constants on the 0-255 scale; by default the train split's own statistics.
         self.mean = mean if mean is not None else self.manifest.get("mean", [127.5] * 3)
@@ -93,7 +99,7 @@ class ShardDataModule(pl.LightningDataModule):
                               steps_per_epoch=self.steps_per_epoch() if train else None,
                               shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)), augment=self.augment,
                               colour_noise=self.colour_noise, noise_until=self.noise_until,
-                              views=10 if mode == "test" and self.test_views == 10 else 1)
+                              views=10 if mode == "test" and self.test_views == 10 else 1, pca=self.pca)
         position = self.position if train else (lambda: (0, 0))
         return EpochLoader(dataset, position, seed=self.seed, num_workers=workers if wanted > 0 else 0,
                            pin_memory=torch.cuda.is_available(),
@@ -136,7 +142,8 @@ class ShardDataModule(pl.LightningDataModule):
                 device=device, device_id=target.index if device == "gpu" else None,
                 threads=int(cfg.get("threads", 2)), prefetch=int(cfg.get("prefetch", 2)),
                 shuffle_buffer=int(cfg.get("shuffle_buffer", 2000)), augment=self.augment, flip=self.flip,
-                val_resize=self.val_resize, colour_noise=noise, layout=layout)
+                val_resize=self.val_resize, colour_noise=noise, layout=layout,
+                pca_std=tuple(self.pca[0].tolist()), pca_vectors=tuple(np.asarray(self.pca[1]).flatten().tolist()))
 
         count = self.split_count(split)
         if train:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from ..errors import DataError
-from .augment import TEN_VIEWS, colour_shift
+from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, colour_shift
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -143,13 +143,14 @@ class ShardStream(IterableDataset):
                  resize: int | None, rank: int, world: int, workers: int, seed: int,
                  steps_per_epoch: int | None = None, shuffle_buffer: int = 2000, flip: bool = True,
                  augment: str = "paper", colour_noise: float = 0.0, noise_until: int | None = None,
-                 views: int = 1):
+                 views: int = 1, pca: tuple | None = None):
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.num_classes, self.crop, self.resize, self.flip = num_classes, crop, resize, flip
         self.rank, self.world, self.workers, self.seed = rank, world, max(1, workers), seed
         self.steps_per_epoch, self.shuffle_buffer = steps_per_epoch, shuffle_buffer
         self.augment, self.views = augment, views
         self.colour_noise, self.noise_until = colour_noise, noise_until
+        self.pca = pca or (PCA_STD, PCA_VECTORS)  # (std devs, axes as columns)
         self.epoch = 0
         self.skip = 0  # batches of this epoch already trained on (resume)
 
@@ -238,7 +239,7 @@ class ShardStream(IterableDataset):
             else:
                 image = center_crop(decode_image(sample["jpg"], where), self.crop, self.resize)
             if noise:  # the colour shift of section 4.1, added on the device by the data module
-                shifts.append(torch.from_numpy(colour_shift([rng.gauss(0, 1) for _ in range(3)], noise)))
+                shifts.append(torch.from_numpy(colour_shift([rng.gauss(0, 1) for _ in range(3)], noise, *self.pca)))
             index += 1
             images.append(torch.stack([to_tensor(v) for v in image]) if isinstance(image, list) else to_tensor(image))
             labels.append(label)

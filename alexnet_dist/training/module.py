@@ -1,5 +1,7 @@
 """The LightningModule: cross-entropy training of any model from alexnet_dist.models, top-1 and
 top-5 on train/val/test, the configured optimiser and learning-rate schedule."""
+from functools import partial
+
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
@@ -157,10 +159,21 @@ class Classifier(pl.LightningModule):
                            warmup_epochs=s.get("warmup_epochs", 0.0), min_factor=s.get("min_factor", 0.0))
         return factor * s.get("gamma", 0.1) ** self.plateau["drops"]
 
+    def layer_multiplier(self, layer: str, step: int) -> float:
+        """A layer's own rate once its optim.layer_rates entries start (the latest that has),
+        else the common schedule. The rates are at the reference batch, like optim.lr."""
+        epoch = step / self.steps_per_epoch
+        started = [r for r in self.optim_cfg.get("layer_rates", []) if r["layer"] == layer and epoch >= r["from_epoch"]]
+        if not started:
+            return self.lr_multiplier(step)
+        return max(started, key=lambda r: r["from_epoch"])["lr"] / self.optim_cfg["lr"]
+
     def configure_optimizers(self):
         o = self.optim_cfg
         lr = scaled_lr(o["lr"], self.global_batch, o.get("reference_batch"))
-        groups = param_groups(self.model, lr, o["weight_decay"], o.get("bias_lr_mult", 1.0))
+        layers = tuple(dict.fromkeys(r["layer"] for r in o.get("layer_rates", [])))
+        groups = param_groups(self.model, lr, o["weight_decay"], o.get("bias_lr_mult", 1.0), layers)
         optimizer = build_optimizer(o["name"], groups, lr, o["momentum"], o.get("impl", "foreach"))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier)
+        rules = [partial(self.layer_multiplier, g["layer"]) if g["layer"] else self.lr_multiplier for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

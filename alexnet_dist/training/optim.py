@@ -47,15 +47,30 @@ class KrizhevskySGD(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float,
+                 layers: tuple = ()) -> list[dict]:
     """Weights get the weight decay; biases (and any other 1-d parameter) get none and a
-    learning rate bias_lr_mult times larger (layer-params-145.cfg: epsB = 2 * epsW)."""
-    weights = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    biases = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [
-        {"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
-        {"params": biases, "lr": lr * bias_lr_mult, "weight_decay": 0.0, "name": "biases"},
-    ]
+    learning rate bias_lr_mult times larger (layer-params-145.cfg: epsB = 2 * epsW). Each layer
+    named in `layers` (a parameter-name prefix such as "conv1") gets groups of its own, so its
+    rate can be changed alone (the 2012 run slowed, then froze conv1)."""
+    groups = []
+    for layer in (*layers, None):
+        def mine(name):
+            owner = next((x for x in layers if name.startswith(f"{x}.")), None)
+            return owner == layer
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and mine(n)]
+        suffix = f"/{layer}" if layer else ""
+        groups += [
+            {"params": [p for _, p in named if p.ndim > 1], "lr": lr, "weight_decay": weight_decay,
+             "name": f"weights{suffix}", "layer": layer},
+            {"params": [p for _, p in named if p.ndim <= 1], "lr": lr * bias_lr_mult, "weight_decay": 0.0,
+             "name": f"biases{suffix}", "layer": layer},
+        ]
+    if any(not g["params"] for g in groups if g["layer"]):
+        missing = sorted({g["layer"] for g in groups if g["layer"] and not g["params"]})
+        raise ConfigError(f"optim.layer_rates names {', '.join(missing)}, which this model has no parameters for; "
+                          f"its layers: {', '.join(sorted({n.split('.')[0] for n, _ in model.named_parameters()}))}")
+    return groups
 
 
 def scaled_lr(lr: float, global_batch: int, reference_batch: int | None) -> float:
