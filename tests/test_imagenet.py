@@ -160,3 +160,30 @@ def test_stats_of_a_known_image_set(tmp_path, cli_env):
     assert Image.open(tmp_path / "mean_image.png").size == (32, 32)
     dm = ShardDataModule(str(tmp_path), batch_size=4, crop=32)  # the loaders' colour noise now uses these axes
     assert np.allclose(dm.pca[0], stats["pca_std"]) and np.allclose(dm.pca[1], stats["pca_vectors"])
+
+
+@pytest.mark.slow
+def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoint(tmp_path, imagenet_src, cli_env):
+    import torch
+
+    from alexnet_dist.models import create_model
+    data = tmp_path / "wds"
+    run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", data, "--resize", "256", "--center-crop",
+            "--min-shards", "2", cwd=tmp_path, env=cli_env)
+    torch.manual_seed(0)
+    weights = create_model("alexnet_owt", 3).state_dict()  # torchvision's names: features.0.weight ...
+    torch.save(weights, tmp_path / "alexnet-owt.pth")
+    hparams = {"model": {"name": "alexnet_owt", "num_classes": 3}, "optim": {}, "steps_per_epoch": 1,
+               "max_epochs": 1, "global_batch": 1}
+    torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()}, "hyper_parameters": hparams},
+               tmp_path / "same.ckpt")
+    common = [f"data_root={data}", "views=10"]
+    plain = run_cli("alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet_owt", *common,
+                    cwd=tmp_path, env=cli_env)
+    ckpt = run_cli("alexnet-eval", f"ckpt_path={tmp_path}/same.ckpt", *common, cwd=tmp_path, env=cli_env)
+    a, b = (json.loads(p.stdout.splitlines()[0]) for p in (plain, ckpt))
+    assert a["val_count"] == 6 and {k: a[k] for k in ("val_top1", "val_top5", "val_loss")} == \
+        {k: b[k] for k in ("val_top1", "val_top5", "val_loss")}
+    wrong = run_cli("alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet2012", *common,
+                    cwd=tmp_path, env=cli_env, check=False)
+    assert wrong.returncode == 2 and "does not fit alexnet2012 with 3 classes" in wrong.stderr

@@ -7,6 +7,8 @@ checkpoint on the validation split, from the centre crop or the paper's 10 views
   loader      dali (default) or wds
   batch_size  images per batch (default 100)
   probs       also write every image's class probabilities and label to this .npz
+  model       with a plain state dict instead of a checkpoint (torchvision's AlexNet weights:
+              model=alexnet_owt), the network it belongs to; needs data_root
 
 alexnet-eval ensemble probs=A.npz,B.npz,...: the metrics of the averaged probabilities of several
 runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data.
@@ -20,10 +22,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
-from ..training.checkpoint import loadable
+from ..training.checkpoint import loadable, mismatch
 from . import one_line_errors
 
-KEYS = {"ckpt_path", "views", "data_root", "loader", "batch_size", "probs"}
+KEYS = {"ckpt_path", "views", "data_root", "loader", "batch_size", "probs", "model"}
 
 
 def parse(argv: list[str]) -> dict:
@@ -48,11 +50,15 @@ def evaluate(args: dict) -> dict:
     from ..training.module import Classifier
 
     path = Path(args.get("ckpt_path", ""))
-    if problem := loadable(path):
-        raise ConfigError(f"ckpt_path={path}: cannot be loaded ({problem})")
+    plain = "model" in args  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
+    if problem := (None if plain else loadable(path)):
+        raise ConfigError(f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME")
     views = int(args.get("views", 1))
     config = path.resolve().parent.parent / "config.yaml"
-    data = OmegaConf.to_container(OmegaConf.load(config).data, resolve=True) if config.exists() else {}
+    # The run's data settings; without a run directory, those of conf/data/shards.yaml.
+    data = {"crop": 224, "val_resize": 256}
+    if config.exists():
+        data = OmegaConf.to_container(OmegaConf.load(config).data, resolve=True)
     if "data_root" in args:
         data["root"] = args["data_root"]
     if "root" not in data:
@@ -60,8 +66,16 @@ def evaluate(args: dict) -> dict:
     data.update(batch_size=int(args.get("batch_size", 100)), val_batch_size=None, test_views=views)
     dm = ShardDataModule(**data, loader={"name": args.get("loader", "dali")})
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "compile"}
+    if plain:
+        hparams = {"model": {"name": args["model"], "num_classes": dm.num_classes}, "optim": {},
+                   "steps_per_epoch": 1, "max_epochs": 1, "global_batch": 1}
+        ckpt = {"state_dict": {f"model.{k}": v for k, v in ckpt.items()}}
+    else:
+        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "compile"}
     module = Classifier(**hparams).eval()
+    if problem := mismatch(ckpt["state_dict"], module.state_dict()):
+        raise ConfigError(f"ckpt_path={path}: does not fit {hparams['model']['name']} with {dm.num_classes} classes "
+                          f"({problem})")
     module.load_state_dict(ckpt["state_dict"])
     outputs, labels = [], []
     with torch.no_grad():
