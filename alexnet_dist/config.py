@@ -44,6 +44,7 @@ class Data:
     colour_noise_until_epoch: Optional[int] = None
     train_scale: float = 1.0
     test_views: int = 1
+    mean_image: bool = False
 
 
 @dataclass

@@ -328,3 +328,21 @@ def test_dali_and_webdataset_loaders_agree_on_validation_accuracy(synthetic_root
     a, b = accuracy(wds), accuracy(dali)
     assert a > 0.4  # the model has learnt something, so the comparison means something
     assert abs(a - b) <= 0.005
+
+
+@pytest.mark.parametrize("loader", [{"name": "dali"}, WDS], ids=["dali", "wds"])
+def test_the_mean_image_is_subtracted_at_each_crops_own_window(tmp_path, coordinates, loader):
+    """Every stored image is the same ramp, so its mean image is the ramp itself: whatever the
+    crop, flip or view, subtracting the mean image's matching window leaves about zero."""
+    import shutil
+
+    from alexnet_dist.data.stats import compute_stats
+    root = tmp_path / "data"
+    shutil.copytree(coordinates, root)
+    compute_stats(root, count=64)
+    for split, kw in (("train", {}), ("val", {}), ("test", {"test_views": 10})):
+        dm = module(root, crop=24, mean_image=True, loader=loader, batch_size=64, **kw)
+        for images, _ in batches(dm, split):
+            assert images.abs().max() < 3, split  # a window one pixel off would leave 7 or more
+    off = module(root, crop=24, loader=loader, batch_size=64)  # without: the ramp minus a constant
+    assert batches(off, "train")[0][0].abs().max() > 50

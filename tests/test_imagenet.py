@@ -109,6 +109,7 @@ def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet
     data = tmp_path / "imagenet-wds"
     run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", data, "--resize", "256", "--center-crop",
             "--min-shards", "2", cwd=tmp_path, env=cli_env)
+    run_cli("alexnet-prepare", "stats", "--out", data, cwd=tmp_path, env=cli_env)
     run_cli("alexnet-train", "experiment=alexnet2012", f"data.root={data}", "data.batch_size=8", "trainer.max_epochs=1",
             "logger=csv", "run_id=toy", "+trainer.enable_progress_bar=false", cwd=tmp_path, env=cli_env, timeout=600)
     run_dir = tmp_path / "runs/alexnet2012/toy"

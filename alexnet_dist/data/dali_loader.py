@@ -173,7 +173,9 @@ class DaliLoader:
             return pipe, pipe.run()
         except RuntimeError as exc:
             reason = dali_reason(exc)
-            image_error = "decoders" in str(exc) or "peek_image_shape" in str(exc)
+            # An image that cannot be read fails in the header peek (or, cut short, in the decoder);
+            # an assertion is a configuration fault, and probing after one crashed DALI.
+            image_error = "peek_image_shape" in str(exc) or ("decoders" in str(exc) and "Assert" not in str(exc))
             bad = self._find_bad(spec, iteration, before) if image_error else {}
             if not bad:
                 raise DataError(f"the DALI {spec.mode} pipeline stopped at batch {iteration}: {reason}; "
@@ -206,15 +208,14 @@ class DaliLoader:
         return bad
 
     def _batch(self, outputs, iteration: int, spec: PipelineSpec):
-        """(uint8 images, labels) or, in training, (images, labels, colour shifts) on the device."""
-        images, cls, info, swapped, *shift = outputs
+        """(uint8 images, labels) or, in training, (images, labels, colour shifts[, crop windows])."""
+        images, cls, info, swapped, *extra = outputs  # extra: colour shifts and crop windows (training)
         labels = self._labels(cls, info)
         keep = ~np.asarray(swapped.as_array(), dtype=bool).reshape(-1)
         if self.valid is not None:  # the reader pads the last batch with copies of the last sample
             keep[max(0, self.valid - iteration * spec.batch_size):] = False
         batch = [to_torch(images, self.device), torch.from_numpy(labels)]
-        if shift:
-            batch.append(torch.from_numpy(shift[0].as_array().copy()))
+        batch += [torch.from_numpy(e.as_array().copy()) for e in extra]
         if spec.layout == "HWC":  # channels-last memory, NCHW shape
             batch[0] = batch[0].movedim(-1, -3)
         if not keep.all():

@@ -52,6 +52,7 @@ class PipelineSpec:
     pca_vectors: tuple = tuple(PCA_VECTORS.flatten().tolist())
     layout: str = "CHW"           # CHW | HWC (channels-last once batched)
     min_area: float = 0.08        # modern mode's random-resized-crop range
+    window_of: int | None = None  # stored square size: output each training crop's [left, top, mirrored]
 
 
 class Substitute:
@@ -104,12 +105,23 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
         layout = dict(dtype=types.UINT8, output_layout=spec.layout)
         if train:
             mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
+            window = None
+            if spec.augment == "paper" and spec.window_of:
+                # Whole-pixel offsets drawn here, so the data module can cut the mean image's
+                # window at the very same place: 0..window_of - crop on each axis.
+                free = spec.window_of - spec.crop
+                # (the cast rounds to nearest: draws in (-0.5, free + 0.5) give 0..free evenly)
+                x, y = (fn.cast(fn.random.uniform(range=(-0.4999, free + 0.4999)), dtype=types.INT32) for _ in range(2))
+                position = dict(crop_pos_x=x / max(free, 1), crop_pos_y=y / max(free, 1))
+                window = fn.stack(x, y, fn.cast(mirror, dtype=types.INT32) if spec.flip else x * 0)
+            elif spec.augment == "paper":
+                position = dict(crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
+                                crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
             if spec.augment == "paper":
                 # A random crop x crop window of the stored (256x256) image, decoding only that
                 # window: offsets 0..32 on each axis for 224 (section 4.1).
-                images = fn.decoders.image_crop(
-                    encoded, device=decoder, output_type=types.RGB, crop=(spec.crop, spec.crop),
-                    crop_pos_x=fn.random.uniform(range=(0.0, 1.0)), crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
+                images = fn.decoders.image_crop(encoded, device=decoder, output_type=types.RGB,
+                                                crop=(spec.crop, spec.crop), **position)
             else:
                 images = fn.decoders.image_random_crop(
                     encoded, device=decoder, output_type=types.RGB, random_area=[spec.min_area, 1.0],
@@ -120,7 +132,7 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
             # to every pixel when the batch is normalised.
             z = fn.random.normal(shape=[3]) * types.Constant(np.array(spec.pca_std, np.float32) * spec.colour_noise)
             shift = fn.reshape(fn.coord_transform(fn.reshape(z, shape=[1, 3]), M=list(spec.pca_vectors)), shape=[3])
-            return images, cls, info, swap, shift
+            return (images, cls, info, swap, shift) + ((window,) if window is not None else ())
         images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
         if spec.val_resize:
             images = fn.resize(images, resize_shorter=spec.val_resize)

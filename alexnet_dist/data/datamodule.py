@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, DataError
-from .augment import PCA_STD, PCA_VECTORS
+from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS
 from .shards import read_manifest
 from .stats import read_stats
 from .wds_loader import EpochLoader, ShardStream
@@ -24,7 +24,7 @@ class ShardDataModule(pl.LightningDataModule):
                  mean: list | None = None, std: list | None = None, flip: bool = True,
                  loader: dict | None = None, seed: int = 0, val_batch_size: int | None = None,
                  augment: str = "paper", colour_noise: float = 0.0, colour_noise_until_epoch: int | None = None,
-                 train_scale: float = 1.0, test_views: int = 1):
+                 train_scale: float = 1.0, test_views: int = 1, mean_image: bool = False):
         super().__init__()
         self.root = Path(root).expanduser().resolve()
         self.manifest = read_manifest(self.root)  # fails early, before any model is built
@@ -42,10 +42,41 @@ class ShardDataModule(pl.LightningDataModule):
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
         stats = read_stats(self.root)
         self.pca = (np.array(stats["pca_std"]), np.array(stats["pca_vectors"])) if stats else (PCA_STD, PCA_VECTORS)
+        self.mean_image = self._load_mean_image() if mean_image else None
         self.loader_states = None  # per-rank loader states from a checkpoint
         # Normalisation constants on the 0-255 scale; by default the train split's own statistics.
         self.mean = mean if mean is not None else self.manifest.get("mean", [127.5] * 3)
         self.std = std if std is not None else self.manifest.get("std", [64.0] * 3)
+
+    def _load_mean_image(self) -> torch.Tensor:
+        """The 2012 code's per-pixel mean (3, S, S), subtracted at each crop's own window."""
+        path, size = self.root / "mean_image.npy", self.manifest.get("image_size")
+        if not path.exists():
+            raise ConfigError(f"data.mean_image=true but {path} is missing; run alexnet-prepare stats --out {self.root}")
+        if not size or size[0] != size[1] or self.val_resize not in (None, size[0]) or self.augment != "paper":
+            raise ConfigError("data.mean_image=true needs square shards (alexnet-prepare --resize S --center-crop), "
+                              "data.val_resize null or S, and data.augment=paper")
+        image = torch.from_numpy(np.load(path)).permute(2, 0, 1).float()
+        if tuple(image.shape[1:]) != (size[1], size[0]):
+            raise ConfigError(f"{path}: {tuple(image.shape[1:])} but the shards hold {size} images; re-run alexnet-prepare stats")
+        return image
+
+    def mean_windows(self, left: torch.Tensor, top: torch.Tensor, mirrored: torch.Tensor, device) -> torch.Tensor:
+        """(N, 3, crop, crop): the mean image cut where each crop was cut, mirrored with it."""
+        steps = torch.arange(self.crop, device=device)
+        rows = top.to(device)[:, None] + steps
+        cols = left.to(device)[:, None] + steps
+        cols = torch.where(mirrored.to(device)[:, None].bool(), cols.flip(1), cols)
+        return self.mean_image.to(device)[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+
+    def eval_windows(self, views: int, device) -> torch.Tensor:
+        """The fixed windows of evaluation: the centre, or the ten views (corners, centre, mirrored)."""
+        free = self.mean_image.shape[-1] - self.crop
+        places = [(0.5, 0.5)] if views == 1 else TEN_VIEWS * 2
+        left = torch.tensor([round(x * free) for x, _ in places])
+        top = torch.tensor([round(y * free) for _, y in places])
+        mirrored = torch.tensor([0] * len(places) if views == 1 else [0] * 5 + [1] * 5)
+        return self.mean_windows(left, top, mirrored, device)
 
     @property
     def num_classes(self) -> int:
@@ -99,7 +130,8 @@ class ShardDataModule(pl.LightningDataModule):
                               steps_per_epoch=self.steps_per_epoch() if train else None,
                               shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)), augment=self.augment,
                               colour_noise=self.colour_noise, noise_until=self.noise_until,
-                              views=10 if mode == "test" and self.test_views == 10 else 1, pca=self.pca)
+                              views=10 if mode == "test" and self.test_views == 10 else 1, pca=self.pca,
+                              windows=train and self.mean_image is not None)
         position = self.position if train else (lambda: (0, 0))
         return EpochLoader(dataset, position, seed=self.seed, num_workers=workers if wanted > 0 else 0,
                            pin_memory=torch.cuda.is_available(),
@@ -143,7 +175,8 @@ class ShardDataModule(pl.LightningDataModule):
                 threads=int(cfg.get("threads", 2)), prefetch=int(cfg.get("prefetch", 2)),
                 shuffle_buffer=int(cfg.get("shuffle_buffer", 2000)), augment=self.augment, flip=self.flip,
                 val_resize=self.val_resize, colour_noise=noise, layout=layout,
-                pca_std=tuple(self.pca[0].tolist()), pca_vectors=tuple(np.asarray(self.pca[1]).flatten().tolist()))
+                pca_std=tuple(self.pca[0].tolist()), pca_vectors=tuple(np.asarray(self.pca[1]).flatten().tolist()),
+                window_of=self.mean_image.shape[-1] if train and self.mean_image is not None else None)
 
         count = self.split_count(split)
         if train:
@@ -213,13 +246,21 @@ class ShardDataModule(pl.LightningDataModule):
         """Both loaders deliver uint8 images; training batches also carry each image's colour
         shift (zeros without colour noise). On the training device: (x - mean + shift) / std, and
         training inputs further divided by data.train_scale (the 2012 code's 1.1)."""
-        images, labels, *shift = batch
-        mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
+        images, labels, *extra = batch  # training: colour shifts [and crop windows]
+        device = images.device
+        if self.mean_image is None:
+            mean = torch.tensor(self.mean, device=device).view(-1, 1, 1)
+        elif len(extra) > 1:  # the 2012 code's mean image, at each training crop's window
+            left, top, mirrored = extra[1].T
+            mean = self.mean_windows(left, top, mirrored, device)
+        else:
+            mean = self.eval_windows(images.shape[1] if images.dim() == 5 else 1, device)
+            mean = mean if images.dim() == 5 else mean[0]
+        std = torch.tensor(self.std, device=device).view(-1, 1, 1)
         x = images.float() - mean
-        if shift:
-            if shift[0].any():  # colour noise on
-                x += shift[0].to(x.device, torch.float32)[:, :, None, None]
+        if extra:
+            if extra[0].any():  # colour noise on
+                x += extra[0].to(device, torch.float32)[:, :, None, None]
             std = std * self.train_scale
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.loader_cfg.get("dtype", "float32")]
         return (x / std).to(dtype), labels

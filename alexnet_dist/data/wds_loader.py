@@ -35,16 +35,21 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise DataError(f"{where}: cannot decode image ({exc}); re-create the shard with alexnet-prepare") from None
 
 
-def random_crop_flip(image: Image.Image, size: int, rng: random.Random, flip: bool = True) -> Image.Image:
-    """The paper's training view (section 4.1): a random size x size window, mirrored with p=0.5."""
+def random_crop_flip(image: Image.Image, size: int, rng: random.Random, flip: bool = True,
+                     window: list | None = None) -> Image.Image:
+    """The paper's training view (section 4.1): a random size x size window, mirrored with p=0.5.
+    `window`, if given, receives [left, top, mirrored] (for the mean image's matching window)."""
     w, h = image.size
     if w < size or h < size:
         image = resize_short(image, size)
         w, h = image.size
     left, top = rng.randint(0, w - size), rng.randint(0, h - size)
     image = image.crop((left, top, left + size, top + size))
-    if flip and rng.random() < 0.5:
+    mirrored = flip and rng.random() < 0.5
+    if mirrored:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if window is not None:
+        window += [left, top, int(mirrored)]
     return image
 
 
@@ -143,7 +148,7 @@ class ShardStream(IterableDataset):
                  resize: int | None, rank: int, world: int, workers: int, seed: int,
                  steps_per_epoch: int | None = None, shuffle_buffer: int = 2000, flip: bool = True,
                  augment: str = "paper", colour_noise: float = 0.0, noise_until: int | None = None,
-                 views: int = 1, pca: tuple | None = None):
+                 views: int = 1, pca: tuple | None = None, windows: bool = False):
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.num_classes, self.crop, self.resize, self.flip = num_classes, crop, resize, flip
         self.rank, self.world, self.workers, self.seed = rank, world, max(1, workers), seed
@@ -151,6 +156,7 @@ class ShardStream(IterableDataset):
         self.augment, self.views = augment, views
         self.colour_noise, self.noise_until = colour_noise, noise_until
         self.pca = pca or (PCA_STD, PCA_VECTORS)  # (std devs, axes as columns)
+        self.windows = windows  # training batches also carry each crop's [left, top, mirrored]
         self.epoch = 0
         self.skip = 0  # batches of this epoch already trained on (resume)
 
@@ -221,7 +227,7 @@ class ShardStream(IterableDataset):
             next(stream, None)
         remaining -= self.skipped_batches(worker)
         noise = self.colour_noise if self.noise_until is None or self.epoch < self.noise_until else 0.0
-        images, labels, shifts = [], [], []
+        images, labels, shifts, windows = [], [], [], []
         for tar, sample in stream:
             if remaining <= 0:
                 return
@@ -233,7 +239,10 @@ class ShardStream(IterableDataset):
             if self.train and self.augment == "modern":
                 image = random_resized_crop(sample["jpg"], self.crop, rng, where, self.flip)
             elif self.train:
-                image = random_crop_flip(decode_image(sample["jpg"], where), self.crop, rng, self.flip)
+                window = [] if self.windows else None
+                image = random_crop_flip(decode_image(sample["jpg"], where), self.crop, rng, self.flip, window)
+                if window is not None:
+                    windows.append(window)
             elif self.views == 10:
                 image = ten_views(decode_image(sample["jpg"], where), self.crop, self.resize)
             else:
@@ -244,17 +253,18 @@ class ShardStream(IterableDataset):
             images.append(torch.stack([to_tensor(v) for v in image]) if isinstance(image, list) else to_tensor(image))
             labels.append(label)
             if len(images) == self.batch_size:
-                yield self._batch(images, labels, shifts)
-                images, labels, shifts = [], [], []
+                yield self._batch(images, labels, shifts, windows)
+                images, labels, shifts, windows = [], [], [], []
                 remaining -= 1
         if images and remaining > 0:
-            yield self._batch(images, labels, shifts)
+            yield self._batch(images, labels, shifts, windows)
 
-    def _batch(self, images, labels, shifts):
+    def _batch(self, images, labels, shifts, windows):
         batch = (torch.stack(images), torch.tensor(labels))
         if not self.train:
             return batch
-        return *batch, torch.stack(shifts) if shifts else torch.zeros(len(labels), 3)
+        batch = (*batch, torch.stack(shifts) if shifts else torch.zeros(len(labels), 3))
+        return (*batch, torch.tensor(windows)) if windows else batch
 
 
 SIGNAL_ENV = "ALEXNET_PREEMPT_SIGNAL"  # set by the training process's preemption handler
