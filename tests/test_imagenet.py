@@ -188,3 +188,22 @@ def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoi
     wrong = run_cli("alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet2012", *common,
                     cwd=tmp_path, env=cli_env, check=False)
     assert wrong.returncode == 2 and "does not fit alexnet2012 with 3 classes" in wrong.stderr
+
+
+def test_flat_validation_with_the_devkits_ground_truth_and_meta_mat(tmp_path, imagenet_src, cli_env):
+    """The devkit numbers the classes its own way (ILSVRC2012_ID, not sorted synsets): here id 1 is
+    the third synset; meta.mat maps them."""
+    from scipy.io import savemat
+    devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    ids = {WNIDS[2]: 1, WNIDS[0]: 2, WNIDS[1]: 3}
+    synsets = np.array([(i, w, "words") for w, i in ids.items()] + [(1001, "n00001740", "entity")],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O")])
+    savemat(devkit / "meta.mat", {"synsets": synsets})
+    truth = [ids[WNIDS[i % 3]] for i in range(6)]  # the same labels as the csv of the fixture
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(map(str, truth)) + "\n")
+    out = tmp_path / "shards"
+    run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", out, "--val-labels",
+            devkit / "ILSVRC2012_validation_ground_truth.txt", "--min-shards", "2", cwd=tmp_path, env=cli_env)
+    val = read_shards(out, "val")
+    assert {key: label for key, (label, _) in val.items()} == {f"val_ILSVRC2012_val_{i + 1:08d}": i % 3 for i in range(6)}

@@ -15,8 +15,10 @@ def parse_args(argv=None):
                    help="stats: the mean image, channel means and colour axes of the shards in --out")
     p.add_argument("--src", type=Path, help="input: SRC/train/<class>/* (imagefolder, imagenet: also SRC/train/<wnid>.tar) "
                                             "or the IDX files' folder (fashion-mnist)")
-    p.add_argument("--val-labels", type=Path, help="imagenet with flat SRC/val/*.JPEG: LOC_val_solution.csv or one "
-                                                   "synset id per line (default SRC/LOC_val_solution.csv)")
+    p.add_argument("--val-labels", type=Path, help="imagenet with flat SRC/val/*.JPEG: the devkit's "
+                                                   "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it), "
+                                                   "LOC_val_solution.csv or one synset id per line "
+                                                   "(default SRC/LOC_val_solution.csv)")
     p.add_argument("--out", type=Path, required=True, help="output folder for train/, val/ and manifest.json")
     p.add_argument("--resize", type=int, help="resize so the short side is this many pixels (the paper: 256)")
     p.add_argument("--center-crop", action="store_true", help="after --resize, keep the central square (the paper's 256x256)")

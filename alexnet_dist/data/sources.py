@@ -80,10 +80,11 @@ def _val_labels(path: Path, names: list[str], index: dict) -> dict:
     if lines and lines[0].startswith("ImageId"):
         pairs = [line.split(",", 1) for line in lines[1:]]
         table = {image: prediction.split()[0] for image, prediction in pairs}
-    elif lines and lines[0].isdigit():
-        raise DataError(f"{path}: numeric ILSVRC2012 ids; their synsets are in the devkit's meta.mat, which this "
-                        "tool does not read: give val as per-class folders (SRC/val/<wnid>/*.JPEG) or a file with "
-                        "one synset id (n01440764 ...) per line")
+    elif lines and lines[0].isdigit():  # the devkit's ILSVRC2012_validation_ground_truth.txt
+        synsets = _devkit_synsets(path.parent / "meta.mat")
+        if len(lines) != len(names):
+            raise DataError(f"{path}: {len(lines)} labels for {len(names)} validation images")
+        table = dict(zip(names, (synsets.get(int(line)) for line in lines)))
     else:
         if len(lines) != len(names):
             raise DataError(f"{path}: {len(lines)} labels for {len(names)} validation images; one synset id per "
@@ -99,10 +100,24 @@ def _val_labels(path: Path, names: list[str], index: dict) -> dict:
     return labels
 
 
+def _devkit_synsets(meta: Path) -> dict:
+    """{ILSVRC2012_ID: WNID} from the devkit's data/meta.mat (the ids of the ground-truth file)."""
+    if not meta.exists():
+        raise DataError(f"{meta}: missing; the numeric ground truth needs the devkit's meta.mat beside it "
+                        "(ILSVRC2012_devkit_t12/data/)")
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError(f"{meta}: reading it needs scipy: pip install scipy (or the extra alexnet_dist[imagenet])") from None
+    synsets = loadmat(meta, squeeze_me=True)["synsets"]
+    return {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets}
+
+
 def imagenet(src: Path, val_labels: Path | None = None) -> Source:
     """ILSVRC-2012 as downloaded: train as SRC/train/<wnid>/*.JPEG or SRC/train/<wnid>.tar; val as
     SRC/val/<wnid>/*.JPEG, or flat SRC/val/*.JPEG with a labels file (`val_labels`, else
-    SRC/LOC_val_solution.csv). Classes are the sorted synset ids (the usual label order)."""
+    SRC/LOC_val_solution.csv): the devkit's ground truth (with meta.mat beside it), Kaggle's csv,
+    or one synset id per line. Classes are the sorted synset ids (the usual label order)."""
     src = Path(src)
     train = src / "train"
     if not train.is_dir():
@@ -128,8 +143,9 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
         files = sorted(f for f in val.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         labels_file = val_labels or src / "LOC_val_solution.csv"
         if not labels_file.exists():
-            raise DataError(f"{val} holds flat images but {labels_file} is missing; pass --val-labels FILE "
-                            "(LOC_val_solution.csv, or one synset id per line) or use per-class val folders")
+            raise DataError(f"{val} holds flat images but {labels_file} is missing; pass --val-labels FILE (the devkit's "
+                            "ILSVRC2012_validation_ground_truth.txt, LOC_val_solution.csv, or one synset id per line) "
+                            "or use per-class val folders")
         labels = _val_labels(labels_file, [f.stem for f in files], index)
         splits["val"] = [Sample(f"val/{f.stem}", partial(_read_file, f), labels[f.stem]) for f in files]
     return Source(classes, splits)
