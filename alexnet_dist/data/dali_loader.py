@@ -53,16 +53,16 @@ def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
     on its own first, as in the pipeline (see there)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    for step in ("peek", "decode"):
-        @pipeline_def(batch_size=1, num_threads=1, device_id=spec.device_id if spec.device == "gpu" else None)
-        def check():
-            encoded = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
-            if step == "peek":
-                return fn.peek_image_shape(encoded)
-            return fn.decoders.image(encoded, device="mixed" if spec.device == "gpu" else "cpu", output_type=types.RGB)
+    @pipeline_def(batch_size=1, num_threads=1, device_id=spec.device_id if spec.device == "gpu" else None)
+    def check(step):
+        encoded = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
+        if step == "peek":
+            return fn.peek_image_shape(encoded)
+        return fn.decoders.image(encoded, device="mixed" if spec.device == "gpu" else "cpu", output_type=types.RGB)
 
+    for step in ("peek", "decode"):
         try:
-            pipe = check()
+            pipe = check(step)
             pipe.build()
             pipe.run()
         except RuntimeError as exc:

@@ -53,12 +53,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult:
     learning rate bias_lr_mult times larger (layer-params-145.cfg: epsB = 2 * epsW). Each layer
     named in `layers` (a parameter-name prefix such as "conv1") gets groups of its own, so its
     rate can be changed alone (the 2012 run slowed, then froze conv1)."""
+    owner = {n: next((x for x in layers if n.startswith(f"{x}.")), None) for n, _ in model.named_parameters()}
     groups = []
     for layer in (*layers, None):
-        def mine(name):
-            owner = next((x for x in layers if name.startswith(f"{x}.")), None)
-            return owner == layer
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and mine(n)]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and owner[n] == layer]
         suffix = f"/{layer}" if layer else ""
         groups += [
             {"params": [p for _, p in named if p.ndim > 1], "lr": lr, "weight_decay": weight_decay,
