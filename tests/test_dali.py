@@ -295,7 +295,7 @@ def test_a_truncated_shard_is_named_before_training_starts(tmp_path, coded):
 
 
 def test_paper_crops_larger_than_the_stored_images_are_refused(coded):
-    with pytest.raises(ConfigError, match="data.crop=24 is larger than the stored 20x20"):
+    with pytest.raises(ConfigError, match=r"data.crop=24 is larger than the smallest stored image side \(20 px\)"):
         module(coded, crop=24).train_dataloader()
 
 
@@ -346,3 +346,27 @@ def test_the_mean_image_is_subtracted_at_each_crops_own_window(tmp_path, coordin
             assert images.abs().max() < 3, split  # a window one pixel off would leave 7 or more
     off = module(root, crop=24, loader=loader, batch_size=64)  # without: the ramp minus a constant
     assert batches(off, "train")[0][0].abs().max() > 50
+
+
+@pytest.mark.parametrize("change", ["world size", "graph"])
+def test_a_saved_loader_state_that_does_not_fit_is_replaced_by_replaying(coded, change, capsys):
+    """A checkpoint from 2 ranks resumed on 1, or from a pipeline with flips resumed without them:
+    the saved reader state would put this pipeline elsewhere, so the loader replays instead."""
+    first = module(coded, 0, 2) if change == "world size" else module(coded, flip=True)
+    loader = first.train_dataloader()
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state(0, 2)
+    assert state["world"] == (2 if change == "world size" else 1)
+    kw = {} if change == "world size" else {"flip": False}
+    full = list(module(coded, **kw).train_dataloader())
+    resumed = module(coded, **kw)
+    resumed.position = lambda: (0, 2)
+    resumed.load_state_dict({"loader": [state]})
+    rest = list(resumed.train_dataloader())
+    assert len(rest) == len(full) - 2
+    for a, b in zip(full[2:], rest):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if change == "graph":
+        assert "does not fit this pipeline; replaying the 2 batches of epoch 0" in capsys.readouterr().err

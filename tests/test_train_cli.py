@@ -91,6 +91,9 @@ def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, syn
     (["data.batch_size=abc"], "error: data.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
     (["+data.colour=1"], "error: data.colour: Key 'colour' not in 'Data'"),
     (["optim.schedule.name=linear"], "error: optim.schedule.name: Invalid value 'linear', expected one of [step, plateau"),
+    (["loader.dtype=bfloat16"], "error: loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not 32-true"),
+    (["data.mean_image=true"], "error: data.mean_image=true but {tmp_data}/mean_image.npy is missing; run alexnet-prepare stats"),
+    (["optim.layer_rates=[{{layer:fc9,from_epoch:1,lr:0.1}}]"], "error: optim.layer_rates names fc9, which this model has no"),
 ])
 def test_bad_configuration_stops_with_one_line(tmp_path, synthetic_root, cli_env, override, message):
     override = [o.format(tmp=tmp_path) for o in override]
@@ -98,7 +101,8 @@ def test_bad_configuration_stops_with_one_line(tmp_path, synthetic_root, cli_env
                    check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [errors[0]] and errors[0].startswith(message.format(tmp=tmp_path)), proc.stderr[-2000:]
+    assert errors == [errors[0]] and errors[0].startswith(message.format(tmp=tmp_path, tmp_data=synthetic_root)), \
+        proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 

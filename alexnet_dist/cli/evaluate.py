@@ -38,6 +38,24 @@ def parse(argv: list[str]) -> dict:
     return args
 
 
+def number(args: dict, key: str, default: int) -> int:
+    try:
+        return int(args.get(key, default))
+    except ValueError:
+        raise ConfigError(f"{key}={args[key]}: not a whole number") from None
+
+
+def plain_loadable(path: Path) -> str | None:
+    """None if `path` loads as a state dict of tensors, else why not (one line)."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing, truncated, not a torch file ...
+        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return "not a state dict of tensors"
+    return None
+
+
 def metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
     top5 = log_probs.topk(min(5, log_probs.shape[1]), dim=1).indices
     return {"val_top1": (top5[:, 0] == labels).double().mean().item(),
@@ -51,20 +69,25 @@ def evaluate(args: dict) -> dict:
 
     path = Path(args.get("ckpt_path", ""))
     plain = "model" in args  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
-    if problem := (None if plain else loadable(path)):
+    if problem := (plain_loadable(path) if plain else loadable(path)):
         raise ConfigError(f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME")
-    views = int(args.get("views", 1))
+    views, batch_size = number(args, "views", 1), number(args, "batch_size", 100)
+    if views not in (1, 10):
+        raise ConfigError(f"views={views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
     config = path.resolve().parent.parent / "config.yaml"
     # The run's data settings; without a run directory, those of conf/data/shards.yaml.
-    data = {"crop": 224, "val_resize": 256}
+    data, loader = {"crop": 224, "val_resize": 256}, "dali"
     if config.exists():
-        data = OmegaConf.to_container(OmegaConf.load(config).data, resolve=True)
+        run = OmegaConf.load(config)
+        data, loader = OmegaConf.to_container(run.data, resolve=True), run.loader.name
     if "data_root" in args:
         data["root"] = args["data_root"]
     if "root" not in data:
         raise ConfigError(f"ckpt_path={path}: no config.yaml two folders up to name the data; pass data_root=DIR")
-    data.update(batch_size=int(args.get("batch_size", 100)), val_batch_size=None, test_views=views)
-    dm = ShardDataModule(**data, loader={"name": args.get("loader", "dali")})
+    data.update(batch_size=batch_size, val_batch_size=None, test_views=views)
+    dm = ShardDataModule(**data, loader={"name": args.get("loader", loader)})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dm.default_device = device  # DALI decodes on the GPU when there is one
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if plain:
         hparams = {"model": {"name": args["model"], "num_classes": dm.num_classes}, "optim": {},
@@ -77,12 +100,13 @@ def evaluate(args: dict) -> dict:
         raise ConfigError(f"ckpt_path={path}: does not fit {hparams['model']['name']} with {dm.num_classes} classes "
                           f"({problem})")
     module.load_state_dict(ckpt["state_dict"])
+    module.to(device)
     outputs, labels = [], []
-    with torch.no_grad():
-        for batch in dm.test_dataloader():
-            images, y = dm.on_after_batch_transfer(batch, 0)
-            outputs.append(module.predict_log_probs(images))
-            labels.append(y)
+    with torch.inference_mode():
+        for images, y in dm.test_dataloader():
+            images, y = dm.on_after_batch_transfer((images.to(device), y.to(device)), 0)
+            outputs.append(module.predict_log_probs(images).cpu())
+            labels.append(y.cpu())
     log_probs, labels = torch.cat(outputs), torch.cat(labels)
     result = {"ckpt_path": str(path), "views": views, **metrics(log_probs, labels)}
     if "probs" in args:
@@ -95,6 +119,9 @@ def ensemble(args: dict) -> dict:
     files = [f for f in args.get("probs", "").split(",") if f]
     if len(files) < 2:
         raise ConfigError("ensemble needs probs=A.npz,B.npz,... (two or more files written by alexnet-eval probs=...)")
+    for f in files:
+        if not Path(f).exists():
+            raise ConfigError(f"probs: {f} does not exist; write it with alexnet-eval ckpt_path=... probs={f}")
     loaded = [np.load(f) for f in files]
     labels = loaded[0]["labels"]
     for f, item in zip(files[1:], loaded[1:]):

@@ -1,5 +1,6 @@
 """alexnet-train [hydra overrides]: compose the config, wire data, model, loggers and trainer, fit,
 evaluate, and write results.json into the run directory."""
+import importlib.util
 import json
 import os
 import re
@@ -60,6 +61,16 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
     return loggers
 
 
+def check_loader(cfg: DictConfig) -> None:
+    """Loader settings that cannot work, refused before any model is built."""
+    if cfg.loader.name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+        raise ConfigError("loader=dali but NVIDIA DALI is not installed: pip install -e '.[dali]' "
+                          "(nvidia-dali-cuda120), or use loader=wds")
+    if cfg.loader.dtype == "bfloat16" and not str(cfg.trainer.precision).startswith("bf16"):
+        raise ConfigError(f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
+                          f"{cfg.trainer.precision}; or keep loader.dtype=float32")
+
+
 def check_world(cfg: DictConfig) -> None:
     """Refuse at start-up what cannot work with the requested number of processes."""
     devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
@@ -104,6 +115,7 @@ def train(cfg: DictConfig) -> dict:
     slurm = slurm_tasks()
     check_launch(cfg, slurm)
     check_world(cfg)
+    check_loader(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ShardDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
                            loader=OmegaConf.to_container(cfg.loader), seed=cfg.seed)

@@ -17,3 +17,9 @@ TEN_VIEWS = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
 def colour_shift(z, strength: float, std=PCA_STD, vectors=PCA_VECTORS) -> np.ndarray:
     """The RGB shift added to every pixel of one image: strength * V (z * s), z ~ N(0, I3)."""
     return np.asarray(vectors, np.float32) @ (np.asarray(z, np.float32) * np.asarray(std, np.float32) * strength)
+
+
+def place(fraction: float, free: int) -> int:
+    """The whole-pixel start of a crop at `fraction` of the `free` pixels, rounded half up as
+    DALI rounds its crop positions, so both loaders cut the same window."""
+    return int(fraction * free + 0.5)

@@ -14,6 +14,7 @@ dali_pipeline.py for the substitution switch), and either skips it, counted, or 
 shard and key named (`bad_images=error`).
 """
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -125,7 +126,7 @@ class DaliLoader:
         self.strict = strict
         self.epoch = None
         self.states = {}      # batches done in the current pass -> pipeline checkpoint
-        self.pipe, self.yielded = None, 0
+        self.pipe, self.spec, self.yielded = None, None, 0
         self.restored = None  # (epoch, batches done, checkpoint) from a training checkpoint
         self.skipped = []     # "<tar>:<key> (reason)" of images skipped in this process
 
@@ -142,21 +143,33 @@ class DaliLoader:
             checkpoint = self.states[done]
         else:
             return {}
-        return {"epoch": epoch, "done": done, "dali": torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8)}
+        return {"epoch": epoch, "done": done, "world": self.spec.num_shards, "batch": self.spec.batch_size,
+                "dali": torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8)}
 
     def restore(self, state: dict) -> None:
         if state:
-            self.restored = (state["epoch"], state["done"], bytes(state["dali"].numpy().tobytes()))
+            self.restored = (state["epoch"], state["done"], state.get("world"), state.get("batch"),
+                             bytes(state["dali"].numpy().tobytes()))
 
     def __iter__(self):
         epoch, done = self.position_fn()
         self.epoch, self.states, self.yielded = epoch, {}, done
-        spec = self.spec_for(epoch)
+        self.spec = spec = self.spec_for(epoch)
         checkpoint = None
-        if self.restored and self.restored[:2] == (epoch, done):
-            checkpoint = self.restored[2]
+        # The saved reader state fits only the same place, world size and per-rank batch.
+        if self.restored and self.restored[:4] == (epoch, done, spec.num_shards, spec.batch_size):
+            checkpoint = self.restored[4]
         self.restored = None
-        self.pipe = build(spec, Substitute(spec.batch_size), checkpoint)
+        try:
+            self.pipe = build(spec, Substitute(spec.batch_size), checkpoint)
+        except DataError:
+            if checkpoint is None:
+                raise
+            # A saved state from another pipeline (the augmentation or device changed): replay.
+            print("warning: the loader state in the checkpoint does not fit this pipeline; replaying the "
+                  f"{done} batches of epoch {epoch} already trained on", file=sys.stderr, flush=True)
+            checkpoint = None
+            self.pipe = build(spec, Substitute(spec.batch_size))
         if done and checkpoint is None:  # no saved pipeline state (e.g. switched loaders): replay
             for i in range(done):
                 self.pipe, _ = self._run(self.pipe, spec, i, self.pipe.checkpoint())

@@ -52,7 +52,7 @@ class PipelineSpec:
     pca_vectors: tuple = tuple(PCA_VECTORS.flatten().tolist())
     layout: str = "CHW"           # CHW | HWC (channels-last once batched)
     min_area: float = 0.08        # modern mode's random-resized-crop range
-    window_of: int | None = None  # stored square size: output each training crop's [left, top, mirrored]
+    windows: bool = False         # training also outputs each crop's [left, top, mirrored]
 
 
 class Substitute:
@@ -73,6 +73,7 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
     """A built pipeline returning uint8 images, raw .cls bytes, source info, substituted flags
     and, in training, each image's colour shift."""
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     gpu = spec.device == "gpu"
     decoder = "mixed" if gpu else "cpu"
@@ -106,22 +107,19 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
         if train:
             mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
             window = None
-            if spec.augment == "paper" and spec.window_of:
-                # Whole-pixel offsets drawn here, so the data module can cut the mean image's
-                # window at the very same place: 0..window_of - crop on each axis.
-                free = spec.window_of - spec.crop
-                # (the cast rounds to nearest: draws in (-0.5, free + 0.5) give 0..free evenly)
-                x, y = (fn.cast(fn.random.uniform(range=(-0.4999, free + 0.4999)), dtype=types.INT32) for _ in range(2))
-                position = dict(crop_pos_x=x / max(free, 1), crop_pos_y=y / max(free, 1))
-                window = fn.stack(x, y, fn.cast(mirror, dtype=types.INT32) if spec.flip else x * 0)
-            elif spec.augment == "paper":
-                position = dict(crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                                crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
             if spec.augment == "paper":
-                # A random crop x crop window of the stored (256x256) image, decoding only that
-                # window: offsets 0..32 on each axis for 224 (section 4.1).
-                images = fn.decoders.image_crop(encoded, device=decoder, output_type=types.RGB,
-                                                crop=(spec.crop, spec.crop), **position)
+                # A random crop x crop window of the stored (256x256) image, offsets 0..32 on
+                # each axis for 224 (section 4.1), drawn as whole pixels, each equally likely
+                # (DALI rounds the drawn position to the nearest), so the data module can cut
+                # the mean image at the very same place; only that window is decoded.
+                height, width = (fn.peek_image_shape(encoded)[i] for i in (0, 1))
+                x, y = (fn.cast(fn.random.uniform(range=(0.0, 1.0)) * (free + 0.9998) - 0.4999, dtype=types.INT32)
+                        for free in (width - spec.crop, height - spec.crop))
+                images = fn.decoders.image_crop(
+                    encoded, device=decoder, output_type=types.RGB, crop=(spec.crop, spec.crop),
+                    crop_pos_x=x / dmath.max(width - spec.crop, 1), crop_pos_y=y / dmath.max(height - spec.crop, 1))
+                if spec.windows:
+                    window = fn.stack(x, y, fn.cast(mirror, dtype=types.INT32) if spec.flip else x * 0)
             else:
                 images = fn.decoders.image_random_crop(
                     encoded, device=decoder, output_type=types.RGB, random_area=[spec.min_area, 1.0],

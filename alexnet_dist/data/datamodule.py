@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, DataError
-from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS
+from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, place
 from .shards import read_manifest
 from .stats import read_stats
 from .wds_loader import EpochLoader, ShardStream
@@ -39,6 +39,7 @@ class ShardDataModule(pl.LightningDataModule):
         if test_views not in (1, 10):
             raise ConfigError(f"data.test_views={test_views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
         self.loaders = {}  # by mode, as last built
+        self.last_train_images = None
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
         stats = read_stats(self.root)
         self.pca = (np.array(stats["pca_std"]), np.array(stats["pca_vectors"])) if stats else (PCA_STD, PCA_VECTORS)
@@ -67,14 +68,16 @@ class ShardDataModule(pl.LightningDataModule):
         rows = top.to(device)[:, None] + steps
         cols = left.to(device)[:, None] + steps
         cols = torch.where(mirrored.to(device)[:, None].bool(), cols.flip(1), cols)
-        return self.mean_image.to(device)[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+        if self.mean_image.device != torch.device(device):  # moved once, kept there
+            self.mean_image = self.mean_image.to(device)
+        return self.mean_image[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
 
     def eval_windows(self, views: int, device) -> torch.Tensor:
         """The fixed windows of evaluation: the centre, or the ten views (corners, centre, mirrored)."""
         free = self.mean_image.shape[-1] - self.crop
         places = [(0.5, 0.5)] if views == 1 else TEN_VIEWS * 2
-        left = torch.tensor([round(x * free) for x, _ in places])
-        top = torch.tensor([round(y * free) for _, y in places])
+        left = torch.tensor([place(x, free) for x, _ in places])
+        top = torch.tensor([place(y, free) for _, y in places])
         mirrored = torch.tensor([0] * len(places) if views == 1 else [0] * 5 + [1] * 5)
         return self.mean_windows(left, top, mirrored, device)
 
@@ -157,8 +160,8 @@ class ShardDataModule(pl.LightningDataModule):
             device = "gpu" if target.type == "cuda" else "cpu"
         if device == "gpu" and not torch.cuda.is_available():
             raise ConfigError("loader.device=gpu but this process sees no CUDA GPU; use loader.device=cpu (or auto)")
-        if train and self.augment == "paper":
-            self._check_paper_crop(split)
+        if self.augment == "paper" or not train:
+            self._check_crop_fits(train)
         layout = {"NCHW": "CHW", "NHWC": "HWC"}[cfg.get("layout", "NCHW")]
 
         def spec_for(epoch: int) -> PipelineSpec:
@@ -176,7 +179,7 @@ class ShardDataModule(pl.LightningDataModule):
                 shuffle_buffer=int(cfg.get("shuffle_buffer", 2000)), augment=self.augment, flip=self.flip,
                 val_resize=self.val_resize, colour_noise=noise, layout=layout,
                 pca_std=tuple(self.pca[0].tolist()), pca_vectors=tuple(np.asarray(self.pca[1]).flatten().tolist()),
-                window_of=self.mean_image.shape[-1] if train and self.mean_image is not None else None)
+                windows=train and self.mean_image is not None)
 
         count = self.split_count(split)
         if train:
@@ -192,11 +195,16 @@ class ShardDataModule(pl.LightningDataModule):
             loader.restore(self.loader_states[min(rank, len(self.loader_states) - 1)])
         return loader
 
-    def _check_paper_crop(self, split: str) -> None:
-        size = self.manifest.get("image_size")
-        if size and min(size) < self.crop:
-            raise ConfigError(f"data.crop={self.crop} is larger than the stored {size[0]}x{size[1]} images of {self.root}; "
-                              f"lower data.crop or re-run alexnet-prepare with --resize {self.crop} or more")
+    def _check_crop_fits(self, train: bool) -> None:
+        """DALI cuts crops out of the stored image (after data.val_resize in evaluation): every
+        stored image must be at least that large, which the manifest's smallest side tells."""
+        side = self.manifest.get("min_side") or min(self.manifest.get("image_size") or [0]) or None
+        if side is None or (not train and self.val_resize):
+            return
+        if side < self.crop:
+            raise ConfigError(f"data.crop={self.crop} is larger than the smallest stored image side ({side} px) of "
+                              f"{self.root}; lower data.crop, or re-run alexnet-prepare with --resize {self.crop} or more "
+                              "(or use loader=wds, which enlarges small images)")
 
     def position(self) -> tuple[int, int]:
         """(epoch, batches of it already trained on), from the trainer's global step: the one
@@ -259,8 +267,8 @@ class ShardDataModule(pl.LightningDataModule):
         std = torch.tensor(self.std, device=device).view(-1, 1, 1)
         x = images.float() - mean
         if extra:
-            if extra[0].any():  # colour noise on
-                x += extra[0].to(device, torch.float32)[:, :, None, None]
+            self.last_train_images = images  # the uint8 crops, for the run's pictures
+            x += extra[0].to(device, torch.float32)[:, :, None, None]  # colour shifts (zeros when off)
             std = std * self.train_scale
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.loader_cfg.get("dtype", "float32")]
         return (x / std).to(dtype), labels

@@ -196,6 +196,7 @@ def write_dataset(source: Source, out: Path, *, source_name: str, resize: int | 
             manifest["mean"] = [round(float(v), 3) for v in mean]
             manifest["std"] = [round(float(v), 3) for v in np.sqrt(np.maximum(sq / pixels - mean**2, 0))]
     # One size for every image (square storage) lets configs and checks rely on it.
+    manifest["min_side"] = min((min(size) for size in all_sizes), default=None)  # the smallest stored side
     manifest["image_size"] = list(all_sizes.pop()) if len(all_sizes) == 1 else None
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from ..errors import DataError
-from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, colour_shift
+from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, colour_shift, place
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -102,7 +102,7 @@ def center_crop(image: Image.Image, size: int, resize: int | None = None) -> Ima
     if w < size or h < size:
         image = resize_short(image, size)
         w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = place(0.5, w - size), place(0.5, h - size)
     return image.crop((left, top, left + size, top + size))
 
 
@@ -111,8 +111,8 @@ def ten_views(image: Image.Image, size: int, resize: int | None = None) -> list[
     if resize:
         image = resize_short(image, resize)
     w, h = image.size
-    crops = [image.crop((round(x * (w - size)), round(y * (h - size)), round(x * (w - size)) + size,
-                         round(y * (h - size)) + size)) for x, y in TEN_VIEWS]
+    starts = [(place(x, w - size), place(y, h - size)) for x, y in TEN_VIEWS]
+    crops = [image.crop((left, top, left + size, top + size)) for left, top in starts]
     return crops + [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
 
 

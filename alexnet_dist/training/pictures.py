@@ -70,12 +70,16 @@ class Pictures(pl.Callback):
         self.augmented = None
         self.series = {"train_loss": [], "val_top1": []}
 
+    def state_dict(self) -> dict:  # the curves survive a resume
+        return {"series": self.series}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.series = {k: [tuple(p) for p in v] for k, v in state.get("series", self.series).items()}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.augmented is None:  # what the network sees, normalisation undone
-            dm = trainer.datamodule
-            images = batch[0][: self.samples].detach().float().cpu()
-            mean, std = torch.tensor(dm.mean).view(3, 1, 1), torch.tensor(dm.std).view(3, 1, 1)
-            self.augmented = (images * std * dm.train_scale + mean).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        raw = getattr(trainer.datamodule, "last_train_images", None)
+        if self.augmented is None and raw is not None:  # the crops and flips (colour noise not shown)
+            self.augmented = raw[: self.samples].detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
         loss = trainer.callback_metrics.get("train_loss")
         if loss is not None and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             self.series["train_loss"].append((trainer.global_step, float(loss)))
