@@ -66,7 +66,7 @@ def check_loader(cfg: DictConfig) -> None:
     if cfg.loader.name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
         raise ConfigError("loader=dali but NVIDIA DALI is not installed: pip install -e '.[dali]' "
                           "(nvidia-dali-cuda120), or use loader=wds")
-    if cfg.loader.dtype == "bfloat16" and not str(cfg.trainer.precision).startswith("bf16"):
+    if cfg.loader.get("dtype") == "bfloat16" and not str(cfg.trainer.precision).startswith("bf16"):
         raise ConfigError(f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
                           f"{cfg.trainer.precision}; or keep loader.dtype=float32")
 
