@@ -116,6 +116,9 @@ def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet
     sizes = {name: Image.open(run_dir / "pictures" / f"{name}.png").size for name in ("conv1", "augmented", "curves")}
     assert sizes == {"conv1": (772, 292), "augmented": (1801, 226), "curves": (1280, 240)}  # 96 filters 11x11, 8 crops
     ckpt = run_dir / "checkpoints/last.ckpt"
+    import torch
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["Pictures"]  # the curves survive a resume
+    assert len(state["series"]["val_top1"]) == 1 and state["series"]["train_loss"]
     results = {}
     for views in (1, 10):
         proc = run_cli("alexnet-eval", f"ckpt_path={ckpt}", f"views={views}", f"probs={tmp_path}/v{views}.npz",

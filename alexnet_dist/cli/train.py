@@ -133,13 +133,13 @@ def train(cfg: DictConfig) -> dict:
     saver = LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.every_n_minutes, cfg.checkpoint.keep)
     preemption = Preemption(saver, cfg.preemption.signal, cfg.preemption.requeue)
     callbacks = [
+        Pictures(run_dir / "pictures"),  # before the saver: the epoch-end checkpoint holds its curves
         saver,
         preemption,
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1,
                         auto_insert_metric_name=False),
         throughput,
         skipped_images,
-        Pictures(run_dir / "pictures"),
     ]
     trainer = make_trainer(cfg, run_dir, run_id, slurm, callbacks)
     if trainer.is_global_zero:

@@ -81,12 +81,14 @@ class Pictures(pl.Callback):
         if self.augmented is None and raw is not None:  # the crops and flips (colour noise not shown)
             self.augmented = raw[: self.samples].detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
         loss = trainer.callback_metrics.get("train_loss")
-        if loss is not None and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if loss is not None and (trainer.global_step % max(1, trainer.log_every_n_steps) == 0 or trainer.global_step == 1):
             self.series["train_loss"].append((trainer.global_step, float(loss)))
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_train_epoch_end(self, trainer, pl_module):
+        # The epoch's validation has run by now (a callback's own validation-end hook would come
+        # before the module has logged it).
         top1 = trainer.callback_metrics.get("val_top1")
-        if top1 is not None and not trainer.sanity_checking:
+        if top1 is not None:
             self.series["val_top1"].append((trainer.global_step, float(top1)))
 
     def on_train_end(self, trainer, pl_module):
