@@ -60,7 +60,7 @@ for node in n1 n2; do
     pgrep -f "slurmd -N $node" >/dev/null || slurmd -N "$node"
 done
 for _ in $(seq 60); do
-    if [ "$(sinfo -h -o '%T' 2>/dev/null | sort -u)" = "idle" ]; then
+    if [ "$(timeout 5 sinfo -h -o '%T' 2>/dev/null | sort -u)" = "idle" ]; then  # sinfo waits long without a controller
         sinfo
         exit 0
     fi
