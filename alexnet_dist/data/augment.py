@@ -23,3 +23,8 @@ def place(fraction: float, free: int) -> int:
     """The whole-pixel start of a crop at `fraction` of the `free` pixels, rounded half up as
     DALI rounds its crop positions, so both loaders cut the same window."""
     return int(fraction * free + 0.5)
+
+
+def noise_at(strength: float, until: int | None, epoch: int) -> float:
+    """The colour noise's strength in `epoch`: off from epoch `until` on (the 2012 run: 67)."""
+    return strength if until is None or epoch < until else 0.0

@@ -78,9 +78,9 @@ def check_shards(shards: list[dict]) -> None:
         tar, index = Path(shard["tar"]), Path(shard["tar"][:-4] + ".idx")
         if not index.exists():
             raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds")
-        lines = index.read_text().split("\n")
-        last = lines[-2] if not lines[-1].strip() else lines[-1]
-        fields = last.split()
+        with open(index, "rb") as f:  # the last line is enough: samples are in file order
+            f.seek(max(0, index.stat().st_size - 4096))
+            fields = f.read().decode().strip().splitlines()[-1].split()
         end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
         if end > tar.stat().st_size:
             raise DataError(f"{tar}: {tar.stat().st_size} bytes but its index lists data up to byte {end}; the tar is "
@@ -127,7 +127,7 @@ class DaliLoader:
         self.epoch = None
         self.states = {}      # batches done in the current pass -> pipeline checkpoint
         self.pipe, self.spec, self.yielded = None, None, 0
-        self.restored = None  # (epoch, batches done, checkpoint) from a training checkpoint
+        self.restored = None  # (epoch, batches done, world size, batch, checkpoint) from a training checkpoint
         self.skipped = []     # "<tar>:<key> (reason)" of images skipped in this process
 
     def __len__(self) -> int:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, DataError
-from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, place
+from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, noise_at, place
 from .shards import read_manifest
 from .stats import read_stats
 from .wds_loader import EpochLoader, ShardStream
@@ -168,7 +168,6 @@ class ShardDataModule(pl.LightningDataModule):
             order = list(shards)
             if train:  # a new tar order and a new slice of it for every rank each epoch
                 random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            noise = self.colour_noise if self.noise_until is None or epoch < self.noise_until else 0.0
             return PipelineSpec(
                 tars=[s["tar"] for s in order], indexes=[s["tar"][:-4] + ".idx" for s in order], mode=mode,
                 batch_size=batch, crop=self.crop,
@@ -177,7 +176,8 @@ class ShardDataModule(pl.LightningDataModule):
                 device=device, device_id=target.index if device == "gpu" else None,
                 threads=int(cfg.get("threads", 2)), prefetch=int(cfg.get("prefetch", 2)),
                 shuffle_buffer=int(cfg.get("shuffle_buffer", 2000)), augment=self.augment, flip=self.flip,
-                val_resize=self.val_resize, colour_noise=noise, layout=layout,
+                val_resize=self.val_resize, colour_noise=noise_at(self.colour_noise, self.noise_until, epoch),
+                layout=layout,
                 pca_std=tuple(self.pca[0].tolist()), pca_vectors=tuple(np.asarray(self.pca[1]).flatten().tolist()),
                 windows=train and self.mean_image is not None)
 

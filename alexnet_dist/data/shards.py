@@ -69,7 +69,7 @@ def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality,
     """Writes one tar and its index atomically; returns the count, skipped keys, sizes and the
     per-channel sum and sum of squares (0-255 scale, RGB) when `stats` is set."""
     tmp = path.with_suffix(".tar.tmp")
-    index_lines, skipped, sizes = [], [], set()
+    index_lines, skipped, sizes, labels = [], [], set(), {}
     sums, sq, pixels = np.zeros(3), np.zeros(3), 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
@@ -79,6 +79,7 @@ def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality,
                 skipped.append(str(exc))
                 continue
             sizes.add(image.size)
+            labels[sample.label] = labels.get(sample.label, 0) + 1
             parts = []
             for ext, payload in (("jpg", data), ("cls", str(sample.label).encode())):
                 offset, size = _add(tar, f"{sample.key}.{ext}", payload)
@@ -92,15 +93,8 @@ def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality,
     os.replace(tmp, path)
     idx = path.with_suffix(".idx")
     idx.write_text(f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
-    labels = {}
-    for sample in samples:
-        labels[sample.label] = labels.get(sample.label, 0) + 1
-    for message in skipped:  # skipped samples are not in the shard
-        key = message.split(":", 1)[0]
-        label = next(s.label for s in samples if s.key == key)
-        labels[label] -= 1
     result = {"count": len(index_lines), "skipped": skipped, "sizes": sorted(sizes), "sums": sums.tolist(),
-              "squares": sq.tolist(), "pixels": pixels, "labels": {str(k): v for k, v in labels.items() if v},
+              "squares": sq.tolist(), "pixels": pixels, "labels": {str(k): v for k, v in labels.items()},
               "plan": plan_digest(samples)}
     # Written last: a shard with its .json beside it is finished, and a re-run keeps it.
     done = path.with_suffix(".json.tmp")

@@ -131,8 +131,7 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
     samples = []
     for wnid in classes:
         if wnid in folders:
-            samples += [Sample(f"{wnid}/{f.stem}", partial(_read_file, f), index[wnid])
-                        for f in sorted(folders[wnid].iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            samples += class_folder(folders[wnid], index[wnid])
         else:
             samples += _class_tar(tars[wnid], index[wnid])
     splits = {"train": samples}
@@ -151,14 +150,19 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
     return Source(classes, splits)
 
 
+def class_folder(folder: Path, label: int) -> list[Sample]:
+    """The images of one class folder, keyed <class>/<file stem>."""
+    return [Sample(f"{folder.name}/{f.stem}", partial(_read_file, f), label)
+            for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def imagefolder_split(root: Path, index: dict) -> list[Sample]:
     samples = []
     for cdir in sorted(d for d in root.iterdir() if d.is_dir()):
         if cdir.name not in index:
             raise DataError(f"{cdir}: class '{cdir.name}' is not among the train classes; "
                             "every val class needs a train folder of the same name")
-        samples += [Sample(f"{cdir.name}/{f.stem}", partial(_read_file, f), index[cdir.name])
-                    for f in sorted(cdir.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        samples += class_folder(cdir, index[cdir.name])
     if not samples:
         raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return samples

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from ..errors import DataError
-from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, colour_shift, place
+from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, colour_shift, noise_at, place
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -226,7 +226,7 @@ class ShardStream(IterableDataset):
         for _ in range(index):
             next(stream, None)
         remaining -= self.skipped_batches(worker)
-        noise = self.colour_noise if self.noise_until is None or self.epoch < self.noise_until else 0.0
+        noise = noise_at(self.colour_noise, self.noise_until, self.epoch)
         images, labels, shifts, windows = [], [], [], []
         for tar, sample in stream:
             if remaining <= 0:
