@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
-from ..training.checkpoint import loadable, mismatch
+from ..training.checkpoint import mismatch, not_a_checkpoint, read_checkpoint
 from . import one_line_errors
 
 KEYS = {"ckpt_path", "views", "data_root", "loader", "batch_size", "probs", "model"}
@@ -45,22 +45,18 @@ def number(args: dict, key: str, default: int) -> int:
         raise ConfigError(f"{key}={args[key]}: not a whole number") from None
 
 
-def plain_loadable(path: Path) -> str | None:
-    """None if `path` loads as a state dict of tensors, else why not (one line)."""
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # missing, truncated, not a torch file ...
-        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        return "not a state dict of tensors"
-    return None
+def not_a_state_dict(weights) -> str | None:
+    plain = isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())
+    return None if plain else "not a state dict of tensors"
 
 
 def metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    top5 = log_probs.topk(min(5, log_probs.shape[1]), dim=1).indices
-    return {"val_top1": (top5[:, 0] == labels).double().mean().item(),
-            "val_top5": (top5 == labels[:, None]).any(dim=1).double().mean().item(),
-            "val_loss": torch.nn.functional.nll_loss(log_probs, labels).item(), "val_count": len(labels)}
+    from ..training.module import topk_correct
+
+    n = len(labels)
+    return {"val_top1": topk_correct(log_probs, labels, 1).item() / n,
+            "val_top5": topk_correct(log_probs, labels, 5).item() / n,
+            "val_loss": torch.nn.functional.nll_loss(log_probs, labels).item(), "val_count": n}
 
 
 def evaluate(args: dict) -> dict:
@@ -69,7 +65,8 @@ def evaluate(args: dict) -> dict:
 
     path = Path(args.get("ckpt_path", ""))
     plain = "model" in args  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
-    if problem := (plain_loadable(path) if plain else loadable(path)):
+    ckpt, problem = read_checkpoint(path)
+    if problem := problem or (not_a_state_dict(ckpt) if plain else not_a_checkpoint(ckpt)):
         raise ConfigError(f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME")
     views, batch_size = number(args, "views", 1), number(args, "batch_size", 100)
     if views not in (1, 10):
@@ -88,7 +85,6 @@ def evaluate(args: dict) -> dict:
     dm = ShardDataModule(**data, loader={"name": args.get("loader", loader)})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dm.default_device = device  # DALI decodes on the GPU when there is one
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if plain:
         hparams = {"model": {"name": args["model"], "num_classes": dm.num_classes}, "optim": {},
                    "steps_per_epoch": 1, "max_epochs": 1, "global_batch": 1}

@@ -108,15 +108,22 @@ class LastCheckpoint(pl.Callback):
         self.save(trainer)
 
 
+def read_checkpoint(path: Path, mmap: bool = False):
+    """(what `path` holds, None), or (None, why it cannot be loaded, in one line)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), None
+    except Exception as exc:  # a truncated zip, garbage, a pickle that is not a checkpoint ...
+        return None, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def not_a_checkpoint(ckpt) -> str | None:
+    return None if isinstance(ckpt, dict) and "state_dict" in ckpt else "no state_dict in it"
+
+
 def loadable(path: Path) -> str | None:
     """None if `path` loads as a checkpoint, else why not (one line)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if "state_dict" not in ckpt:
-            return "no state_dict in it"
-    except Exception as exc:  # a truncated zip, garbage, a pickle that is not a checkpoint ...
-        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return None
+    ckpt, problem = read_checkpoint(path, mmap=True)
+    return problem or not_a_checkpoint(ckpt)
 
 
 def newest_good_checkpoint(ckpt_dir: Path) -> Path | None:
