@@ -190,12 +190,16 @@ def test_the_pipeline_checkpoint_resumes_a_pass_mid_epoch(coded, ahead):
         next(it)
     state = loader.state(0, 2)
     assert state["done"] == 2
-    resumed = module(coded, crop=16, colour_noise=0.1)
-    resumed.position = lambda: (0, 2)
+    assert_resumes_where_it_stopped(full, module(coded, crop=16, colour_noise=0.1), state)
+
+
+def assert_resumes_where_it_stopped(full: list, resumed, state: dict, done: int = 2):
+    """`resumed`, given `state` at batch `done` of epoch 0, yields the rest of `full`, batch for batch."""
+    resumed.position = lambda: (0, done)
     resumed.load_state_dict({"loader": [state]})
     rest = list(resumed.train_dataloader())
-    assert len(rest) == len(full) - 2
-    for a, b in zip(full[2:], rest):
+    assert len(rest) == len(full) - done
+    for a, b in zip(full[done:], rest):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -361,12 +365,6 @@ def test_a_saved_loader_state_that_does_not_fit_is_replaced_by_replaying(coded, 
     assert state["world"] == (2 if change == "world size" else 1)
     kw = {} if change == "world size" else {"flip": False}
     full = list(module(coded, **kw).train_dataloader())
-    resumed = module(coded, **kw)
-    resumed.position = lambda: (0, 2)
-    resumed.load_state_dict({"loader": [state]})
-    rest = list(resumed.train_dataloader())
-    assert len(rest) == len(full) - 2
-    for a, b in zip(full[2:], rest):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert_resumes_where_it_stopped(full, module(coded, **kw), state)
     if change == "graph":
         assert "does not fit this pipeline; replaying the 2 batches of epoch 0" in capsys.readouterr().err

@@ -61,10 +61,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_model(args) -> dict:
-    device = torch.device("cuda" if args.device == "gpu" else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
+def torch_device(args) -> torch.device:
+    if args.device == "gpu" and not torch.cuda.is_available():
         raise ConfigError("--device gpu: no CUDA device is visible; use --device cpu")
+    return torch.device("cuda" if args.device == "gpu" else "cpu")
+
+
+def data_module(args, **loader):
+    """The shards of --data with the configured loader, as training would read them."""
+    from ..data.datamodule import ShardDataModule
+
+    if not args.data:
+        raise ConfigError(f"{args.mode} mode needs --data DIR (a folder made by alexnet-prepare)")
+    loader = {"name": args.loader, "workers": args.workers, "threads": args.threads,
+              "shuffle_buffer": args.shuffle_buffer, **loader}
+    return ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size, augment=args.augment, loader=loader)
+
+
+def bench_model(args) -> dict:
+    device = torch_device(args)
     model = create_model(args.model, args.num_classes).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -101,15 +116,8 @@ def bench_model(args) -> dict:
 
 
 def bench_loader(args) -> dict:
-    from ..data.datamodule import ShardDataModule
-
-    if not args.data:
-        raise ConfigError("loader mode needs --data DIR (a folder made by alexnet-prepare)")
-    device = torch.device("cuda" if args.device == "gpu" else "cpu")
-    loader_cfg = {"name": args.loader, "workers": args.workers, "threads": args.threads, "device": args.device,
-                  "shuffle_buffer": args.shuffle_buffer}
-    data = ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size, augment=args.augment,
-                           loader=loader_cfg)
+    device = torch_device(args)
+    data = data_module(args, device=args.device)
     data.default_device = device
     loader = data.train_dataloader()
 
@@ -141,17 +149,10 @@ def settings(args) -> dict:
 def bench_train(args) -> dict | None:
     import lightning.pytorch as pl
 
-    from ..data.datamodule import ShardDataModule
     from ..training.callbacks import Throughput
     from ..training.module import Classifier
 
-    if not args.data:
-        raise ConfigError("train mode needs --data DIR (a folder made by alexnet-prepare)")
-    loader_cfg = {"name": args.loader, "workers": args.workers, "threads": args.threads, "device": "auto",
-                  "shuffle_buffer": args.shuffle_buffer,
-                  "layout": "NHWC" if args.channels_last else "NCHW"}
-    data = ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size, augment=args.augment,
-                           loader=loader_cfg)
+    data = data_module(args, device="auto", layout="NHWC" if args.channels_last else "NCHW")
     optim = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "reference_batch": None,
              "schedule": {"name": "constant"}}
     module = Classifier({"name": args.model, "num_classes": data.num_classes}, optim,
@@ -182,9 +183,8 @@ def bench_baseline(args) -> dict:
 
     if not args.data:
         raise ConfigError("baseline mode needs --data DIR (a folder made by alexnet-prepare)")
-    device = torch.device("cuda" if args.device == "gpu" else "cpu")
     result = run_baseline(args.data, model=args.model, batch_size=args.batch_size, crop=args.size,
-                          workers=args.workers, steps=args.steps, warmup=args.warmup, device=device,
+                          workers=args.workers, steps=args.steps, warmup=args.warmup, device=torch_device(args),
                           bf16=args.precision == "bf16", channels_last=args.channels_last)
     return {"name": "baseline/plain-pytorch-webdataset", **result, "workers": args.workers, **settings(args)}
 
