@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 SHARDS ?= data/fashion-mnist-wds
 export DATA
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/pip install --quiet --disable-pip-version-check ruff
-	$(BIN)/ruff check --line-length 120 alexnet_dist tests
+	$(BIN)/ruff check alexnet_dist tests launch
+	$(BIN)/ruff format --check alexnet_dist tests launch
+
+format: install
+	$(BIN)/ruff format alexnet_dist tests launch
+	$(BIN)/ruff check --fix alexnet_dist tests launch
 
 clean:
 	rm -rf runs outputs .pytest_cache $(SHARDS)

@@ -4,9 +4,10 @@ Hydra composes plain YAML; merging it into these dataclasses catches unknown key
 the wrong type or outside a fixed set, naming the key. `model` and `trainer` stay open: their keys
 are the chosen model's arguments and lightning.pytorch.Trainer's.
 """
+
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -33,15 +34,15 @@ SignalName = Choice("SignalName", "USR1", "USR2", "TERM")
 class Data:
     root: str = MISSING
     batch_size: int = 128
-    val_batch_size: Optional[int] = None
+    val_batch_size: int | None = None
     crop: int = 224
-    val_resize: Optional[int] = 256
+    val_resize: int | None = 256
     flip: bool = True
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     augment: Augment = Augment.paper
     colour_noise: float = 0.0
-    colour_noise_until_epoch: Optional[int] = None
+    colour_noise_until_epoch: int | None = None
     train_scale: float = 1.0
     test_views: int = 1
     mean_image: bool = False
@@ -50,14 +51,15 @@ class Data:
 @dataclass
 class Loader:
     """The union of both loaders' settings; each loader's YAML sets the ones it reads."""
+
     name: LoaderName = LoaderName.dali
     shuffle_buffer: int = 2000
     prefetch: int = 2
-    workers: int = 2                        # wds
+    workers: int = 2  # wds
     device: LoaderDevice = LoaderDevice.auto  # dali
-    threads: int = 2                        # dali
-    layout: Layout = Layout.NCHW            # dali
-    dtype: DType = DType.float32            # dali
+    threads: int = 2  # dali
+    layout: Layout = Layout.NCHW  # dali
+    dtype: DType = DType.float32  # dali
     bad_images: BadImages = BadImages.skip  # dali
 
 
@@ -84,7 +86,7 @@ class LayerRate:
 class Optim:
     name: OptimName = OptimName.sgd
     lr: float = 0.01
-    reference_batch: Optional[int] = 128
+    reference_batch: int | None = 128
     momentum: float = 0.9
     weight_decay: float = 5e-4
     on_nonfinite: NonFinite = NonFinite.stop
@@ -98,14 +100,14 @@ class Optim:
 class Logger:
     name: LoggerName = LoggerName.wandb
     project: str = "alexnet_dist"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "offline"
 
 
 @dataclass
 class Checkpoint:
-    every_n_steps: Optional[int] = None
-    every_n_minutes: Optional[float] = None
+    every_n_steps: int | None = None
+    every_n_minutes: float | None = None
     keep: int = 2
 
 
@@ -134,7 +136,7 @@ class Train:
     run_id: str = MISSING
     seed: int = 0
     resume: str = "auto"
-    init_from: Optional[str] = None
+    init_from: str | None = None
     paths: dict[str, str] = field(default_factory=dict)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     ddp: Ddp = field(default_factory=Ddp)

@@ -32,10 +32,15 @@ def cli_env(tmp_path) -> dict:
     return env
 
 
-def run_cli(name: str, *args, cwd: Path, env: dict, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / name), *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def run_cli(
+    name: str, *args, cwd: Path, env: dict, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(BIN / name), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{name} {' '.join(map(str, args))} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{name} {' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
     return proc

@@ -1,5 +1,6 @@
 """The DALI loader in DALI's CPU mode: the same pipeline definition a GPU job runs, with the
 "cpu" decoder instead of "mixed"."""
+
 import io
 import tarfile
 from functools import partial
@@ -28,17 +29,25 @@ def coded_image(index: int, label: int, size: int = 20) -> Image.Image:
 
 def decode_codes(images: torch.Tensor) -> tuple[list, list]:
     r, g, b = images.double().mean(dim=(-1, -2)).T.tolist()  # per image
-    return [round(x / 20) + 12 * round(z / 20) for x, z in zip(r, b)], [round(v / 30) for v in g]
+    return [round(x / 20) + 12 * round(z / 20) for x, z in zip(r, b, strict=True)], [round(v / 30) for v in g]
 
 
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory):
     """101 training and 53 validation images (odd counts), 7 classes, 5 shards each."""
     root = tmp_path_factory.mktemp("coded")
-    splits = {split: [sources.Sample(f"{split}-{i:04d}", partial(coded_image, i, i % 7), i % 7) for i in range(n)]
-              for split, n in (("train", 101), ("val", 53))}
-    write_dataset(sources.Source([f"c{k}" for k in range(7)], splits), root, source_name="test", quality=100,
-                  min_shards=5, progress=False)
+    splits = {
+        split: [sources.Sample(f"{split}-{i:04d}", partial(coded_image, i, i % 7), i % 7) for i in range(n)]
+        for split, n in (("train", 101), ("val", 53))
+    }
+    write_dataset(
+        sources.Source([f"c{k}" for k in range(7)], splits),
+        root,
+        source_name="test",
+        quality=100,
+        min_shards=5,
+        progress=False,
+    )
     return root
 
 
@@ -95,6 +104,7 @@ def test_training_gives_every_rank_the_same_steps_and_no_sample_twice_in_an_epoc
 def test_same_seed_same_batches_another_seed_or_epoch_others(coded):
     def order(**kw):
         return [i for images, _ in batches(module(coded, **kw), "train") for i in decode_codes(images)[0]]
+
     assert order(seed=1) == order(seed=1)
     assert order(seed=1) != order(seed=2)
     assert order(seed=1, epoch=0) != order(seed=1, epoch=1)
@@ -113,8 +123,7 @@ def ramp_image() -> Image.Image:
 def coordinates(tmp_path_factory):
     root = tmp_path_factory.mktemp("coordinates")
     splits = {s: [sources.Sample(f"{s}-{i}", ramp_image, 0) for i in range(64)] for s in ("train", "val")}
-    write_dataset(sources.Source(["only"], splits), root, source_name="test", quality=100, min_shards=2,
-                  progress=False)
+    write_dataset(sources.Source(["only"], splits), root, source_name="test", quality=100, min_shards=2, progress=False)
     return root
 
 
@@ -123,8 +132,13 @@ def test_paper_crops_stay_inside_the_stored_image_and_flips_mirror(coordinates):
     flips, offsets = 0, set()
     for images, *_ in module(coordinates, crop=24, batch_size=64).train_dataloader():
         for image in images:
-            matches = [(x, y, m) for m in (0, 1) for y in range(9) for x in range(9)
-                       if torch.equal(image, (whole.flip(-1) if m else whole)[:, y:y + 24, x:x + 24])]
+            matches = [
+                (x, y, m)
+                for m in (0, 1)
+                for y in range(9)
+                for x in range(9)
+                if torch.equal(image, (whole.flip(-1) if m else whole)[:, y : y + 24, x : x + 24])
+            ]
             assert matches, "a training crop that is no window of the stored image"
             x, y, m = matches[0]
             flips += m
@@ -153,8 +167,9 @@ def test_train_scale_divides_training_inputs_only(coded):
     plain = batches(module(coded, crop=20, flip=False), "train")[0][0]
     scaled = batches(module(coded, crop=20, flip=False, train_scale=1.1), "train")[0][0]
     assert torch.allclose(plain / 1.1, scaled, atol=1e-4)
-    assert torch.equal(batches(module(coded, crop=20, train_scale=1.1), "val")[0][0],
-                       batches(module(coded, crop=20), "val")[0][0])  # validation is not scaled
+    assert torch.equal(
+        batches(module(coded, crop=20, train_scale=1.1), "val")[0][0], batches(module(coded, crop=20), "val")[0][0]
+    )  # validation is not scaled
 
 
 @pytest.mark.parametrize("loader", [{"name": "dali"}, WDS], ids=["dali", "wds"])
@@ -162,11 +177,16 @@ def test_ten_views_are_corners_centre_and_mirrors_and_their_prediction_is_the_me
     whole = batches(module(coordinates, crop=32, loader=loader), "val")[0][0][0]
     views, _ = batches(module(coordinates, crop=24, test_views=10, loader=loader), "test")[0]
     assert views.shape == (8, 10, 3, 24, 24)
-    windows = [whole[:, y:y + 24, x:x + 24] for x, y in ((0, 0), (8, 0), (0, 8), (8, 8), (4, 4))]
+    windows = [whole[:, y : y + 24, x : x + 24] for x, y in ((0, 0), (8, 0), (0, 8), (8, 8), (4, 4))]
     for v, window in enumerate(windows + [w.flip(-1) for w in windows]):
         assert torch.equal(views[0, v], window), f"view {v}"
-    classifier = Classifier({"name": "alexnet_small", "num_classes": 3, "width": 8, "fc": 16}, optim={},
-                            steps_per_epoch=1, max_epochs=1, global_batch=8).eval()
+    classifier = Classifier(
+        {"name": "alexnet_small", "num_classes": 3, "width": 8, "fc": 16},
+        optim={},
+        steps_per_epoch=1,
+        max_epochs=1,
+        global_batch=8,
+    ).eval()
     with torch.no_grad():
         ten = classifier.predict_log_probs((views - 128) / 64).exp()
         singles = torch.stack([classifier((views[:, v] - 128) / 64).softmax(1) for v in range(10)]).mean(0)
@@ -174,8 +194,9 @@ def test_ten_views_are_corners_centre_and_mirrors_and_their_prediction_is_the_me
 
 
 def test_modern_crops_have_the_crop_size_and_channels_last_and_bf16_layouts(coded):
-    images, _ = batches(module(coded, augment="modern", loader={"name": "dali", "layout": "NHWC", "dtype": "bfloat16"}),
-                        "train")[0]
+    images, _ = batches(
+        module(coded, augment="modern", loader={"name": "dali", "layout": "NHWC", "dtype": "bfloat16"}), "train"
+    )[0]
     assert images.shape == (8, 3, 16, 16) and images.dtype == torch.bfloat16
     assert images.is_contiguous(memory_format=torch.channels_last)
 
@@ -199,8 +220,8 @@ def assert_resumes_where_it_stopped(full: list, resumed, state: dict, done: int 
     resumed.load_state_dict({"loader": [state]})
     rest = list(resumed.train_dataloader())
     assert len(rest) == len(full) - done
-    for a, b in zip(full[done:], rest):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(full[done:], rest, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def tar_of(samples: list[tuple[str, bytes, bytes | None]], path):
@@ -227,21 +248,35 @@ def awkward(tmp_path, coded):
     import shutil
     import subprocess
     import sys
+
     root = tmp_path / "awkward"
     shutil.copytree(coded, root)
     manifest = json.loads((root / "manifest.json").read_text())
     shard = manifest["splits"]["val"]["shards"][0]
     picture = coded_image(7, 0)
-    samples = [(f"odd-{i}", data, b"0") for i, data in enumerate([
-        encoded(picture.convert("L")), encoded(picture.convert("CMYK")), encoded(picture, "PNG"),
-        b"\xff\xd8\xff\xe0 this is not a JPEG" * 4, encoded(picture)[:300], encoded(picture)])]
+    samples = [
+        (f"odd-{i}", data, b"0")
+        for i, data in enumerate(
+            [
+                encoded(picture.convert("L")),
+                encoded(picture.convert("CMYK")),
+                encoded(picture, "PNG"),
+                b"\xff\xd8\xff\xe0 this is not a JPEG" * 4,
+                encoded(picture)[:300],
+                encoded(picture),
+            ]
+        )
+    ]
     tar_of(samples, root / shard["tar"])
     manifest["splits"]["val"]["count"] += len(samples) - shard["count"]
     shard["count"] = len(samples)
     (root / "manifest.json").write_text(json.dumps(manifest))
     index = root / shard["tar"].replace(".tar", ".idx")
-    subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "wds2idx"), str(root / shard["tar"]),
-                    str(index)], check=True, capture_output=True)
+    subprocess.run(
+        [str(__import__("pathlib").Path(sys.executable).parent / "wds2idx"), str(root / shard["tar"]), str(index)],
+        check=True,
+        capture_output=True,
+    )
     return root, shard["tar"]
 
 
@@ -273,6 +308,7 @@ def test_a_sample_without_a_label_stops_with_shard_and_key(tmp_path, coded):
     import subprocess
     import sys
     from pathlib import Path
+
     shutil.copytree(coded, tmp_path / "data")
     tar = tmp_path / "data" / "val" / "000001.tar"
     with tarfile.open(tar) as f:
@@ -282,8 +318,11 @@ def test_a_sample_without_a_label_stops_with_shard_and_key(tmp_path, coded):
         for member, data in members:
             if member.name != unlabelled:
                 f.addfile(member, io.BytesIO(data))
-    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
+        check=True,
+        capture_output=True,
+    )
     key = unlabelled[:-4]
     with pytest.raises(DataError, match=rf"{tar}: sample {key} has only .jpg \(needs .jpg and .cls\)"):
         list(module(tmp_path / "data").val_dataloader())
@@ -291,10 +330,13 @@ def test_a_sample_without_a_label_stops_with_shard_and_key(tmp_path, coded):
 
 def test_a_truncated_shard_is_named_before_training_starts(tmp_path, coded):
     import shutil
+
     shutil.copytree(coded, tmp_path / "data")
     tar = tmp_path / "data" / "train" / "000003.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
-    with pytest.raises(DataError, match=rf"{tar}: \d+ bytes but its index lists data up to byte \d+; the tar is truncated"):
+    with pytest.raises(
+        DataError, match=rf"{tar}: \d+ bytes but its index lists data up to byte \d+; the tar is truncated"
+    ):
         module(tmp_path / "data").train_dataloader()
 
 
@@ -306,8 +348,14 @@ def test_paper_crops_larger_than_the_stored_images_are_refused(coded):
 def test_dali_and_webdataset_loaders_agree_on_validation_accuracy(synthetic_root):
     torch.manual_seed(0)
     model = create_model("alexnet_small", num_classes=10, width=16, fc=64, dropout=0.0)
-    wds = ShardDataModule(str(synthetic_root), batch_size=32, val_batch_size=50, crop=28, val_resize=36,
-                          loader={"name": "wds", "workers": 0})
+    wds = ShardDataModule(
+        str(synthetic_root),
+        batch_size=32,
+        val_batch_size=50,
+        crop=28,
+        val_resize=36,
+        loader={"name": "wds", "workers": 0},
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     for lr in (0.02, 0.02, 0.02, 0.002, 0.002):
         for group in opt.param_groups:
@@ -328,6 +376,7 @@ def test_dali_and_webdataset_loaders_agree_on_validation_accuracy(synthetic_root
                 n += len(labels)
         assert n == 500
         return hits / n
+
     dali = ShardDataModule(str(synthetic_root), batch_size=50, crop=28, val_resize=36, loader={"name": "dali"})
     a, b = accuracy(wds), accuracy(dali)
     assert a > 0.4  # the model has learnt something, so the comparison means something
@@ -341,6 +390,7 @@ def test_the_mean_image_is_subtracted_at_each_crops_own_window(tmp_path, coordin
     import shutil
 
     from alexnet_dist.data.stats import compute_stats
+
     root = tmp_path / "data"
     shutil.copytree(coordinates, root)
     compute_stats(root, count=64)

@@ -1,5 +1,6 @@
 """ImageNet as downloaded, in miniature: synset folders and a per-class tar for train (with a
 CMYK JPEG and a PNG named .JPEG among them), flat validation images with Kaggle's label file."""
+
 import io
 import json
 import os
@@ -7,9 +8,8 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -65,18 +65,37 @@ def read_shards(root, split):
 
 def test_imagenet_becomes_rgb_jpeg_shards_with_the_right_labels(tmp_path, imagenet_src, cli_env):
     out = tmp_path / "shards"
-    proc = run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", out, "--resize", "64",
-                   "--center-crop", "--min-shards", "2", "--workers", "2", cwd=tmp_path, env=cli_env)
+    proc = run_cli(
+        "alexnet-prepare",
+        "imagenet",
+        "--src",
+        imagenet_src,
+        "--out",
+        out,
+        "--resize",
+        "64",
+        "--center-crop",
+        "--min-shards",
+        "2",
+        "--workers",
+        "2",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["classes"] == WNIDS and manifest["image_size"] == [64, 64]
     assert manifest["splits"]["train"]["class_counts"] == {"0": 9, "1": 9, "2": 8}
     assert manifest["splits"]["val"]["class_counts"] == {"0": 2, "1": 2, "2": 2}
     train, val = read_shards(out, "train"), read_shards(out, "val")
-    assert all(image.format == "JPEG" and image.mode == "RGB" and image.size == (64, 64)
-               for _, image in list(train.values()) + list(val.values()))
+    assert all(
+        image.format == "JPEG" and image.mode == "RGB" and image.size == (64, 64)
+        for _, image in list(train.values()) + list(val.values())
+    )
     assert train[f"{WNIDS[0]}_{WNIDS[0]}_cmyk"][0] == 0 and train[f"{WNIDS[1]}_{WNIDS[1]}_png"][0] == 1
     assert train[f"{WNIDS[2]}_{WNIDS[2]}_3"][0] == 2  # from the per-class tar
-    assert {key: label for key, (label, _) in val.items()} == {f"val_ILSVRC2012_val_{i + 1:08d}": i % 3 for i in range(6)}
+    assert {key: label for key, (label, _) in val.items()} == {
+        f"val_ILSVRC2012_val_{i + 1:08d}": i % 3 for i in range(6)
+    }
     assert "train: 26 images in 2 shards" in proc.stdout
 
 
@@ -95,11 +114,13 @@ def test_an_interrupted_preparation_keeps_finished_shards(tmp_path, imagenet_src
 
 def test_flat_validation_without_labels_is_one_line(tmp_path, imagenet_src, cli_env):
     import shutil
+
     src = tmp_path / "src"
     shutil.copytree(imagenet_src, src)
     os.remove(src / "LOC_val_solution.csv")
-    proc = run_cli("alexnet-prepare", "imagenet", "--src", src, "--out", tmp_path / "o", cwd=tmp_path, env=cli_env,
-                   check=False)
+    proc = run_cli(
+        "alexnet-prepare", "imagenet", "--src", src, "--out", tmp_path / "o", cwd=tmp_path, env=cli_env, check=False
+    )
     assert proc.returncode == 2 and "LOC_val_solution.csv is missing; pass --val-labels FILE" in proc.stderr
 
 
@@ -107,22 +128,53 @@ def test_flat_validation_without_labels_is_one_line(tmp_path, imagenet_src, cli_
 def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet_src, cli_env):
     """The commands of docs/reproducing-2012.md at toy scale."""
     data = tmp_path / "imagenet-wds"
-    run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", data, "--resize", "256", "--center-crop",
-            "--min-shards", "2", cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-prepare",
+        "imagenet",
+        "--src",
+        imagenet_src,
+        "--out",
+        data,
+        "--resize",
+        "256",
+        "--center-crop",
+        "--min-shards",
+        "2",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     run_cli("alexnet-prepare", "stats", "--out", data, cwd=tmp_path, env=cli_env)
-    run_cli("alexnet-train", "experiment=alexnet2012", f"data.root={data}", "data.batch_size=8", "trainer.max_epochs=1",
-            "logger=csv", "run_id=toy", "+trainer.enable_progress_bar=false", cwd=tmp_path, env=cli_env, timeout=600)
+    run_cli(
+        "alexnet-train",
+        "experiment=alexnet2012",
+        f"data.root={data}",
+        "data.batch_size=8",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "run_id=toy",
+        "+trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+        env=cli_env,
+        timeout=600,
+    )
     run_dir = tmp_path / "runs/alexnet2012/toy"
     sizes = {name: Image.open(run_dir / "pictures" / f"{name}.png").size for name in ("conv1", "augmented", "curves")}
     assert sizes == {"conv1": (772, 292), "augmented": (1801, 226), "curves": (1280, 240)}  # 96 filters 11x11, 8 crops
     ckpt = run_dir / "checkpoints/last.ckpt"
     import torch
+
     state = torch.load(ckpt, weights_only=True)["callbacks"]["Pictures"]  # the curves survive a resume
     assert len(state["series"]["val_top1"]) == 1 and state["series"]["train_loss"]
     results = {}
     for views in (1, 10):
-        proc = run_cli("alexnet-eval", f"ckpt_path={ckpt}", f"views={views}", f"probs={tmp_path}/v{views}.npz",
-                       cwd=tmp_path, env=cli_env)
+        proc = run_cli(
+            "alexnet-eval",
+            f"ckpt_path={ckpt}",
+            f"views={views}",
+            f"probs={tmp_path}/v{views}.npz",
+            cwd=tmp_path,
+            env=cli_env,
+        )
         results[views] = json.loads(proc.stdout.splitlines()[0])
         assert results[views]["val_count"] == 6 and results[views]["views"] == views
     ten = np.load(tmp_path / "v10.npz")
@@ -147,10 +199,17 @@ def test_stats_of_a_known_image_set(tmp_path, cli_env):
     from alexnet_dist.data import sources
     from alexnet_dist.data.datamodule import ShardDataModule
     from alexnet_dist.data.shards import write_dataset
+
     a, b = np.array([200.0, 60.0, 40.0]), np.array([40.0, 120.0, 200.0])
     train = [sources.Sample(f"s{i}", partial(flat, tuple(int(v) for v in (a if i % 2 else b))), 0) for i in range(40)]
-    write_dataset(sources.Source(["only"], {"train": train, "val": train[:4]}), tmp_path, source_name="test",
-                  quality=100, min_shards=4, progress=False)
+    write_dataset(
+        sources.Source(["only"], {"train": train, "val": train[:4]}),
+        tmp_path,
+        source_name="test",
+        quality=100,
+        min_shards=4,
+        progress=False,
+    )
     proc = run_cli("alexnet-prepare", "stats", "--out", tmp_path, "--sample", "40", cwd=tmp_path, env=cli_env)
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["images"] == 40 and "wrote" in proc.stdout
@@ -171,25 +230,55 @@ def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoi
     import torch
 
     from alexnet_dist.models import create_model
+
     data = tmp_path / "wds"
-    run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", data, "--resize", "256", "--center-crop",
-            "--min-shards", "2", cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-prepare",
+        "imagenet",
+        "--src",
+        imagenet_src,
+        "--out",
+        data,
+        "--resize",
+        "256",
+        "--center-crop",
+        "--min-shards",
+        "2",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     torch.manual_seed(0)
     weights = create_model("alexnet_owt", 3).state_dict()  # torchvision's names: features.0.weight ...
     torch.save(weights, tmp_path / "alexnet-owt.pth")
-    hparams = {"model": {"name": "alexnet_owt", "num_classes": 3}, "optim": {}, "steps_per_epoch": 1,
-               "max_epochs": 1, "global_batch": 1}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()}, "hyper_parameters": hparams},
-               tmp_path / "same.ckpt")
+    hparams = {
+        "model": {"name": "alexnet_owt", "num_classes": 3},
+        "optim": {},
+        "steps_per_epoch": 1,
+        "max_epochs": 1,
+        "global_batch": 1,
+    }
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in weights.items()}, "hyper_parameters": hparams},
+        tmp_path / "same.ckpt",
+    )
     common = [f"data_root={data}", "views=10"]
-    plain = run_cli("alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet_owt", *common,
-                    cwd=tmp_path, env=cli_env)
+    plain = run_cli(
+        "alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet_owt", *common, cwd=tmp_path, env=cli_env
+    )
     ckpt = run_cli("alexnet-eval", f"ckpt_path={tmp_path}/same.ckpt", *common, cwd=tmp_path, env=cli_env)
     a, b = (json.loads(p.stdout.splitlines()[0]) for p in (plain, ckpt))
-    assert a["val_count"] == 6 and {k: a[k] for k in ("val_top1", "val_top5", "val_loss")} == \
-        {k: b[k] for k in ("val_top1", "val_top5", "val_loss")}
-    wrong = run_cli("alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet2012", *common,
-                    cwd=tmp_path, env=cli_env, check=False)
+    assert a["val_count"] == 6 and {k: a[k] for k in ("val_top1", "val_top5", "val_loss")} == {
+        k: b[k] for k in ("val_top1", "val_top5", "val_loss")
+    }
+    wrong = run_cli(
+        "alexnet-eval",
+        f"ckpt_path={tmp_path}/alexnet-owt.pth",
+        "model=alexnet2012",
+        *common,
+        cwd=tmp_path,
+        env=cli_env,
+        check=False,
+    )
     assert wrong.returncode == 2 and "does not fit alexnet2012 with 3 classes" in wrong.stderr
 
 
@@ -197,16 +286,33 @@ def test_flat_validation_with_the_devkits_ground_truth_and_meta_mat(tmp_path, im
     """The devkit numbers the classes its own way (ILSVRC2012_ID, not sorted synsets): here id 1 is
     the third synset; meta.mat maps them."""
     from scipy.io import savemat
+
     devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
     devkit.mkdir(parents=True)
     ids = {WNIDS[2]: 1, WNIDS[0]: 2, WNIDS[1]: 3}
-    synsets = np.array([(i, w, "words") for w, i in ids.items()] + [(1001, "n00001740", "entity")],
-                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O")])
+    synsets = np.array(
+        [(i, w, "words") for w, i in ids.items()] + [(1001, "n00001740", "entity")],
+        dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O")],
+    )
     savemat(devkit / "meta.mat", {"synsets": synsets})
     truth = [ids[WNIDS[i % 3]] for i in range(6)]  # the same labels as the csv of the fixture
     (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(map(str, truth)) + "\n")
     out = tmp_path / "shards"
-    run_cli("alexnet-prepare", "imagenet", "--src", imagenet_src, "--out", out, "--val-labels",
-            devkit / "ILSVRC2012_validation_ground_truth.txt", "--min-shards", "2", cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-prepare",
+        "imagenet",
+        "--src",
+        imagenet_src,
+        "--out",
+        out,
+        "--val-labels",
+        devkit / "ILSVRC2012_validation_ground_truth.txt",
+        "--min-shards",
+        "2",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     val = read_shards(out, "val")
-    assert {key: label for key, (label, _) in val.items()} == {f"val_ILSVRC2012_val_{i + 1:08d}": i % 3 for i in range(6)}
+    assert {key: label for key, (label, _) in val.items()} == {
+        f"val_ILSVRC2012_val_{i + 1:08d}": i % 3 for i in range(6)
+    }

@@ -1,5 +1,6 @@
 """Launching for real: sbatch on a real SLURM cluster with two emulated nodes (launch/local-slurm),
 preemption and requeue, and torchrun with two "nodes" on this machine."""
+
 import json
 import os
 import re
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +22,10 @@ def slurm_cluster():
     if shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
         return
     if os.geteuid() != 0:
-        pytest.fail("the SLURM tests need the local cluster: run `sudo bash launch/local-slurm/start.sh` "
-                    "first, or leave them out with -m 'not slurm'")
+        pytest.fail(
+            "the SLURM tests need the local cluster: run `sudo bash launch/local-slurm/start.sh` "
+            "first, or leave them out with -m 'not slurm'"
+        )
     subprocess.run(["bash", str(ROOT / "launch/local-slurm/start.sh")], check=True, timeout=300)
 
 
@@ -33,8 +35,7 @@ def job_env(cli_env):
 
 
 def sbatch(args, cwd, env) -> str:
-    out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
 
 
@@ -56,8 +57,19 @@ def wait_for(job: str, timeout=300) -> dict:
 
 @pytest.mark.slurm
 def test_sbatch_trains_with_one_rank_on_each_of_two_nodes(tmp_path, synthetic_root, job_env, slurm_cluster):
-    job = sbatch(["--nodes=2", "--ntasks-per-node=1", str(ROOT / "launch/slurm/train.sbatch"), *SMOKE, "logger=csv",
-                  f"data.root={synthetic_root}", "trainer.max_epochs=1"], tmp_path, job_env)
+    job = sbatch(
+        [
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            str(ROOT / "launch/slurm/train.sbatch"),
+            *SMOKE,
+            "logger=csv",
+            f"data.root={synthetic_root}",
+            "trainer.max_epochs=1",
+        ],
+        tmp_path,
+        job_env,
+    )
     state = wait_for(job)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
@@ -67,10 +79,21 @@ def test_sbatch_trains_with_one_rank_on_each_of_two_nodes(tmp_path, synthetic_ro
 
 
 @pytest.mark.slurm
-def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_wandb_run(tmp_path, synthetic_root, job_env,
-                                                                              slurm_cluster):
-    job = sbatch(["--nodes=2", "--ntasks-per-node=1", str(ROOT / "launch/slurm/train.sbatch"), *SMOKE, "logger=wandb",
-                  f"data.root={synthetic_root}"], tmp_path, job_env)
+def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_wandb_run(
+    tmp_path, synthetic_root, job_env, slurm_cluster
+):
+    job = sbatch(
+        [
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            str(ROOT / "launch/slurm/train.sbatch"),
+            *SMOKE,
+            "logger=wandb",
+            f"data.root={synthetic_root}",
+        ],
+        tmp_path,
+        job_env,
+    )
     ckpt_dir = tmp_path / "runs/smoke" / job / "checkpoints"
     deadline = time.time() + 180
     while not list(ckpt_dir.glob("step-*.ckpt")):
@@ -97,25 +120,58 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_wandb_run(
 
 
 @pytest.mark.slurm
-def test_a_launch_that_disagrees_with_the_config_stops_every_rank_at_once(tmp_path, synthetic_root, job_env,
-                                                                        slurm_cluster):
+def test_a_launch_that_disagrees_with_the_config_stops_every_rank_at_once(
+    tmp_path, synthetic_root, job_env, slurm_cluster
+):
     start = time.time()
-    proc = subprocess.run(["srun", "--job-name=alexnet", "--nodes=2", "--ntasks-per-node=1", str(BIN / "alexnet-train"),
-                           *SMOKE, "logger=csv", f"data.root={synthetic_root}", "trainer.strategy=ddp"],
-                          cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            "srun",
+            "--job-name=alexnet",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            str(BIN / "alexnet-train"),
+            *SMOKE,
+            "logger=csv",
+            f"data.root={synthetic_root}",
+            "trainer.strategy=ddp",
+        ],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and time.time() - start < 60
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 2 and all("trainer.devices=1 x trainer.num_nodes=1 does not match the SLURM job "
-                                    "(2 nodes x 1 tasks per node)" in e for e in errors), proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(
+        "trainer.devices=1 x trainer.num_nodes=1 does not match the SLURM job (2 nodes x 1 tasks per node)" in e
+        for e in errors
+    ), proc.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env):
     env = dict(cli_env, NNODES="2", RUN_ID="tr", MASTER_ADDR="127.0.0.1", MASTER_PORT="29631")
-    cmd = ["bash", str(ROOT / "launch/torchrun.sh"), *SMOKE, "logger=csv", f"data.root={synthetic_root}",
-           "trainer.max_epochs=1"]
-    nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=dict(env, NODE_RANK=str(rank)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    cmd = [
+        "bash",
+        str(ROOT / "launch/torchrun.sh"),
+        *SMOKE,
+        "logger=csv",
+        f"data.root={synthetic_root}",
+        "trainer.max_epochs=1",
+    ]
+    nodes = [
+        subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=dict(env, NODE_RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     results = json.loads((tmp_path / "runs/smoke/tr/results.json").read_text())
@@ -124,10 +180,27 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env)
 
 @pytest.mark.slurm
 def test_hydra_submitit_launcher_runs_a_ddp_job_on_the_cluster(tmp_path, synthetic_root, job_env, slurm_cluster):
-    proc = subprocess.run([str(BIN / "alexnet-train"), "-m", "hydra/launcher=slurm", *SMOKE, "logger=csv",
-                           f"data.root={synthetic_root}", "trainer.max_epochs=1", "trainer.strategy=ddp",
-                           "trainer.devices=1", "trainer.num_nodes=2", "run_id=sweep", "optim.lr=0.02,0.05"],
-                          cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            str(BIN / "alexnet-train"),
+            "-m",
+            "hydra/launcher=slurm",
+            *SMOKE,
+            "logger=csv",
+            f"data.root={synthetic_root}",
+            "trainer.max_epochs=1",
+            "trainer.strategy=ddp",
+            "trainer.devices=1",
+            "trainer.num_nodes=2",
+            "run_id=sweep",
+            "optim.lr=0.02,0.05",
+        ],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job_num, lr in ((0, 0.02), (1, 0.05)):  # a sweep of two jobs, each with two ranks on two nodes
         run_dir = tmp_path / "runs/smoke/sweep" / str(job_num)

@@ -46,6 +46,7 @@ def test_center_crop_takes_the_middle_after_resizing_the_short_side():
 
 def test_greyscale_and_png_decode_to_rgb():
     import io
+
     for image, fmt in ((Image.new("L", (8, 8), 77), "JPEG"), (Image.new("RGBA", (8, 8), (1, 2, 3, 4)), "PNG")):
         buf = io.BytesIO()
         image.save(buf, format=fmt)
@@ -66,8 +67,20 @@ def unique_labels(tmp_path_factory):
 def stream(root, split, *, train, rank, world, workers=2, batch=4, seed=0, epoch=0, steps=None):
     dm = ShardDataModule(str(root), batch_size=batch * world, crop=12)
     shards = [dict(s, tar=str(dm.root / s["tar"])) for s in dm.manifest["splits"][split]["shards"]]
-    ds = ShardStream(shards, train=train, batch_size=batch, num_classes=dm.num_classes, crop=12, resize=None,
-                     rank=rank, world=world, workers=workers, seed=seed, steps_per_epoch=steps, shuffle_buffer=10)
+    ds = ShardStream(
+        shards,
+        train=train,
+        batch_size=batch,
+        num_classes=dm.num_classes,
+        crop=12,
+        resize=None,
+        rank=rank,
+        world=world,
+        workers=workers,
+        seed=seed,
+        steps_per_epoch=steps,
+        shuffle_buffer=10,
+    )
     loader = EpochLoader(ds, lambda: (epoch, 0), num_workers=workers)
     return ds, list(loader)
 
@@ -91,7 +104,9 @@ def test_training_gives_every_rank_the_same_number_of_full_batches(unique_labels
 
 
 def labels_of(root, **kw):
-    return [int(y) for _, labels, _ in stream(root, "train", train=True, rank=0, world=1, steps=9, **kw)[1] for y in labels]
+    return [
+        int(y) for _, labels, _ in stream(root, "train", train=True, rank=0, world=1, steps=9, **kw)[1] for y in labels
+    ]
 
 
 def test_same_seed_same_batches_other_seed_or_epoch_different(unique_labels):
@@ -121,15 +136,27 @@ def test_a_resumed_pass_yields_exactly_the_batches_not_yet_trained_on(unique_lab
     def loader(skip):
         dm = ShardDataModule(str(unique_labels), batch_size=4, crop=12)
         shards = [dict(s, tar=str(dm.root / s["tar"])) for s in dm.manifest["splits"]["train"]["shards"]]
-        ds = ShardStream(shards, train=True, batch_size=4, num_classes=37, crop=12, resize=None, rank=0, world=1,
-                         workers=max(1, workers), seed=3, steps_per_epoch=8, shuffle_buffer=10)
+        ds = ShardStream(
+            shards,
+            train=True,
+            batch_size=4,
+            num_classes=37,
+            crop=12,
+            resize=None,
+            rank=0,
+            world=1,
+            workers=max(1, workers),
+            seed=3,
+            steps_per_epoch=8,
+            shuffle_buffer=10,
+        )
         return EpochLoader(ds, lambda: (1, skip), num_workers=workers)  # epoch 1, `skip` batches done
 
     full = list(loader(0))
     rest = list(loader(5))
     assert len(full) == 8 and len(rest) == 3
-    for a, b in zip(full[5:], rest):  # same images, same crops and flips
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(full[5:], rest, strict=True):  # same images, same crops and flips
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_a_truncated_tar_and_a_count_mismatch_name_the_shard(tmp_path):
@@ -137,7 +164,9 @@ def test_a_truncated_tar_and_a_count_mismatch_name_the_shard(tmp_path):
     dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12, loader={"name": "wds", "workers": 0})
     tar = tmp_path / "val" / "000000.tar"
     tar.write_bytes(tar.read_bytes()[:3000])
-    with pytest.raises(DataError, match=r"val/000000.tar: (unreadable after \d+ samples|holds \d+ samples but manifest.json says 6)"):
+    with pytest.raises(
+        DataError, match=r"val/000000.tar: (unreadable after \d+ samples|holds \d+ samples but manifest.json says 6)"
+    ):
         list(dm.val_dataloader())
     dm.manifest["splits"]["train"]["shards"][1]["count"] += 1
     with pytest.raises(DataError, match=r"train/000001.tar: holds 12 samples but manifest.json says 13"):
@@ -148,6 +177,7 @@ def test_a_sample_without_label_or_with_a_corrupt_jpeg_is_named(tmp_path):
     import io
     import json
     import tarfile
+
     write_dataset(sources.synthetic(3, 12, 8, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
     for name, members in [("nolabel", {"a.jpg": None}), ("corrupt", {"b.jpg": b"\xff\xd8 not really", "b.cls": b"1"})]:
         buf = io.BytesIO()
@@ -162,15 +192,19 @@ def test_a_sample_without_label_or_with_a_corrupt_jpeg_is_named(tmp_path):
         manifest["splits"]["val"]["shards"][0]["count"] = 1
         (tmp_path / "manifest.json").write_text(json.dumps(manifest))
         dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12, loader={"name": "wds", "workers": 0})
-        expected = {"nolabel": r"val/000000.tar:a: sample has no .cls label",
-                    "corrupt": r"val/000000.tar:b: cannot decode image"}[name]
+        expected = {
+            "nolabel": r"val/000000.tar:a: sample has no .cls label",
+            "corrupt": r"val/000000.tar:b: cannot decode image",
+        }[name]
         with pytest.raises(DataError, match=expected):
             list(dm.val_dataloader())
 
 
 def test_modern_crops_cover_their_region_and_reduced_decoding_changes_little():
     import io
+
     from alexnet_dist.data.wds_loader import crop_box, random_resized_crop
+
     rng = random.Random(0)
     for _ in range(500):
         left, top, w, h = crop_box(400, 300, rng)

@@ -23,13 +23,31 @@ def test_alexnet2012_has_the_papers_parameter_count_and_55px_conv1_maps():
 def test_alexnet2012_initialisation_follows_layers_145():
     torch.manual_seed(0)
     m = AlexNet2012()
-    for layer, std in [(m.conv1, 0.01), (m.conv2, 0.01), (m.conv3, 0.03), (m.conv4, 0.03),
-                       (m.conv5, 0.03), (m.fc6, 0.01), (m.fc7, 0.01), (m.fc8, 0.01)]:
+    for layer, std in [
+        (m.conv1, 0.01),
+        (m.conv2, 0.01),
+        (m.conv3, 0.03),
+        (m.conv4, 0.03),
+        (m.conv5, 0.03),
+        (m.fc6, 0.01),
+        (m.fc7, 0.01),
+        (m.fc8, 0.01),
+    ]:
         assert layer.weight.std().item() == pytest.approx(std, rel=0.05)
-    biases = {name: m.get_submodule(name).bias.unique().tolist() for name in
-              ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]}
-    assert biases == {"conv1": [0.0], "conv2": [1.0], "conv3": [0.0], "conv4": [1.0],
-                      "conv5": [1.0], "fc6": [1.0], "fc7": [1.0], "fc8": [0.0]}
+    biases = {
+        name: m.get_submodule(name).bias.unique().tolist()
+        for name in ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+    }
+    assert biases == {
+        "conv1": [0.0],
+        "conv2": [1.0],
+        "conv3": [0.0],
+        "conv4": [1.0],
+        "conv5": [1.0],
+        "fc6": [1.0],
+        "fc7": [1.0],
+        "fc8": [0.0],
+    }
 
 
 def test_alexnet2012_towers_are_separate_in_conv2_and_joined_in_conv3():
@@ -55,14 +73,22 @@ def test_owt_matches_torchvision_layout_and_parameter_count():
     assert n_params(model) == 61_100_840
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {
-        "features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),
-        "features.3.weight": (192, 64, 5, 5), "features.3.bias": (192,),
-        "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
-        "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,),
-        "features.10.weight": (256, 256, 3, 3), "features.10.bias": (256,),
-        "classifier.1.weight": (4096, 9216), "classifier.1.bias": (4096,),
-        "classifier.4.weight": (4096, 4096), "classifier.4.bias": (4096,),
-        "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
+        "features.0.weight": (64, 3, 11, 11),
+        "features.0.bias": (64,),
+        "features.3.weight": (192, 64, 5, 5),
+        "features.3.bias": (192,),
+        "features.6.weight": (384, 192, 3, 3),
+        "features.6.bias": (384,),
+        "features.8.weight": (256, 384, 3, 3),
+        "features.8.bias": (256,),
+        "features.10.weight": (256, 256, 3, 3),
+        "features.10.bias": (256,),
+        "classifier.1.weight": (4096, 9216),
+        "classifier.1.bias": (4096,),
+        "classifier.4.weight": (4096, 4096),
+        "classifier.4.bias": (4096,),
+        "classifier.6.weight": (1000, 4096),
+        "classifier.6.bias": (1000,),
     }
     assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
@@ -84,7 +110,7 @@ def lrn_by_formula(a, n=5, alpha=1e-4, beta=0.75, k=2.0):
     C = a.shape[1]
     for i in range(C):
         lo, hi = max(0, i - n // 2), min(C - 1, i + n // 2)
-        s = (a[:, lo:hi + 1] ** 2).sum(1)
+        s = (a[:, lo : hi + 1] ** 2).sum(1)
         out[:, i] = a[:, i] / (k + alpha / n * s) ** beta
     return out
 
@@ -108,19 +134,21 @@ def test_spatial_norm_matches_the_formula_with_zero_padding():
     for c in range(2):
         for i in range(6):
             for j in range(7):
-                win = x[0, c, max(0, i - 2):i + 3, max(0, j - 2):j + 3]
-                expected[0, c, i, j] = x[0, c, i, j] * (1 + 1e-3 / 25 * (win ** 2).sum()) ** -0.75
+                win = x[0, c, max(0, i - 2) : i + 3, max(0, j - 2) : j + 3]
+                expected[0, c, i, j] = x[0, c, i, j] * (1 + 1e-3 / 25 * (win**2).sum()) ** -0.75
     assert torch.allclose(SpatialNorm()(x), expected, rtol=1e-10)
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_channels_last_and_compiled_models_compute_the_same_and_save_the_same_names(compile):
     from alexnet_dist.training.module import Classifier
+
     spec = {"name": "alexnet_small", "num_classes": 10, "width": 8, "fc": 32, "dropout": 0.0}
     torch.manual_seed(0)
     plain = Classifier(spec, optim={}, steps_per_epoch=1, max_epochs=1, global_batch=4).eval()
-    fast = Classifier(spec, optim={}, steps_per_epoch=1, max_epochs=1, global_batch=4, channels_last=True,
-                      compile=compile).eval()
+    fast = Classifier(
+        spec, optim={}, steps_per_epoch=1, max_epochs=1, global_batch=4, channels_last=True, compile=compile
+    ).eval()
     fast.load_state_dict(plain.state_dict())
     assert fast.state_dict().keys() == plain.state_dict().keys()
     assert fast.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -15,7 +15,7 @@ def test_krizhevsky_update_matches_a_hand_computation():
     lrs = [0.1, 0.1, 0.01]  # an lr drop before the third step
     v = [0.0, 0.0]
     ref = [1.0, -2.0]
-    for g, lr in zip(grads, lrs):
+    for g, lr in zip(grads, lrs, strict=True):
         for group in opt.param_groups:
             group["lr"] = lr
         w.grad = g.clone()
@@ -69,9 +69,9 @@ def test_step_schedule_drops_at_the_2012_epochs():
 
 def test_cosine_with_warmup():
     kw = dict(max_epochs=10, warmup_epochs=2, min_factor=0.0)
-    assert lr_factor("cosine", 1.0, **kw) == pytest.approx(0.5)      # halfway through warmup
-    assert lr_factor("cosine", 2.0, **kw) == pytest.approx(1.0)      # peak
-    assert lr_factor("cosine", 6.0, **kw) == pytest.approx(0.5)      # half of the cosine
+    assert lr_factor("cosine", 1.0, **kw) == pytest.approx(0.5)  # halfway through warmup
+    assert lr_factor("cosine", 2.0, **kw) == pytest.approx(1.0)  # peak
+    assert lr_factor("cosine", 6.0, **kw) == pytest.approx(0.5)  # half of the cosine
     assert lr_factor("cosine", 10.0, **kw) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor("cosine", 4.0, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
@@ -79,10 +79,20 @@ def test_cosine_with_warmup():
 def test_plateau_divides_by_ten_after_patience_epochs_without_improvement():
     from alexnet_dist.training.module import Classifier
 
-    optim = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
-             "schedule": {"name": "plateau", "patience": 1, "gamma": 0.1, "max_drops": 2}}
-    module = Classifier(model={"name": "alexnet_small", "num_classes": 10}, optim=optim,
-                        steps_per_epoch=10, max_epochs=20, global_batch=128)
+    optim = {
+        "name": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "schedule": {"name": "plateau", "patience": 1, "gamma": 0.1, "max_drops": 2},
+    }
+    module = Classifier(
+        model={"name": "alexnet_small", "num_classes": 10},
+        optim=optim,
+        steps_per_epoch=10,
+        max_epochs=20,
+        global_batch=128,
+    )
     factors = []
     for top1 in [0.5, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]:
         module._plateau_update(top1)
@@ -93,6 +103,7 @@ def test_plateau_divides_by_ten_after_patience_epochs_without_improvement():
 
 def _train_steps(name: str, impl: str, steps: int = 5) -> list[torch.Tensor]:
     from alexnet_dist.training.optim import build_optimizer
+
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = build_optimizer(name, param_groups(net, 0.1, 0.01, 2.0), 0.1, 0.9, impl)
@@ -108,24 +119,37 @@ def _train_steps(name: str, impl: str, steps: int = 5) -> list[torch.Tensor]:
 def test_optimizer_implementations_give_the_same_weights(name, impls):
     reference = _train_steps(name, impls[0])
     for impl in impls[1:]:
-        for a, b in zip(reference, _train_steps(name, impl)):
+        for a, b in zip(reference, _train_steps(name, impl), strict=True):
             assert torch.allclose(a, b, atol=1e-6), impl
 
 
 def test_fused_is_refused_for_the_krizhevsky_rule_in_one_line():
     from alexnet_dist.errors import ConfigError
     from alexnet_dist.training.optim import build_optimizer
+
     with pytest.raises(ConfigError, match="optim.impl=fused exists for optim=sgd only"):
         build_optimizer("krizhevsky", [{"params": [nn.Parameter(torch.zeros(1))]}], 0.1, 0.9, "fused")
 
 
 def test_a_layer_gets_its_own_rate_from_an_epoch_on_like_conv1_in_2012():
     from alexnet_dist.training.module import Classifier
-    optim = {"name": "krizhevsky", "lr": 0.01, "reference_batch": 128, "momentum": 0.9, "weight_decay": 5e-4,
-             "bias_lr_mult": 2.0, "schedule": {"name": "step", "milestones": [25, 51], "gamma": 0.1},
-             "layer_rates": [{"layer": "conv1", "from_epoch": 67, "lr": 1e-5}, {"layer": "conv1", "from_epoch": 72, "lr": 0.0}]}
-    module = Classifier({"name": "alexnet_small", "num_classes": 10}, optim, steps_per_epoch=10, max_epochs=90,
-                        global_batch=256)
+
+    optim = {
+        "name": "krizhevsky",
+        "lr": 0.01,
+        "reference_batch": 128,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "bias_lr_mult": 2.0,
+        "schedule": {"name": "step", "milestones": [25, 51], "gamma": 0.1},
+        "layer_rates": [
+            {"layer": "conv1", "from_epoch": 67, "lr": 1e-5},
+            {"layer": "conv1", "from_epoch": 72, "lr": 0.0},
+        ],
+    }
+    module = Classifier(
+        {"name": "alexnet_small", "num_classes": 10}, optim, steps_per_epoch=10, max_epochs=90, global_batch=256
+    )
     config = module.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
 
@@ -133,6 +157,7 @@ def test_a_layer_gets_its_own_rate_from_an_epoch_on_like_conv1_in_2012():
         sched.last_epoch = epoch * 10 - 1
         sched.step()
         return {g["name"]: g["lr"] for g in opt.param_groups}
+
     assert rates(60) == pytest.approx({"weights/conv1": 2e-4, "biases/conv1": 4e-4, "weights": 2e-4, "biases": 4e-4})
     assert rates(67) == pytest.approx({"weights/conv1": 2e-5, "biases/conv1": 4e-5, "weights": 2e-4, "biases": 4e-4})
     assert rates(72) == pytest.approx({"weights/conv1": 0.0, "biases/conv1": 0.0, "weights": 2e-4, "biases": 4e-4})
@@ -142,6 +167,9 @@ def test_a_layer_gets_its_own_rate_from_an_epoch_on_like_conv1_in_2012():
 def test_a_layer_rate_for_a_missing_layer_names_the_layers():
     from alexnet_dist.errors import ConfigError
     from alexnet_dist.training.optim import param_groups
+
     net = nn.Sequential(nn.Linear(2, 2))
-    with pytest.raises(ConfigError, match="optim.layer_rates names conv1, which this model has no parameters for; its layers: 0"):
+    with pytest.raises(
+        ConfigError, match="optim.layer_rates names conv1, which this model has no parameters for; its layers: 0"
+    ):
         param_groups(net, 0.1, 0.0, 1.0, ("conv1",))

@@ -1,5 +1,6 @@
 """Nothing lost: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one;
 damaged checkpoints are skipped; incompatible checkpoints and non-finite losses stop cleanly."""
+
 import os
 import signal
 import subprocess
@@ -8,12 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BIN, run_cli
 
 pytestmark = pytest.mark.slow
-ARGS = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "trainer.max_epochs=3",
-        "model.dropout=0.5"]  # dropout: the resumed run must also continue the random generators
+ARGS = [
+    "experiment=smoke",
+    "logger=csv",
+    "+trainer.enable_progress_bar=false",
+    "trainer.max_epochs=3",
+    "model.dropout=0.5",
+]  # dropout: the resumed run must also continue the random generators
 
 
 def weights(run_dir: Path) -> dict:
@@ -40,15 +45,25 @@ def wait_for_step_file(ckpt_dir: Path, min_step: int, proc, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
-@pytest.mark.parametrize("where, min_step, extra", [
-    ("mid-epoch", 70, []),  # epoch 1 has begun (62 steps per epoch); saves every 5 steps
-    ("at an epoch end", 62, ["checkpoint.every_n_steps=null"]),  # saves after each epoch's validation only
-])
-def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, synthetic_root, cli_env, reference,
-                                                          where, min_step, extra):
+@pytest.mark.parametrize(
+    "where, min_step, extra",
+    [
+        ("mid-epoch", 70, []),  # epoch 1 has begun (62 steps per epoch); saves every 5 steps
+        ("at an epoch end", 62, ["checkpoint.every_n_steps=null"]),  # saves after each epoch's validation only
+    ],
+)
+def test_sigkill_then_resume_gives_bit_identical_weights(
+    tmp_path, synthetic_root, cli_env, reference, where, min_step, extra
+):
     args = [*ARGS, f"data.root={synthetic_root}", "run_id=killed", *extra]
-    proc = subprocess.Popen([str(BIN / "alexnet-train"), *args], cwd=tmp_path, env=cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "alexnet-train"), *args],
+        cwd=tmp_path,
+        env=cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt_dir = tmp_path / "runs/smoke/killed/checkpoints"
     step = wait_for_step_file(ckpt_dir, min_step, proc)
     time.sleep(0.3 if where == "mid-epoch" else 0)  # mid-epoch: land somewhere between two saves
@@ -62,7 +77,11 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, synthetic_roo
     assert resumed["global_step"] == uninterrupted["global_step"] == 186
     for name, tensor in uninterrupted["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], tensor), name
-    for a, b in zip(resumed["optimizer_states"][0]["state"].values(), uninterrupted["optimizer_states"][0]["state"].values()):
+    for a, b in zip(
+        resumed["optimizer_states"][0]["state"].values(),
+        uninterrupted["optimizer_states"][0]["state"].values(),
+        strict=True,
+    ):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
@@ -75,13 +94,14 @@ def test_only_the_newest_checkpoints_are_kept_and_last_points_at_the_newest(refe
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, synthetic_root, cli_env, reference):
     import shutil
+
     run_dir = tmp_path / "runs/smoke/damaged"
     shutil.copytree(reference, run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk (copytree made it a file of its own)
     (run_dir / "checkpoints" / "step-000000999.ckpt.tmp").write_bytes(b"half a save")  # a crash mid-save
     out = run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=damaged", cwd=tmp_path, env=cli_env)
-    warnings = [l for l in out.stderr.splitlines() if l.startswith("warning:")]
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and f"{last} cannot be loaded" in warnings[0], out.stderr[-2000:]
     assert f"resuming from {run_dir}/checkpoints/step-000000186.ckpt" in out.stdout
     assert weights(run_dir)["global_step"] == 186  # last.ckpt points at the good file again
@@ -90,23 +110,52 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, synt
 
 def test_resuming_with_another_model_names_both(tmp_path, synthetic_root, cli_env, reference):
     import shutil
+
     shutil.copytree(reference, tmp_path / "runs/smoke/other")
-    out = run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=other", "model.width=24",
-                  cwd=tmp_path, env=cli_env, check=False)
+    out = run_cli(
+        "alexnet-train",
+        *ARGS,
+        f"data.root={synthetic_root}",
+        "run_id=other",
+        "model.width=24",
+        cwd=tmp_path,
+        env=cli_env,
+        check=False,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    error = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "the checkpoint holds" in error[0] and "width=16" in error[0] and "width=24" in error[0]
 
 
 def test_init_from_starts_a_new_run_from_trained_weights(tmp_path, synthetic_root, cli_env, reference):
     src = reference / "checkpoints" / "last.ckpt"
-    run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=tuned", f"init_from={src}",
-            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "optim.lr=0.0001", cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-train",
+        *ARGS,
+        f"data.root={synthetic_root}",
+        "run_id=tuned",
+        f"init_from={src}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "optim.lr=0.0001",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     import json
+
     results = json.loads((tmp_path / "runs/smoke/tuned/results.json").read_text())
     assert results["global_step"] == 2 and results["val_top1"] > 0.9  # trained weights, two tiny steps
-    out = run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=tuned2", f"init_from={src}",
-                  "model.fc=32", cwd=tmp_path, env=cli_env, check=False)
+    out = run_cli(
+        "alexnet-train",
+        *ARGS,
+        f"data.root={synthetic_root}",
+        "run_id=tuned2",
+        f"init_from={src}",
+        "model.fc=32",
+        cwd=tmp_path,
+        env=cli_env,
+        check=False,
+    )
     assert out.returncode == 2 and "init_from=" in out.stderr and "fc=64" in out.stderr
 
 
@@ -114,11 +163,19 @@ def test_a_non_finite_loss_stops_in_one_line_or_is_skipped_and_counted(tmp_path,
     bad = [*ARGS, f"data.root={synthetic_root}", "data.std=[0,0,0]", "trainer.max_epochs=1"]  # x / 0: inf inputs
     out = run_cli("alexnet-train", *bad, "run_id=nan", cwd=tmp_path, env=cli_env, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    error = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and error[0].startswith("error: loss is nan at step 0; the last checkpoint is kept")
-    run_cli("alexnet-train", *bad, "run_id=skip", "optim.on_nonfinite=skip", "trainer.limit_train_batches=7",
-            cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-train",
+        *bad,
+        "run_id=skip",
+        "optim.on_nonfinite=skip",
+        "trainer.limit_train_batches=7",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     import json
+
     results = json.loads((tmp_path / "runs/smoke/skip/results.json").read_text())
     assert results["skipped_steps"] == 7  # every step had a NaN loss: none changed the weights
     ckpt = weights(tmp_path / "runs/smoke/skip")
@@ -127,8 +184,17 @@ def test_a_non_finite_loss_stops_in_one_line_or_is_skipped_and_counted(tmp_path,
 
 def test_checkpoints_by_the_clock(tmp_path, synthetic_root, cli_env):
     """every_n_minutes alone (no step cadence): saves between epoch ends too."""
-    run_cli("alexnet-train", *ARGS, f"data.root={synthetic_root}", "run_id=clock", "trainer.max_epochs=1",
-            "checkpoint.every_n_steps=null", "checkpoint.every_n_minutes=0.002", "checkpoint.keep=1000",
-            cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-train",
+        *ARGS,
+        f"data.root={synthetic_root}",
+        "run_id=clock",
+        "trainer.max_epochs=1",
+        "checkpoint.every_n_steps=null",
+        "checkpoint.every_n_minutes=0.002",
+        "checkpoint.keep=1000",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     steps = sorted(int(p.name[5:14]) for p in (tmp_path / "runs/smoke/clock/checkpoints").glob("step-*.ckpt"))
     assert steps[-1] == 62 and len(steps) >= 5 and steps[0] < 62  # epoch end, and several by time before it

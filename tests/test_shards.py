@@ -6,14 +6,13 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from alexnet_dist.data import sources
 from alexnet_dist.data.shards import read_manifest, write_dataset
 from alexnet_dist.errors import DataError
-
-from conftest import run_cli
 
 
 def read_split(root, manifest, split):
@@ -37,16 +36,20 @@ def test_synthetic_round_trip_keeps_every_label_with_its_image(tmp_path):
     # the stored JPEG is the generated picture (up to JPEG loss), not another one of its class
     sample, other = src.splits["train"][17], src.splits["train"][24]
     assert sample.label == other.label
-    luma = lambda im: np.asarray(im.convert("L"), dtype=float)  # JPEG keeps luma at full resolution
     stored = luma(train[sample.key][1])
     assert np.abs(stored - luma(sample.load())).mean() < 2
     assert np.abs(stored - luma(other.load())).mean() > 10
     assert read_manifest(tmp_path)["splits"]["val"]["count"] == 30
 
 
+def luma(im) -> np.ndarray:
+    return np.asarray(im.convert("L"), dtype=float)  # JPEG keeps luma at full resolution
+
+
 def test_index_files_point_at_the_exact_bytes_of_each_member(tmp_path):
-    manifest = write_dataset(sources.synthetic(3, 20, 6, 16), tmp_path, source_name="synthetic",
-                             min_shards=2, progress=False)
+    manifest = write_dataset(
+        sources.synthetic(3, 20, 6, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False
+    )
     shard = manifest["splits"]["train"]["shards"][1]
     lines = (tmp_path / shard["index"]).read_text().splitlines()
     assert lines[0] == f"v1.2 {shard['count']}"
@@ -56,8 +59,8 @@ def test_index_files_point_at_the_exact_bytes_of_each_member(tmp_path):
     for line in lines[1:]:
         fields = line.split()
         assert [fields[0], fields[4]] == ["jpg", "cls"]
-        for ext, offset, size, name in zip(fields[0::4], fields[1::4], fields[2::4], fields[3::4]):
-            assert raw[int(offset):int(offset) + int(size)] == members[name]
+        for _ext, offset, size, name in zip(fields[0::4], fields[1::4], fields[2::4], fields[3::4], strict=True):
+            assert raw[int(offset) : int(offset) + int(size)] == members[name]
 
 
 def make_folder(root, classes=("cat", "dog")):
@@ -76,8 +79,15 @@ def make_folder(root, classes=("cat", "dog")):
 
 def test_imagefolder_stores_rgb_and_the_papers_square_crop(tmp_path):
     make_folder(tmp_path / "src")
-    manifest = write_dataset(sources.imagefolder(tmp_path / "src"), tmp_path / "out", source_name="imagefolder",
-                             resize=32, center_crop=True, min_shards=2, progress=False)
+    manifest = write_dataset(
+        sources.imagefolder(tmp_path / "src"),
+        tmp_path / "out",
+        source_name="imagefolder",
+        resize=32,
+        center_crop=True,
+        min_shards=2,
+        progress=False,
+    )
     assert manifest["classes"] == ["cat", "dog"]
     assert manifest["splits"]["train"]["count"] == 9 and manifest["image_size"] == [32, 32]
     train = read_split(tmp_path / "out", manifest, "train")
@@ -103,7 +113,9 @@ def test_fashion_mnist_idx_files_become_labelled_shards(tmp_path):
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     src = sources.fashion_mnist(tmp_path)
     assert len(src.splits["train"]) == 40 and src.classes[9] == "Ankle boot"
-    manifest = write_dataset(src, tmp_path / "out", source_name="fashion-mnist", quality=95, min_shards=2, progress=False)
+    manifest = write_dataset(
+        src, tmp_path / "out", source_name="fashion-mnist", quality=95, min_shards=2, progress=False
+    )
     val = read_split(tmp_path / "out", manifest, "val")
     assert sorted(lab for lab, _ in val.values()) == sorted(np.arange(12) % 10)
     assert val["val-000003"][0] == 3 and val["val-000003"][1].size == (28, 28)
@@ -118,11 +130,18 @@ def test_truncated_idx_file_is_reported(tmp_path):
         sources.fashion_mnist(tmp_path)
 
 
-@pytest.mark.parametrize("setup, args, message", [
-    (None, ["imagefolder", "--src", "{tmp}/nowhere"], "nowhere/train: no such folder"),
-    ("empty", ["imagefolder", "--src", "{tmp}/src"], "src/train: no class sub-folders"),
-    (None, ["fashion-mnist", "--src", "{tmp}"], "or its labels file is missing; put the four Fashion-MNIST IDX files"),
-])
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (None, ["imagefolder", "--src", "{tmp}/nowhere"], "nowhere/train: no such folder"),
+        ("empty", ["imagefolder", "--src", "{tmp}/src"], "src/train: no class sub-folders"),
+        (
+            None,
+            ["fashion-mnist", "--src", "{tmp}"],
+            "or its labels file is missing; put the four Fashion-MNIST IDX files",
+        ),
+    ],
+)
 def test_prepare_bad_input_is_one_line(tmp_path, cli_env, setup, args, message):
     if setup == "empty":
         (tmp_path / "src" / "train").mkdir(parents=True)
@@ -138,7 +157,9 @@ def test_manifest_errors_name_the_path(tmp_path):
         read_manifest(tmp_path / "missing")
     with pytest.raises(DataError, match="manifest.json: missing"):
         read_manifest(tmp_path)
-    write_dataset(sources.synthetic(3, 10, 4, 16), tmp_path / "d", source_name="synthetic", min_shards=2, progress=False)
+    write_dataset(
+        sources.synthetic(3, 10, 4, 16), tmp_path / "d", source_name="synthetic", min_shards=2, progress=False
+    )
     (tmp_path / "d" / "val" / "000001.tar").unlink()
     with pytest.raises(DataError, match="val/000001.tar: listed in .* but missing"):
         read_manifest(tmp_path / "d")

@@ -1,4 +1,5 @@
 """alexnet-train run for real in subprocesses, as a user runs it."""
+
 import csv
 import json
 import shutil
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,15 @@ def train_losses(run_dir):
 
 
 def test_smoke_training_learns_and_writes_its_run_directory(tmp_path, synthetic_root, cli_env):
-    proc = run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", "run_id=first", "trainer.max_epochs=2",
-                   cwd=tmp_path, env=cli_env)
+    proc = run_cli(
+        "alexnet-train",
+        *SMOKE,
+        f"data.root={synthetic_root}",
+        "run_id=first",
+        "trainer.max_epochs=2",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     run_dir = tmp_path / "runs" / "smoke" / "first"
     assert f"run directory: {run_dir}" in proc.stdout
     results = json.loads((run_dir / "results.json").read_text())
@@ -37,7 +44,7 @@ def test_smoke_training_learns_and_writes_its_run_directory(tmp_path, synthetic_
     assert results["train_images_per_sec"] > 0 and results["val_loss"] < 2.0
     assert results["train_step_ms"] > 0 and 0 <= results["train_data_wait"] < 1
     losses = train_losses(run_dir)
-    first, last = sum(l for _, l in losses[:2]) / 2, sum(l for _, l in losses[-2:]) / 2
+    first, last = sum(loss for _, loss in losses[:2]) / 2, sum(loss for _, loss in losses[-2:]) / 2
     assert last < 0.6 * first, losses
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "checkpoints" / "best.ckpt").exists()
     assert "experiment_name: smoke" in (run_dir / "config.yaml").read_text()
@@ -62,8 +69,17 @@ def test_resume_auto_continues_the_step_count(tmp_path, synthetic_root, cli_env)
 
 
 def test_ddp_with_two_cpu_processes_splits_the_global_batch(tmp_path, synthetic_root, cli_env):
-    run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", "run_id=ddp", "trainer.max_epochs=2",
-            "trainer.devices=2", "trainer.strategy=ddp", cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-train",
+        *SMOKE,
+        f"data.root={synthetic_root}",
+        "run_id=ddp",
+        "trainer.max_epochs=2",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     results = json.loads((tmp_path / "runs/smoke/ddp/results.json").read_text())
     assert results["world_size"] == 2
     assert results["global_step"] == 2 * (2000 // 32)  # global batch 32 = 16 per rank
@@ -72,8 +88,14 @@ def test_ddp_with_two_cpu_processes_splits_the_global_batch(tmp_path, synthetic_
 
 
 def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, synthetic_root, cli_env):
-    args = ["experiment=smoke", "logger=wandb", "+trainer.enable_progress_bar=false",
-            f"data.root={synthetic_root}", "run_id=wb", "trainer.limit_train_batches=5"]
+    args = [
+        "experiment=smoke",
+        "logger=wandb",
+        "+trainer.enable_progress_bar=false",
+        f"data.root={synthetic_root}",
+        "run_id=wb",
+        "trainer.limit_train_batches=5",
+    ]
     run_cli("alexnet-train", *args, "trainer.max_epochs=1", cwd=tmp_path, env=cli_env)
     run_cli("alexnet-train", *args, "trainer.max_epochs=2", cwd=tmp_path, env=cli_env)
     records = sorted((tmp_path / "runs/smoke/wb/wandb").glob("offline-run-*/run-*.wandb"))
@@ -81,28 +103,56 @@ def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, syn
     assert {p.name for p in records} == {"run-smoke-wb.wandb"}
 
 
-@pytest.mark.parametrize("override, message", [
-    (["data.root={tmp}/absent"], "error: data.root={tmp}/absent: no such directory; make shards with `alexnet-prepare"),
-    (["data.root={tmp}"], "error: {tmp}/manifest.json: missing; {tmp} holds no shards made by alexnet-prepare"),
-    (["model.name=vgg"], "error: model.name=vgg: unknown model; choose one of alexnet2012, alexnet_owt, alexnet_small"),
-    (["data.batch_size=33", "trainer.devices=2", "trainer.strategy=ddp"],
-     "error: data.batch_size=33 is the global batch and must divide by the 2 processes"),
-    (["data.batch_size=4096"], "error: data.batch_size=4096 is larger than the training set (2000 images)"),
-    (["data.batch_size=abc"], "error: data.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
-    (["+data.colour=1"], "error: data.colour: Key 'colour' not in 'Data'"),
-    (["optim.schedule.name=linear"], "error: optim.schedule.name: Invalid value 'linear', expected one of [step, plateau"),
-    (["loader.dtype=bfloat16"], "error: loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not 32-true"),
-    (["data.mean_image=true"], "error: data.mean_image=true but {tmp_data}/mean_image.npy is missing; run alexnet-prepare stats"),
-    (["optim.layer_rates=[{{layer:fc9,from_epoch:1,lr:0.1}}]"], "error: optim.layer_rates names fc9, which this model has no"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            ["data.root={tmp}/absent"],
+            "error: data.root={tmp}/absent: no such directory; make shards with `alexnet-prepare",
+        ),
+        (["data.root={tmp}"], "error: {tmp}/manifest.json: missing; {tmp} holds no shards made by alexnet-prepare"),
+        (
+            ["model.name=vgg"],
+            "error: model.name=vgg: unknown model; choose one of alexnet2012, alexnet_owt, alexnet_small",
+        ),
+        (
+            ["data.batch_size=33", "trainer.devices=2", "trainer.strategy=ddp"],
+            "error: data.batch_size=33 is the global batch and must divide by the 2 processes",
+        ),
+        (["data.batch_size=4096"], "error: data.batch_size=4096 is larger than the training set (2000 images)"),
+        (
+            ["data.batch_size=abc"],
+            "error: data.batch_size: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        (["+data.colour=1"], "error: data.colour: Key 'colour' not in 'Data'"),
+        (
+            ["optim.schedule.name=linear"],
+            "error: optim.schedule.name: Invalid value 'linear', expected one of [step, plateau",
+        ),
+        (
+            ["loader.dtype=bfloat16"],
+            "error: loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not 32-true",
+        ),
+        (
+            ["data.mean_image=true"],
+            "error: data.mean_image=true but {tmp_data}/mean_image.npy is missing; run alexnet-prepare stats",
+        ),
+        (
+            ["optim.layer_rates=[{{layer:fc9,from_epoch:1,lr:0.1}}]"],
+            "error: optim.layer_rates names fc9, which this model has no",
+        ),
+    ],
+)
 def test_bad_configuration_stops_with_one_line(tmp_path, synthetic_root, cli_env, override, message):
     override = [o.format(tmp=tmp_path) for o in override]
-    proc = run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", *override, cwd=tmp_path, env=cli_env,
-                   check=False)
+    proc = run_cli(
+        "alexnet-train", *SMOKE, f"data.root={synthetic_root}", *override, cwd=tmp_path, env=cli_env, check=False
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [errors[0]] and errors[0].startswith(message.format(tmp=tmp_path, tmp_data=synthetic_root)), \
+    assert errors == [errors[0]] and errors[0].startswith(message.format(tmp=tmp_path, tmp_data=synthetic_root)), (
         proc.stderr[-2000:]
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -132,8 +182,17 @@ def test_a_data_error_on_one_ddp_rank_stops_both_ranks_in_one_line_each(tmp_path
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # only the rank that reads it fails
     start = time.time()
     # The webdataset loader splits by shard, so one rank meets the damage and the other must be told.
-    proc = run_cli("alexnet-train", *SMOKE, "loader=wds", f"data.root={data}", "trainer.devices=2", "trainer.strategy=ddp",
-                   cwd=tmp_path, env=cli_env, check=False)
+    proc = run_cli(
+        "alexnet-train",
+        *SMOKE,
+        "loader=wds",
+        f"data.root={data}",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        cwd=tmp_path,
+        env=cli_env,
+        check=False,
+    )
     assert proc.returncode == 2 and time.time() - start < 120 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2, proc.stderr[-3000:]
@@ -149,6 +208,7 @@ def corrupt_one_image(tar: Path) -> str:
     import subprocess
     import sys
     import tarfile
+
     with tarfile.open(tar) as f:
         members = [(m, f.extractfile(m).read()) for m in f.getmembers()]
     bad = [m.name for m, _ in members if m.name.endswith(".jpg")][2]
@@ -157,8 +217,11 @@ def corrupt_one_image(tar: Path) -> str:
             data = b"\xff\xd8\xff\xe0 not a picture" * 8 if member.name == bad else data
             member.size = len(data)
             f.addfile(member, io.BytesIO(data))
-    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
+        check=True,
+        capture_output=True,
+    )
     return bad
 
 
@@ -173,10 +236,13 @@ def test_a_corrupt_training_image_is_skipped_counted_and_named_or_stops_a_strict
     assert results["skipped_images"] == 1 and results["val_top1"] > 0.5
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1 and f"{tar}:" in warnings[0] and bad in warnings[0], proc.stderr[-2000:]
-    assert any(float(r["skipped_images"]) == 1 for r in metrics_rows(tmp_path / "runs/smoke/skip") if r.get("skipped_images"))
+    assert any(
+        float(r["skipped_images"]) == 1 for r in metrics_rows(tmp_path / "runs/smoke/skip") if r.get("skipped_images")
+    )
 
-    proc = run_cli("alexnet-train", *args, "run_id=strict", "loader.bad_images=error", cwd=tmp_path, env=cli_env,
-                   check=False)
+    proc = run_cli(
+        "alexnet-train", *args, "run_id=strict", "loader.bad_images=error", cwd=tmp_path, env=cli_env, check=False
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"{tar}:" in errors[0] and bad in errors[0] and "cannot decode image" in errors[0]
@@ -184,8 +250,18 @@ def test_a_corrupt_training_image_is_skipped_counted_and_named_or_stops_a_strict
 
 def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, synthetic_root, cli_env):
     # torch.compile is checked on the model (tests/test_models.py): compiling costs a minute here.
-    run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", "run_id=fast", "trainer.precision=bf16-mixed",
-            "compute.channels_last=true", "loader.layout=NHWC", "optim.impl=fused", cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-train",
+        *SMOKE,
+        f"data.root={synthetic_root}",
+        "run_id=fast",
+        "trainer.precision=bf16-mixed",
+        "compute.channels_last=true",
+        "loader.layout=NHWC",
+        "optim.impl=fused",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     results = json.loads((tmp_path / "runs/smoke/fast/results.json").read_text())
     assert results["val_top1"] > 0.6
     state = torch.load(tmp_path / "runs/smoke/fast/checkpoints/last.ckpt", weights_only=True)["state_dict"]
@@ -193,7 +269,17 @@ def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, syntheti
 
 
 def test_ddp_with_bf16_gradient_compression_and_small_buckets(tmp_path, synthetic_root, cli_env):
-    run_cli("alexnet-train", *SMOKE, f"data.root={synthetic_root}", "run_id=hook", "trainer.devices=2",
-            "trainer.strategy=ddp", "ddp.comm_hook=bf16", "ddp.bucket_cap_mb=1", cwd=tmp_path, env=cli_env)
+    run_cli(
+        "alexnet-train",
+        *SMOKE,
+        f"data.root={synthetic_root}",
+        "run_id=hook",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "ddp.comm_hook=bf16",
+        "ddp.bucket_cap_mb=1",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     results = json.loads((tmp_path / "runs/smoke/hook/results.json").read_text())
     assert results["world_size"] == 2 and results["val_top1"] > 0.6

@@ -1,4 +1,5 @@
 """Thin command-line entry points: each parses arguments and wires library parts together."""
+
 import sys
 from functools import wraps
 
@@ -18,8 +19,13 @@ def one_line_errors(main):
         except UserError as exc:
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
             message = lines[-1] if lines else type(exc).__name__
-            for prefix in ("alexnet_dist.errors.DataError: ", "alexnet_dist.errors.ConfigError: ",
-                           "alexnet_dist.errors.UserError: ", "DataError: ", "ConfigError: "):
+            for prefix in (
+                "alexnet_dist.errors.DataError: ",
+                "alexnet_dist.errors.ConfigError: ",
+                "alexnet_dist.errors.UserError: ",
+                "DataError: ",
+                "ConfigError: ",
+            ):
                 message = message.removeprefix(prefix)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)

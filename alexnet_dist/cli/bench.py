@@ -1,14 +1,15 @@
 """alexnet-bench MODE ...: throughput measurements, one JSON object per line.
 
-  model   forward + backward + SGD step on random tensors already on the device (compute ceiling)
-  loader    a loader alone (--loader dali or wds), reading shards made by alexnet-prepare, the
-            training augmentation of --augment, batches delivered where training would use them
-  train     the whole framework: the loader, the data module and Lightning's training step, with
-            the share of step time spent waiting for data
-  baseline  a plain PyTorch loop over a plain webdataset + PIL DataLoader, same model, optimiser,
-            batch and precision: what one would write without this project
-  ddp       train with 1 process, then with --devices processes (DDP): the scaling efficiency
+model   forward + backward + SGD step on random tensors already on the device (compute ceiling)
+loader    a loader alone (--loader dali or wds), reading shards made by alexnet-prepare, the
+          training augmentation of --augment, batches delivered where training would use them
+train     the whole framework: the loader, the data module and Lightning's training step, with
+          the share of step time spent waiting for data
+baseline  a plain PyTorch loop over a plain webdataset + PIL DataLoader, same model, optimiser,
+          batch and precision: what one would write without this project
+ddp       train with 1 process, then with --devices processes (DDP): the scaling efficiency
 """
+
 import argparse
 import json
 import os
@@ -26,8 +27,9 @@ from . import one_line_errors
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="alexnet-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="alexnet-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("mode", choices=["model", "loader", "train", "baseline", "ddp"])
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="alexnet2012")
@@ -40,14 +42,26 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--data", help="loader mode: the folder holding manifest.json")
     p.add_argument("--loader", choices=["dali", "wds"], default="dali", help="loader mode: which loader")
-    p.add_argument("--augment", choices=["paper", "modern"], default="paper",
-                   help="loader mode: paper (random crop of the stored image + flip) or modern (random-resized crop + flip)")
+    p.add_argument(
+        "--augment",
+        choices=["paper", "modern"],
+        default="paper",
+        help="loader mode: paper (random crop of the stored image + flip) or modern (random-resized crop + flip)",
+    )
     p.add_argument("--workers", type=int, default=2, help="loader mode: worker processes (wds)")
     p.add_argument("--threads", type=int, default=2, help="loader mode: DALI threads (dali)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="train mode: DDP processes (default 1); ddp mode: processes to compare with one (default 2)")
-    p.add_argument("--shuffle-buffer", type=int, default=500,
-                   help="loader mode: samples mixed in memory (a small set is re-read to fill it every epoch)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="train mode: DDP processes (default 1); ddp mode: processes to compare with one (default 2)",
+    )
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=500,
+        help="loader mode: samples mixed in memory (a small set is re-read to fill it every epoch)",
+    )
     return p.parse_args(argv)
 
 
@@ -73,8 +87,13 @@ def data_module(args, **loader):
 
     if not args.data:
         raise ConfigError(f"{args.mode} mode needs --data DIR (a folder made by alexnet-prepare)")
-    loader = {"name": args.loader, "workers": args.workers, "threads": args.threads,
-              "shuffle_buffer": args.shuffle_buffer, **loader}
+    loader = {
+        "name": args.loader,
+        "workers": args.workers,
+        "threads": args.threads,
+        "shuffle_buffer": args.shuffle_buffer,
+        **loader,
+    }
     return ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size, augment=args.augment, loader=loader)
 
 
@@ -108,11 +127,19 @@ def bench_model(args) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     tflops = counter.get_total_flops() * args.steps / seconds / 1e12
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    return {"name": f"model/{args.model}", "images_per_sec": round(args.batch_size * args.steps / seconds, 1),
-            "step_ms": round(1000 * seconds / args.steps, 3), "tflops": round(tflops, 2),
-            "fraction_of_bf16_peak": round(tflops / peak, 3) if peak else None,
-            "device": name, "batch_size": args.batch_size, "size": args.size, "precision": args.precision,
-            "channels_last": args.channels_last, "steps": args.steps}
+    return {
+        "name": f"model/{args.model}",
+        "images_per_sec": round(args.batch_size * args.steps / seconds, 1),
+        "step_ms": round(1000 * seconds / args.steps, 3),
+        "tflops": round(tflops, 2),
+        "fraction_of_bf16_peak": round(tflops / peak, 3) if peak else None,
+        "device": name,
+        "batch_size": args.batch_size,
+        "size": args.size,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "steps": args.steps,
+    }
 
 
 def bench_loader(args) -> dict:
@@ -124,6 +151,7 @@ def bench_loader(args) -> dict:
     def batches():  # pass after pass, as training does
         while True:
             yield from loader
+
     stream = batches()
     for _ in range(args.warmup):
         next(stream)
@@ -135,15 +163,30 @@ def bench_loader(args) -> dict:
         images += len(batch[1])
     sync(device)
     seconds = time.perf_counter() - start
-    return {"name": f"loader/{args.loader}", "images_per_sec": round(images / seconds, 1), "device": args.device,
-            "augment": args.augment, "batch_size": args.batch_size, "crop": args.size,
-            "workers" if args.loader == "wds" else "threads": args.workers if args.loader == "wds" else args.threads,
-            "steps": args.steps, "images": images, "seconds": round(seconds, 3)}
+    return {
+        "name": f"loader/{args.loader}",
+        "images_per_sec": round(images / seconds, 1),
+        "device": args.device,
+        "augment": args.augment,
+        "batch_size": args.batch_size,
+        "crop": args.size,
+        "workers" if args.loader == "wds" else "threads": args.workers if args.loader == "wds" else args.threads,
+        "steps": args.steps,
+        "images": images,
+        "seconds": round(seconds, 3),
+    }
 
 
 def settings(args) -> dict:
-    return {"model": args.model, "batch_size": args.batch_size, "crop": args.size, "precision": args.precision,
-            "channels_last": args.channels_last, "device": args.device, "steps": args.steps}
+    return {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "crop": args.size,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "device": args.device,
+        "steps": args.steps,
+    }
 
 
 def bench_train(args) -> dict | None:
@@ -153,29 +196,57 @@ def bench_train(args) -> dict | None:
     from ..training.module import Classifier
 
     data = data_module(args, device="auto", layout="NHWC" if args.channels_last else "NCHW")
-    optim = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "reference_batch": None,
-             "schedule": {"name": "constant"}}
-    module = Classifier({"name": args.model, "num_classes": data.num_classes}, optim,
-                        steps_per_epoch=data.steps_per_epoch(), max_epochs=10**6, global_batch=args.batch_size,
-                        channels_last=args.channels_last)
+    optim = {
+        "name": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "reference_batch": None,
+        "schedule": {"name": "constant"},
+    }
+    module = Classifier(
+        {"name": args.model, "num_classes": data.num_classes},
+        optim,
+        steps_per_epoch=data.steps_per_epoch(),
+        max_epochs=10**6,
+        global_batch=args.batch_size,
+        channels_last=args.channels_last,
+    )
     throughput = Throughput(skip=args.warmup)
     devices = args.devices or 1
-    trainer = pl.Trainer(accelerator="gpu" if args.device == "gpu" else "cpu", devices=devices,
-                         strategy="ddp" if devices > 1 else "auto",
-                         precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-                         max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-                         callbacks=[throughput])
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "gpu" else "cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        max_steps=args.warmup + args.steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[throughput],
+    )
     trainer.fit(module, datamodule=data)
     if not trainer.is_global_zero:
         return None
     if throughput.steps < args.steps // 2:
-        raise ConfigError(f"only {throughput.steps} steps were timed: an epoch of {data.steps_per_epoch()} steps "
-                          f"is too short for --warmup {args.warmup}; use a larger data set or a smaller --warmup")
-    return {"name": f"train/{args.loader}", "images_per_sec": round(throughput.images_per_sec, 1),
-            "data_wait": round(throughput.data_wait, 3), "step_ms": round(throughput.step_ms, 2),
-            "processes": devices, "loader": args.loader, **settings(args)}
+        raise ConfigError(
+            f"only {throughput.steps} steps were timed: an epoch of {data.steps_per_epoch()} steps "
+            f"is too short for --warmup {args.warmup}; use a larger data set or a smaller --warmup"
+        )
+    return {
+        "name": f"train/{args.loader}",
+        "images_per_sec": round(throughput.images_per_sec, 1),
+        "data_wait": round(throughput.data_wait, 3),
+        "step_ms": round(throughput.step_ms, 2),
+        "processes": devices,
+        "loader": args.loader,
+        **settings(args),
+    }
 
 
 def bench_baseline(args) -> dict:
@@ -183,9 +254,18 @@ def bench_baseline(args) -> dict:
 
     if not args.data:
         raise ConfigError("baseline mode needs --data DIR (a folder made by alexnet-prepare)")
-    result = run_baseline(args.data, model=args.model, batch_size=args.batch_size, crop=args.size,
-                          workers=args.workers, steps=args.steps, warmup=args.warmup, device=torch_device(args),
-                          bf16=args.precision == "bf16", channels_last=args.channels_last)
+    result = run_baseline(
+        args.data,
+        model=args.model,
+        batch_size=args.batch_size,
+        crop=args.size,
+        workers=args.workers,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=torch_device(args),
+        bf16=args.precision == "bf16",
+        channels_last=args.channels_last,
+    )
     return {"name": "baseline/plain-pytorch-webdataset", **result, "workers": args.workers, **settings(args)}
 
 
@@ -193,7 +273,7 @@ def bench_ddp(args, argv) -> list[dict]:
     """`train` once with one process and once with --devices, each in its own process tree."""
     rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "ddp"]
     if "--devices" in rest:
-        del rest[rest.index("--devices"):rest.index("--devices") + 2]
+        del rest[rest.index("--devices") : rest.index("--devices") + 2]
     processes = args.devices or 2
     runs = []
     for devices in (1, processes):
@@ -201,14 +281,23 @@ def bench_ddp(args, argv) -> list[dict]:
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
-            raise ConfigError(f"alexnet-bench train --devices {devices} failed: "
-                              f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+            raise ConfigError(
+                f"alexnet-bench train --devices {devices} failed: "
+                f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+            )
         runs.append(json.loads(lines[-1]))
     one, many = runs
-    runs.append({"name": "ddp/scaling", "images_per_sec": many["images_per_sec"], "processes": processes,
-                 "images_per_sec_one_process": one["images_per_sec"],
-                 "efficiency": round(many["images_per_sec"] / (processes * one["images_per_sec"]), 3),
-                 "speedup": round(many["images_per_sec"] / one["images_per_sec"], 3), **settings(args)})
+    runs.append(
+        {
+            "name": "ddp/scaling",
+            "images_per_sec": many["images_per_sec"],
+            "processes": processes,
+            "images_per_sec_one_process": one["images_per_sec"],
+            "efficiency": round(many["images_per_sec"] / (processes * one["images_per_sec"]), 3),
+            "speedup": round(many["images_per_sec"] / one["images_per_sec"], 3),
+            **settings(args),
+        }
+    )
     return runs
 
 

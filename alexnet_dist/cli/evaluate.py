@@ -13,6 +13,7 @@ checkpoint on the validation split, from the centre crop or the paper's 10 views
 alexnet-eval ensemble probs=A.npz,B.npz,...: the metrics of the averaged probabilities of several
 runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -54,9 +55,12 @@ def metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
     from ..training.module import topk_correct
 
     n = len(labels)
-    return {"val_top1": topk_correct(log_probs, labels, 1).item() / n,
-            "val_top5": topk_correct(log_probs, labels, 5).item() / n,
-            "val_loss": torch.nn.functional.nll_loss(log_probs, labels).item(), "val_count": n}
+    return {
+        "val_top1": topk_correct(log_probs, labels, 1).item() / n,
+        "val_top5": topk_correct(log_probs, labels, 5).item() / n,
+        "val_loss": torch.nn.functional.nll_loss(log_probs, labels).item(),
+        "val_count": n,
+    }
 
 
 def evaluate(args: dict) -> dict:
@@ -67,7 +71,9 @@ def evaluate(args: dict) -> dict:
     plain = "model" in args  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
     ckpt, problem = read_checkpoint(path)
     if problem := problem or (not_a_state_dict(ckpt) if plain else not_a_checkpoint(ckpt)):
-        raise ConfigError(f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME")
+        raise ConfigError(
+            f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME"
+        )
     views, batch_size = number(args, "views", 1), number(args, "batch_size", 100)
     if views not in (1, 10):
         raise ConfigError(f"views={views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
@@ -86,15 +92,21 @@ def evaluate(args: dict) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dm.default_device = device  # DALI decodes on the GPU when there is one
     if plain:
-        hparams = {"model": {"name": args["model"], "num_classes": dm.num_classes}, "optim": {},
-                   "steps_per_epoch": 1, "max_epochs": 1, "global_batch": 1}
+        hparams = {
+            "model": {"name": args["model"], "num_classes": dm.num_classes},
+            "optim": {},
+            "steps_per_epoch": 1,
+            "max_epochs": 1,
+            "global_batch": 1,
+        }
         ckpt = {"state_dict": {f"model.{k}": v for k, v in ckpt.items()}}
     else:
         hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "compile"}
     module = Classifier(**hparams).eval()
     if problem := mismatch(ckpt["state_dict"], module.state_dict()):
-        raise ConfigError(f"ckpt_path={path}: does not fit {hparams['model']['name']} with {dm.num_classes} classes "
-                          f"({problem})")
+        raise ConfigError(
+            f"ckpt_path={path}: does not fit {hparams['model']['name']} with {dm.num_classes} classes ({problem})"
+        )
     module.load_state_dict(ckpt["state_dict"])
     module.to(device)
     outputs, labels = [], []
@@ -120,10 +132,12 @@ def ensemble(args: dict) -> dict:
             raise ConfigError(f"probs: {f} does not exist; write it with alexnet-eval ckpt_path=... probs={f}")
     loaded = [np.load(f) for f in files]
     labels = loaded[0]["labels"]
-    for f, item in zip(files[1:], loaded[1:]):
+    for f, item in zip(files[1:], loaded[1:], strict=True):
         if item["probs"].shape != loaded[0]["probs"].shape or not np.array_equal(item["labels"], labels):
-            raise ConfigError(f"{f}: not the same images in the same order as {files[0]}; evaluate every run on "
-                              "the same data with the same loader")
+            raise ConfigError(
+                f"{f}: not the same images in the same order as {files[0]}; evaluate every run on "
+                "the same data with the same loader"
+            )
     probs = np.mean([item["probs"] for item in loaded], axis=0)
     log_probs = torch.from_numpy(np.log(np.maximum(probs, 1e-30)))
     return {"ensemble": files, **metrics(log_probs, torch.from_numpy(labels))}
@@ -140,8 +154,11 @@ def main(argv=None):
     else:
         result = evaluate(parse(argv))
     print(json.dumps(result), flush=True)
-    print(f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}  (errors {1 - result['val_top1']:.4f} / "
-          f"{1 - result['val_top5']:.4f}, {result['val_count']} images)", file=sys.stderr)
+    print(
+        f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}  (errors {1 - result['val_top1']:.4f} / "
+        f"{1 - result['val_top5']:.4f}, {result['val_count']} images)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

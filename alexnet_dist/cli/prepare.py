@@ -1,4 +1,5 @@
 """alexnet-prepare SOURCE --src DIR --out DIR: image folders, ImageNet, Fashion-MNIST or synthetic images to shards."""
+
 import argparse
 import os
 from pathlib import Path
@@ -11,21 +12,38 @@ from . import one_line_errors
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="alexnet-prepare", description=__doc__)
-    p.add_argument("source", choices=["imagefolder", "imagenet", "fashion-mnist", "synthetic", "stats"],
-                   help="stats: the mean image, channel means and colour axes of the shards in --out")
-    p.add_argument("--src", type=Path, help="input: SRC/train/<class>/* (imagefolder, imagenet: also SRC/train/<wnid>.tar) "
-                                            "or the IDX files' folder (fashion-mnist)")
-    p.add_argument("--val-labels", type=Path, help="imagenet with flat SRC/val/*.JPEG: the devkit's "
-                                                   "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it), "
-                                                   "LOC_val_solution.csv or one synset id per line "
-                                                   "(default SRC/LOC_val_solution.csv)")
+    p.add_argument(
+        "source",
+        choices=["imagefolder", "imagenet", "fashion-mnist", "synthetic", "stats"],
+        help="stats: the mean image, channel means and colour axes of the shards in --out",
+    )
+    p.add_argument(
+        "--src",
+        type=Path,
+        help="input: SRC/train/<class>/* (imagefolder, imagenet: also SRC/train/<wnid>.tar) "
+        "or the IDX files' folder (fashion-mnist)",
+    )
+    p.add_argument(
+        "--val-labels",
+        type=Path,
+        help="imagenet with flat SRC/val/*.JPEG: the devkit's "
+        "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it), "
+        "LOC_val_solution.csv or one synset id per line "
+        "(default SRC/LOC_val_solution.csv)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder for train/, val/ and manifest.json")
     p.add_argument("--resize", type=int, help="resize so the short side is this many pixels (the paper: 256)")
-    p.add_argument("--center-crop", action="store_true", help="after --resize, keep the central square (the paper's 256x256)")
+    p.add_argument(
+        "--center-crop", action="store_true", help="after --resize, keep the central square (the paper's 256x256)"
+    )
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     p.add_argument("--shard-size", type=int, default=5000, help="at most this many samples per shard")
-    p.add_argument("--min-shards", type=int, default=8,
-                   help="at least this many shards per split, so ranks x loader workers each get some (default 8)")
+    p.add_argument(
+        "--min-shards",
+        type=int,
+        default=8,
+        help="at least this many shards per split, so ranks x loader workers each get some (default 8)",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards (and draws synthetic images)")
     p.add_argument("--sample", type=int, default=10000, help="stats: training images to sample")
@@ -52,19 +70,36 @@ def main(argv=None):
     elif args.source == "fashion-mnist":
         src = args.src or sources.default_fashion_mnist_dir()
         if src is None:
-            raise DataError("fashion-mnist: no --src given and /usr/share/datasets/fashion-mnist is absent; "
-                            "install the Debian package dataset-fashion-mnist or pass --src DIR with the 4 IDX files")
+            raise DataError(
+                "fashion-mnist: no --src given and /usr/share/datasets/fashion-mnist is absent; "
+                "install the Debian package dataset-fashion-mnist or pass --src DIR with the 4 IDX files"
+            )
         source = sources.fashion_mnist(src)
     else:
         if args.src is None:
             raise DataError(f"{args.source} needs --src DIR (DIR/train/<class>/*.jpg and DIR/val/...)")
-        source = sources.imagefolder(args.src) if args.source == "imagefolder" else sources.imagenet(args.src, args.val_labels)
-    manifest = write_dataset(source, args.out, source_name=args.source, resize=args.resize,
-                             center_crop=args.center_crop, quality=args.quality, shard_size=args.shard_size,
-                             min_shards=args.min_shards, workers=args.workers, seed=args.seed)
+        source = (
+            sources.imagefolder(args.src)
+            if args.source == "imagefolder"
+            else sources.imagenet(args.src, args.val_labels)
+        )
+    manifest = write_dataset(
+        source,
+        args.out,
+        source_name=args.source,
+        resize=args.resize,
+        center_crop=args.center_crop,
+        quality=args.quality,
+        shard_size=args.shard_size,
+        min_shards=args.min_shards,
+        workers=args.workers,
+        seed=args.seed,
+    )
     for split, info in manifest["splits"].items():
-        print(f"{split}: {info['count']} images in {len(info['shards'])} shards"
-              + (f", {len(info['skipped'])} skipped (see manifest.json)" if info["skipped"] else ""))
+        print(
+            f"{split}: {info['count']} images in {len(info['shards'])} shards"
+            + (f", {len(info['skipped'])} skipped (see manifest.json)" if info["skipped"] else "")
+        )
     print(f"wrote {args.out / 'manifest.json'}")
 
 

@@ -1,5 +1,6 @@
 """alexnet-train [hydra overrides]: compose the config, wire data, model, loggers and trainer, fit,
 evaluate, and write results.json into the run directory."""
+
 import importlib.util
 import json
 import os
@@ -22,10 +23,15 @@ from ..config import validate
 from ..data.datamodule import ShardDataModule
 from ..errors import ConfigError, TrainingError
 from ..training.callbacks import SkippedImages, Throughput
-from ..training.pictures import Pictures
-from ..training.checkpoint import (LastCheckpoint, check_compatible, load_weights, resume_checkpoint,
-                                   set_aside_damaged_last)
+from ..training.checkpoint import (
+    LastCheckpoint,
+    check_compatible,
+    load_weights,
+    resume_checkpoint,
+    set_aside_damaged_last,
+)
 from ..training.module import Classifier
+from ..training.pictures import Pictures
 from ..training.preemption import Preemption
 from . import one_line_errors
 
@@ -53,9 +59,17 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
         os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
         # One W&B run per run directory: a resumed or requeued run continues the same id.
         wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{cfg.experiment_name}-{run_id}")
-        loggers.append(WandbLogger(save_dir=str(run_dir), project=cfg.logger.project, entity=cfg.logger.entity,
-                                   name=f"{cfg.experiment_name}/{run_id}", id=wandb_id, resume="allow",
-                                   config=OmegaConf.to_container(cfg, resolve=True)))
+        loggers.append(
+            WandbLogger(
+                save_dir=str(run_dir),
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                name=f"{cfg.experiment_name}/{run_id}",
+                id=wandb_id,
+                resume="allow",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
     elif cfg.logger.name != "csv":
         raise ConfigError(f"logger.name={cfg.logger.name}: unknown logger; choose logger=wandb or logger=csv")
     return loggers
@@ -64,11 +78,15 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
 def check_loader(cfg: DictConfig) -> None:
     """Loader settings that cannot work, refused before any model is built."""
     if cfg.loader.name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
-        raise ConfigError("loader=dali but NVIDIA DALI is not installed: pip install -e '.[dali]' "
-                          "(nvidia-dali-cuda120), or use loader=wds")
+        raise ConfigError(
+            "loader=dali but NVIDIA DALI is not installed: pip install -e '.[dali]' "
+            "(nvidia-dali-cuda120), or use loader=wds"
+        )
     if cfg.loader.get("dtype") == "bfloat16" and not str(cfg.trainer.precision).startswith("bf16"):
-        raise ConfigError(f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
-                          f"{cfg.trainer.precision}; or keep loader.dtype=float32")
+        raise ConfigError(
+            f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
+            f"{cfg.trainer.precision}; or keep loader.dtype=float32"
+        )
 
 
 def check_world(cfg: DictConfig) -> None:
@@ -79,8 +97,10 @@ def check_world(cfg: DictConfig) -> None:
     for key in ("batch_size", "val_batch_size"):
         batch = cfg.data[key]
         if batch and batch % (devices * nodes):
-            raise ConfigError(f"data.{key}={batch} is the global batch and must divide by the {devices * nodes} "
-                              f"processes (trainer.devices x trainer.num_nodes); pick a multiple of {devices * nodes}")
+            raise ConfigError(
+                f"data.{key}={batch} is the global batch and must divide by the {devices * nodes} "
+                f"processes (trainer.devices x trainer.num_nodes); pick a multiple of {devices * nodes}"
+            )
 
 
 def slurm_tasks() -> tuple[int, int] | None:
@@ -97,13 +117,17 @@ def slurm_tasks() -> tuple[int, int] | None:
 def check_launch(cfg: DictConfig, slurm: tuple[int, int] | None) -> None:
     """Every rank stops at once, before any collective, when the launch and the config disagree."""
     if slurm and (cfg.trainer.devices, cfg.trainer.num_nodes) != slurm:
-        raise ConfigError(f"trainer.devices={cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes} does not "
-                          f"match the SLURM job ({slurm[1]} nodes x {slurm[0]} tasks per node); launch/slurm/"
-                          "train.sbatch sets both from SLURM, or pass them to match")
+        raise ConfigError(
+            f"trainer.devices={cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes} does not "
+            f"match the SLURM job ({slurm[1]} nodes x {slurm[0]} tasks per node); launch/slurm/"
+            "train.sbatch sets both from SLURM, or pass them to match"
+        )
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if not slurm and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ and missing:
-        raise ConfigError(f"{' and '.join(missing)} not set for a distributed launch (WORLD_SIZE is); "
-                          "start with launch/torchrun.sh or set the rendezvous address")
+        raise ConfigError(
+            f"{' and '.join(missing)} not set for a distributed launch (WORLD_SIZE is); "
+            "start with launch/torchrun.sh or set the rendezvous address"
+        )
 
 
 def train(cfg: DictConfig) -> dict:
@@ -117,12 +141,19 @@ def train(cfg: DictConfig) -> dict:
     check_world(cfg)
     check_loader(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = ShardDataModule(**OmegaConf.to_container(cfg.data, resolve=True),
-                           loader=OmegaConf.to_container(cfg.loader), seed=cfg.seed)
-    module = Classifier(model={**OmegaConf.to_container(cfg.model), "num_classes": data.num_classes},
-                        optim=OmegaConf.to_container(cfg.optim), steps_per_epoch=data.steps_per_epoch(),
-                        max_epochs=cfg.trainer.max_epochs, global_batch=cfg.data.batch_size, seed=cfg.seed,
-                        channels_last=cfg.compute.channels_last, compile=cfg.compute.compile)
+    data = ShardDataModule(
+        **OmegaConf.to_container(cfg.data, resolve=True), loader=OmegaConf.to_container(cfg.loader), seed=cfg.seed
+    )
+    module = Classifier(
+        model={**OmegaConf.to_container(cfg.model), "num_classes": data.num_classes},
+        optim=OmegaConf.to_container(cfg.optim),
+        steps_per_epoch=data.steps_per_epoch(),
+        max_epochs=cfg.trainer.max_epochs,
+        global_batch=cfg.data.batch_size,
+        seed=cfg.seed,
+        channels_last=cfg.compute.channels_last,
+        compile=cfg.compute.compile,
+    )
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = resume_checkpoint(str(cfg.resume), ckpt_dir)
     if ckpt_path:
@@ -136,8 +167,14 @@ def train(cfg: DictConfig) -> dict:
         Pictures(run_dir / "pictures"),  # before the saver: the epoch-end checkpoint holds its curves
         saver,
         preemption,
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_top1", mode="max", save_top_k=1,
-                        auto_insert_metric_name=False),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor="val_top1",
+            mode="max",
+            save_top_k=1,
+            auto_insert_metric_name=False,
+        ),
         throughput,
         skipped_images,
     ]
@@ -152,8 +189,10 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except RuntimeError as exc:  # torch.distributed's errors included
         if any(sign in str(exc) for sign in PEER_LOST):
-            raise TrainingError(f"rank {trainer.global_rank}: another rank of this run failed or stopped answering "
-                                f"within ddp.timeout_s={cfg.ddp.timeout_s} (its error is above); stopping too") from None
+            raise TrainingError(
+                f"rank {trainer.global_rank}: another rank of this run failed or stopped answering "
+                f"within ddp.timeout_s={cfg.ddp.timeout_s} (its error is above); stopping too"
+            ) from None
         raise
     if preemption.preempted_at is not None:
         preemption.finish(trainer)
@@ -173,16 +212,25 @@ def comm_hook(name: str):
 def make_trainer(cfg: DictConfig, run_dir: Path, run_id: str, slurm, callbacks: list) -> pl.Trainer:
     args = OmegaConf.to_container(cfg.trainer)
     if args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
-        args["strategy"] = DDPStrategy(timeout=timedelta(seconds=cfg.ddp.timeout_s), bucket_cap_mb=cfg.ddp.bucket_cap_mb,
-                                       ddp_comm_hook=comm_hook(cfg.ddp.comm_hook))
+        args["strategy"] = DDPStrategy(
+            timeout=timedelta(seconds=cfg.ddp.timeout_s),
+            bucket_cap_mb=cfg.ddp.bucket_cap_mb,
+            ddp_comm_hook=comm_hook(cfg.ddp.comm_hook),
+        )
     if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
         args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
-    return pl.Trainer(**args, default_root_dir=str(run_dir), callbacks=callbacks,
-                      logger=make_loggers(cfg, run_dir, run_id), use_distributed_sampler=False)
+    return pl.Trainer(
+        **args,
+        default_root_dir=str(run_dir),
+        callbacks=callbacks,
+        logger=make_loggers(cfg, run_dir, run_id),
+        use_distributed_sampler=False,
+    )
 
 
-def report(trainer, cfg, run_dir: Path, run_id: str, metrics: dict, throughput, skipped_steps: int,
-           skipped_images: int) -> dict:
+def report(
+    trainer, cfg, run_dir: Path, run_id: str, metrics: dict, throughput, skipped_steps: int, skipped_images: int
+) -> dict:
     """results.json and the closing lines (rank zero writes and prints)."""
     results = {
         "run_id": run_id,
@@ -203,9 +251,12 @@ def report(trainer, cfg, run_dir: Path, run_id: str, metrics: dict, throughput, 
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        print(f"run directory: {run_dir}\nval top-1: {results['val_top1']:.4f}  top-5: {results['val_top5']:.4f}  "
-              f"({results['val_count']} images, {results['epochs']} epochs, {results['global_step']} steps, "
-              f"{results['train_images_per_sec']} img/s)", flush=True)
+        print(
+            f"run directory: {run_dir}\nval top-1: {results['val_top1']:.4f}  top-5: {results['val_top5']:.4f}  "
+            f"({results['val_count']} images, {results['epochs']} epochs, {results['global_step']} steps, "
+            f"{results['train_images_per_sec']} img/s)",
+            flush=True,
+        )
     return results
 
 

@@ -1,13 +1,14 @@
 """Constants and small helpers of the 2012 augmentation, shared by both loaders."""
+
 import numpy as np
 
 # The colour noise of section 4.1, Krizhevsky's ILSVRC-2012 values on the 0-255 scale
 # (cuda-convnet2 make-data/input_meta): standard deviations along the RGB principal axes, and
 # the axes as columns.
 PCA_STD = np.array([19.7208, 37.0939, 121.7801], np.float32)
-PCA_VECTORS = np.array([[0.41796, -0.71258, -0.56351],
-                        [-0.81698, -0.02354, -0.57618],
-                        [0.39731, 0.70120, -0.59200]], np.float32)
+PCA_VECTORS = np.array(
+    [[0.41796, -0.71258, -0.56351], [-0.81698, -0.02354, -0.57618], [0.39731, 0.70120, -0.59200]], np.float32
+)
 
 # The ten test views (section 4.1): four corners and the centre as (x, y) fractions of the free
 # space, then the same five mirrored.

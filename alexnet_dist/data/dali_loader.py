@@ -13,6 +13,7 @@ A corrupt image stops a DALI pipeline without naming the sample. The loader then
 dali_pipeline.py for the substitution switch), and either skips it, counted, or stops with the
 shard and key named (`bad_images=error`).
 """
+
 import re
 import sys
 import tarfile
@@ -77,14 +78,18 @@ def check_shards(shards: list[dict]) -> None:
     for shard in shards:
         tar, index = Path(shard["tar"]), Path(shard["tar"][:-4] + ".idx")
         if not index.exists():
-            raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds")
+            raise DataError(
+                f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds"
+            )
         with open(index, "rb") as f:  # the last line is enough: samples are in file order
             f.seek(max(0, index.stat().st_size - 4096))
             fields = f.read().decode().strip().splitlines()[-1].split()
         end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
         if end > tar.stat().st_size:
-            raise DataError(f"{tar}: {tar.stat().st_size} bytes but its index lists data up to byte {end}; the tar is "
-                            "truncated: re-create it with alexnet-prepare")
+            raise DataError(
+                f"{tar}: {tar.stat().st_size} bytes but its index lists data up to byte {end}; the tar is "
+                "truncated: re-create it with alexnet-prepare"
+            )
 
 
 def dali_reason(exc: Exception) -> str:
@@ -106,8 +111,10 @@ def build(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes | None =
             index, line = Path(found[1]), int(found[2])
             entry = index.read_text().splitlines()[line].split()  # DALI counts samples from 1 after the header
             parts = ", ".join(f".{entry[i]}" for i in range(0, len(entry), 4))
-            raise DataError(f"{index.with_suffix('.tar')}: sample {Path(entry[3]).stem} has only {parts} (needs .jpg "
-                            "and .cls); re-create the shard with alexnet-prepare") from None
+            raise DataError(
+                f"{index.with_suffix('.tar')}: sample {Path(entry[3]).stem} has only {parts} (needs .jpg "
+                "and .cls); re-create the shard with alexnet-prepare"
+            ) from None
         raise DataError(f"cannot read the shards ({reason}); re-create them with alexnet-prepare") from None
 
 
@@ -119,16 +126,25 @@ class DaliLoader:
     (epoch, batches already trained on) at the start of a pass.
     """
 
-    def __init__(self, spec_for, *, batches: int, num_classes: int, position_fn, device: torch.device,
-                 valid: int | None = None, strict: bool = False):
+    def __init__(
+        self,
+        spec_for,
+        *,
+        batches: int,
+        num_classes: int,
+        position_fn,
+        device: torch.device,
+        valid: int | None = None,
+        strict: bool = False,
+    ):
         self.spec_for, self.batches, self.valid = spec_for, batches, valid
         self.num_classes, self.position_fn, self.device = num_classes, position_fn, device
         self.strict = strict
         self.epoch = None
-        self.states = {}      # batches done in the current pass -> pipeline checkpoint
+        self.states = {}  # batches done in the current pass -> pipeline checkpoint
         self.pipe, self.spec, self.yielded = None, None, 0
         self.restored = None  # (epoch, batches done, world size, batch, checkpoint) from a training checkpoint
-        self.skipped = []     # "<tar>:<key> (reason)" of images skipped in this process
+        self.skipped = []  # "<tar>:<key> (reason)" of images skipped in this process
 
     def __len__(self) -> int:
         return self.batches
@@ -143,13 +159,23 @@ class DaliLoader:
             checkpoint = self.states[done]
         else:
             return {}
-        return {"epoch": epoch, "done": done, "world": self.spec.num_shards, "batch": self.spec.batch_size,
-                "dali": torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8)}
+        return {
+            "epoch": epoch,
+            "done": done,
+            "world": self.spec.num_shards,
+            "batch": self.spec.batch_size,
+            "dali": torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8),
+        }
 
     def restore(self, state: dict) -> None:
         if state:
-            self.restored = (state["epoch"], state["done"], state.get("world"), state.get("batch"),
-                             bytes(state["dali"].numpy().tobytes()))
+            self.restored = (
+                state["epoch"],
+                state["done"],
+                state.get("world"),
+                state.get("batch"),
+                bytes(state["dali"].numpy().tobytes()),
+            )
 
     def __iter__(self):
         epoch, done = self.position_fn()
@@ -166,8 +192,12 @@ class DaliLoader:
             if checkpoint is None:
                 raise
             # A saved state from another pipeline (the augmentation or device changed): replay.
-            print("warning: the loader state in the checkpoint does not fit this pipeline; replaying the "
-                  f"{done} batches of epoch {epoch} already trained on", file=sys.stderr, flush=True)
+            print(
+                "warning: the loader state in the checkpoint does not fit this pipeline; replaying the "
+                f"{done} batches of epoch {epoch} already trained on",
+                file=sys.stderr,
+                flush=True,
+            )
             checkpoint = None
             self.pipe = build(spec, Substitute(spec.batch_size))
         if done and checkpoint is None:  # no saved pipeline state (e.g. switched loaders): replay
@@ -191,12 +221,16 @@ class DaliLoader:
             image_error = "peek_image_shape" in str(exc) or ("decoders" in str(exc) and "Assert" not in str(exc))
             bad = self._find_bad(spec, iteration, before) if image_error else {}
             if not bad:
-                raise DataError(f"the DALI {spec.mode} pipeline stopped at batch {iteration}: {reason}; "
-                                "if it names a shard, re-create it with alexnet-prepare") from None
+                raise DataError(
+                    f"the DALI {spec.mode} pipeline stopped at batch {iteration}: {reason}; "
+                    "if it names a shard, re-create it with alexnet-prepare"
+                ) from None
             if self.strict:
                 where, why = next(w for masks in bad.values() for w in masks.values())
-                raise DataError(f"{where}: cannot decode image ({why}); re-create the shard with alexnet-prepare, "
-                                "or set loader.bad_images=skip to skip such images") from None
+                raise DataError(
+                    f"{where}: cannot decode image ({why}); re-create the shard with alexnet-prepare, "
+                    "or set loader.bad_images=skip to skip such images"
+                ) from None
             masks = {}
             for it, found in bad.items():
                 masks[it] = [pos in found for pos in range(spec.batch_size)]
@@ -226,7 +260,7 @@ class DaliLoader:
         labels = self._labels(cls, info)
         keep = ~np.asarray(swapped.as_array(), dtype=bool).reshape(-1)
         if self.valid is not None:  # the reader pads the last batch with copies of the last sample
-            keep[max(0, self.valid - iteration * spec.batch_size):] = False
+            keep[max(0, self.valid - iteration * spec.batch_size) :] = False
         batch = [to_torch(images, self.device), torch.from_numpy(labels)]
         batch += [torch.from_numpy(e.as_array().copy()) for e in extra]
         if spec.layout == "HWC":  # channels-last memory, NCHW shape
@@ -245,6 +279,8 @@ class DaliLoader:
             except (UnicodeDecodeError, ValueError):
                 raise DataError(f"{bytes(info.at(i)).decode()}: label {text[:20]!r} is not an integer") from None
             if not 0 <= labels[i] < self.num_classes:
-                raise DataError(f"{bytes(info.at(i)).decode()}: label {labels[i]} is outside 0..{self.num_classes - 1} "
-                                f"(the manifest lists {self.num_classes} classes); fix the shard or the manifest")
+                raise DataError(
+                    f"{bytes(info.at(i)).decode()}: label {labels[i]} is outside 0..{self.num_classes - 1} "
+                    f"(the manifest lists {self.num_classes} classes); fix the shard or the manifest"
+                )
         return labels

@@ -12,6 +12,7 @@ then with the switch on only for the bad ones, which skips them and leaves every
 and random draw as it was (see dali_loader.py). Checkpoints only restore into the very same
 graph, so the switch must always be there.
 """
+
 import io
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ def blank_jpeg(size: int) -> np.ndarray:
 @dataclass
 class PipelineSpec:
     """Everything that shapes one pipeline; `mode` is train, val or test (ten views)."""
+
     tars: list
     indexes: list
     mode: str
@@ -39,20 +41,20 @@ class PipelineSpec:
     shard_id: int = 0
     num_shards: int = 1
     seed: int = 0
-    device: str = "cpu"           # cpu | gpu
+    device: str = "cpu"  # cpu | gpu
     device_id: int | None = None  # CUDA device for device=gpu
     threads: int = 2
     prefetch: int = 2
     shuffle_buffer: int = 2000
-    augment: str = "paper"        # paper | modern
+    augment: str = "paper"  # paper | modern
     flip: bool = True
     val_resize: int | None = 256
-    colour_noise: float = 0.0     # the paper's 0.1; 0 is off
+    colour_noise: float = 0.0  # the paper's 0.1; 0 is off
     pca_std: tuple = tuple(PCA_STD.tolist())  # the colour axes' std devs and the axes (columns)
     pca_vectors: tuple = tuple(PCA_VECTORS.flatten().tolist())
-    layout: str = "CHW"           # CHW | HWC (channels-last once batched)
-    min_area: float = 0.08        # modern mode's random-resized-crop range
-    windows: bool = False         # training also outputs each crop's [left, top, mirrored]
+    layout: str = "CHW"  # CHW | HWC (channels-last once batched)
+    min_area: float = 0.08  # modern mode's random-resized-crop range
+    windows: bool = False  # training also outputs each crop's [left, top, mirrored]
 
 
 class Substitute:
@@ -79,19 +81,33 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
     decoder = "mixed" if gpu else "cpu"
     train = spec.mode == "train"
 
-    @pipeline_def(batch_size=spec.batch_size, num_threads=spec.threads, prefetch_queue_depth=spec.prefetch,
-                  device_id=spec.device_id if gpu else None, seed=spec.seed, enable_checkpointing=True,
-                  enable_conditionals=True)
+    @pipeline_def(
+        batch_size=spec.batch_size,
+        num_threads=spec.threads,
+        prefetch_queue_depth=spec.prefetch,
+        device_id=spec.device_id if gpu else None,
+        seed=spec.seed,
+        enable_checkpointing=True,
+        enable_conditionals=True,
+    )
     def pipeline():
         jpg, cls = fn.readers.webdataset(
-            paths=spec.tars, index_paths=spec.indexes, ext=["jpg", "cls"], name="Reader",
-            shard_id=spec.shard_id, num_shards=spec.num_shards, random_shuffle=train,
-            initial_fill=max(1, spec.shuffle_buffer), pad_last_batch=not train,
-            missing_component_behavior="error")
+            paths=spec.tars,
+            index_paths=spec.indexes,
+            ext=["jpg", "cls"],
+            name="Reader",
+            shard_id=spec.shard_id,
+            num_shards=spec.num_shards,
+            random_shuffle=train,
+            initial_fill=max(1, spec.shuffle_buffer),
+            pad_last_batch=not train,
+            missing_component_behavior="error",
+        )
         info = fn.get_property(jpg, key="source_info")
         swap = fn.external_source(source=substitute, batch=True, batch_info=True)
-        blank = fn.permute_batch(types.Constant(blank_jpeg(max(spec.crop, spec.val_resize or 0))),
-                                 indices=[0] * spec.batch_size)
+        blank = fn.permute_batch(
+            types.Constant(blank_jpeg(max(spec.crop, spec.val_resize or 0))), indices=[0] * spec.batch_size
+        )
         if swap:
             encoded = blank
         else:
@@ -113,17 +129,29 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
                 # (DALI rounds the drawn position to the nearest), so the data module can cut
                 # the mean image at the very same place; only that window is decoded.
                 height, width = (fn.peek_image_shape(encoded)[i] for i in (0, 1))
-                x, y = (fn.cast(fn.random.uniform(range=(0.0, 1.0)) * (free + 0.9998) - 0.4999, dtype=types.INT32)
-                        for free in (width - spec.crop, height - spec.crop))
+                x, y = (
+                    fn.cast(fn.random.uniform(range=(0.0, 1.0)) * (free + 0.9998) - 0.4999, dtype=types.INT32)
+                    for free in (width - spec.crop, height - spec.crop)
+                )
                 images = fn.decoders.image_crop(
-                    encoded, device=decoder, output_type=types.RGB, crop=(spec.crop, spec.crop),
-                    crop_pos_x=x / dmath.max(width - spec.crop, 1), crop_pos_y=y / dmath.max(height - spec.crop, 1))
+                    encoded,
+                    device=decoder,
+                    output_type=types.RGB,
+                    crop=(spec.crop, spec.crop),
+                    crop_pos_x=x / dmath.max(width - spec.crop, 1),
+                    crop_pos_y=y / dmath.max(height - spec.crop, 1),
+                )
                 if spec.windows:
                     window = fn.stack(x, y, fn.cast(mirror, dtype=types.INT32) if spec.flip else x * 0)
             else:
                 images = fn.decoders.image_random_crop(
-                    encoded, device=decoder, output_type=types.RGB, random_area=[spec.min_area, 1.0],
-                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                    encoded,
+                    device=decoder,
+                    output_type=types.RGB,
+                    random_area=[spec.min_area, 1.0],
+                    random_aspect_ratio=[3 / 4, 4 / 3],
+                    num_attempts=10,
+                )
                 images = fn.resize(images, size=[spec.crop, spec.crop])
             images = fn.crop_mirror_normalize(images, mirror=mirror, **layout)
             # The colour shift 0.1 * V (z * s) of section 4.1, one per image (z ~ N(0, I3)), added
@@ -138,8 +166,11 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
         if spec.mode == "val":
             images = fn.crop_mirror_normalize(images, crop_pos_x=0.5, crop_pos_y=0.5, **window)
         else:
-            views = [fn.crop_mirror_normalize(images, crop_pos_x=x, crop_pos_y=y, mirror=m, **window)
-                     for m in (0, 1) for x, y in TEN_VIEWS]
+            views = [
+                fn.crop_mirror_normalize(images, crop_pos_x=x, crop_pos_y=y, mirror=m, **window)
+                for m in (0, 1)
+                for x, y in TEN_VIEWS
+            ]
             images = fn.stack(*views)
         return images, cls, info, swap
 

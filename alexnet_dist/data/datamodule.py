@@ -1,6 +1,7 @@
 """The LightningDataModule: reads the manifest, splits the global batch over ranks, builds the
 configured loader (DALI or webdataset + PIL), and normalises their uint8 batches on the training
 device."""
+
 import random
 import zlib
 from pathlib import Path
@@ -20,11 +21,25 @@ LOADERS = ("dali", "wds")
 
 
 class ShardDataModule(pl.LightningDataModule):
-    def __init__(self, root: str, batch_size: int, crop: int, val_resize: int | None = None,
-                 mean: list | None = None, std: list | None = None, flip: bool = True,
-                 loader: dict | None = None, seed: int = 0, val_batch_size: int | None = None,
-                 augment: str = "paper", colour_noise: float = 0.0, colour_noise_until_epoch: int | None = None,
-                 train_scale: float = 1.0, test_views: int = 1, mean_image: bool = False):
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        crop: int,
+        val_resize: int | None = None,
+        mean: list | None = None,
+        std: list | None = None,
+        flip: bool = True,
+        loader: dict | None = None,
+        seed: int = 0,
+        val_batch_size: int | None = None,
+        augment: str = "paper",
+        colour_noise: float = 0.0,
+        colour_noise_until_epoch: int | None = None,
+        train_scale: float = 1.0,
+        test_views: int = 1,
+        mean_image: bool = False,
+    ):
         super().__init__()
         self.root = Path(root).expanduser().resolve()
         self.manifest = read_manifest(self.root)  # fails early, before any model is built
@@ -37,7 +52,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.augment, self.colour_noise, self.noise_until = augment, colour_noise, colour_noise_until_epoch
         self.train_scale, self.test_views = train_scale, test_views
         if test_views not in (1, 10):
-            raise ConfigError(f"data.test_views={test_views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
+            raise ConfigError(
+                f"data.test_views={test_views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)"
+            )
         self.loaders = {}  # by mode, as last built
         self.last_train_images = None
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
@@ -53,13 +70,19 @@ class ShardDataModule(pl.LightningDataModule):
         """The 2012 code's per-pixel mean (3, S, S), subtracted at each crop's own window."""
         path, size = self.root / "mean_image.npy", self.manifest.get("image_size")
         if not path.exists():
-            raise ConfigError(f"data.mean_image=true but {path} is missing; run alexnet-prepare stats --out {self.root}")
+            raise ConfigError(
+                f"data.mean_image=true but {path} is missing; run alexnet-prepare stats --out {self.root}"
+            )
         if not size or size[0] != size[1] or self.val_resize not in (None, size[0]) or self.augment != "paper":
-            raise ConfigError("data.mean_image=true needs square shards (alexnet-prepare --resize S --center-crop), "
-                              "data.val_resize null or S, and data.augment=paper")
+            raise ConfigError(
+                "data.mean_image=true needs square shards (alexnet-prepare --resize S --center-crop), "
+                "data.val_resize null or S, and data.augment=paper"
+            )
         image = torch.from_numpy(np.load(path)).permute(2, 0, 1).float()
         if tuple(image.shape[1:]) != (size[1], size[0]):
-            raise ConfigError(f"{path}: {tuple(image.shape[1:])} but the shards hold {size} images; re-run alexnet-prepare stats")
+            raise ConfigError(
+                f"{path}: {tuple(image.shape[1:])} but the shards hold {size} images; re-run alexnet-prepare stats"
+            )
         return image
 
     def mean_windows(self, left: torch.Tensor, top: torch.Tensor, mirrored: torch.Tensor, device) -> torch.Tensor:
@@ -95,23 +118,29 @@ class ShardDataModule(pl.LightningDataModule):
     def per_rank_batch(self, global_batch: int) -> int:
         _, world = self.world()
         if global_batch % world:
-            raise ConfigError(f"data.batch_size={global_batch} is the global batch and must divide by the "
-                              f"world size {world}; pick a multiple of {world}")
+            raise ConfigError(
+                f"data.batch_size={global_batch} is the global batch and must divide by the "
+                f"world size {world}; pick a multiple of {world}"
+            )
         return global_batch // world
 
     def steps_per_epoch(self) -> int:
         steps = self.split_count("train") // self.global_batch
         if steps == 0:
-            raise ConfigError(f"data.batch_size={self.global_batch} is larger than the training set "
-                              f"({self.split_count('train')} images); use a smaller batch")
+            raise ConfigError(
+                f"data.batch_size={self.global_batch} is larger than the training set "
+                f"({self.split_count('train')} images); use a smaller batch"
+            )
         return steps
 
     def _shards(self, split: str) -> list[dict]:
         _, world = self.world()
         shards = [dict(s, tar=str(self.root / s["tar"])) for s in self.manifest["splits"][split]["shards"]]
         if len(shards) < world:
-            raise DataError(f"{self.root}: {split} has {len(shards)} shards for {world} ranks; every rank needs "
-                            f"one: re-run alexnet-prepare with --min-shards {world} (or more)")
+            raise DataError(
+                f"{self.root}: {split} has {len(shards)} shards for {world} ranks; every rank needs "
+                f"one: re-run alexnet-prepare with --min-shards {world} (or more)"
+            )
         return shards
 
     def _stream(self, split: str, mode: str, global_batch: int):
@@ -126,19 +155,36 @@ class ShardDataModule(pl.LightningDataModule):
         shards = self._shards(split)
         wanted = int(self.loader_cfg.get("workers", 1))
         workers = max(1, min(wanted, len(shards) // world))  # every worker must own a shard
-        dataset = ShardStream(shards, train=train, batch_size=self.per_rank_batch(global_batch),
-                              num_classes=self.num_classes, crop=self.crop,
-                              resize=None if train else self.val_resize, rank=rank, world=world,
-                              workers=workers, seed=self.seed, flip=self.flip,
-                              steps_per_epoch=self.steps_per_epoch() if train else None,
-                              shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)), augment=self.augment,
-                              colour_noise=self.colour_noise, noise_until=self.noise_until,
-                              views=10 if mode == "test" and self.test_views == 10 else 1, pca=self.pca,
-                              windows=train and self.mean_image is not None)
+        dataset = ShardStream(
+            shards,
+            train=train,
+            batch_size=self.per_rank_batch(global_batch),
+            num_classes=self.num_classes,
+            crop=self.crop,
+            resize=None if train else self.val_resize,
+            rank=rank,
+            world=world,
+            workers=workers,
+            seed=self.seed,
+            flip=self.flip,
+            steps_per_epoch=self.steps_per_epoch() if train else None,
+            shuffle_buffer=int(self.loader_cfg.get("shuffle_buffer", 2000)),
+            augment=self.augment,
+            colour_noise=self.colour_noise,
+            noise_until=self.noise_until,
+            views=10 if mode == "test" and self.test_views == 10 else 1,
+            pca=self.pca,
+            windows=train and self.mean_image is not None,
+        )
         position = self.position if train else (lambda: (0, 0))
-        return EpochLoader(dataset, position, seed=self.seed, num_workers=workers if wanted > 0 else 0,
-                           pin_memory=torch.cuda.is_available(),
-                           prefetch_factor=int(self.loader_cfg.get("prefetch", 2)) if wanted > 0 else None)
+        return EpochLoader(
+            dataset,
+            position,
+            seed=self.seed,
+            num_workers=workers if wanted > 0 else 0,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=int(self.loader_cfg.get("prefetch", 2)) if wanted > 0 else None,
+        )
 
     default_device = torch.device("cpu")  # where batches go without a trainer (benchmarks)
 
@@ -169,17 +215,28 @@ class ShardDataModule(pl.LightningDataModule):
             if train:  # a new tar order and a new slice of it for every rank each epoch
                 random.Random(f"{self.seed}-{epoch}").shuffle(order)
             return PipelineSpec(
-                tars=[s["tar"] for s in order], indexes=[s["tar"][:-4] + ".idx" for s in order], mode=mode,
-                batch_size=batch, crop=self.crop,
-                shard_id=(rank + epoch) % world if train else rank, num_shards=world,
+                tars=[s["tar"] for s in order],
+                indexes=[s["tar"][:-4] + ".idx" for s in order],
+                mode=mode,
+                batch_size=batch,
+                crop=self.crop,
+                shard_id=(rank + epoch) % world if train else rank,
+                num_shards=world,
                 seed=zlib.crc32(f"{self.seed}-{epoch}-{rank}-{mode}".encode()) & 0x7FFFFFFF,
-                device=device, device_id=target.index if device == "gpu" else None,
-                threads=int(cfg.get("threads", 2)), prefetch=int(cfg.get("prefetch", 2)),
-                shuffle_buffer=int(cfg.get("shuffle_buffer", 2000)), augment=self.augment, flip=self.flip,
-                val_resize=self.val_resize, colour_noise=noise_at(self.colour_noise, self.noise_until, epoch),
+                device=device,
+                device_id=target.index if device == "gpu" else None,
+                threads=int(cfg.get("threads", 2)),
+                prefetch=int(cfg.get("prefetch", 2)),
+                shuffle_buffer=int(cfg.get("shuffle_buffer", 2000)),
+                augment=self.augment,
+                flip=self.flip,
+                val_resize=self.val_resize,
+                colour_noise=noise_at(self.colour_noise, self.noise_until, epoch),
                 layout=layout,
-                pca_std=tuple(self.pca[0].tolist()), pca_vectors=tuple(np.asarray(self.pca[1]).flatten().tolist()),
-                windows=train and self.mean_image is not None)
+                pca_std=tuple(self.pca[0].tolist()),
+                pca_vectors=tuple(np.asarray(self.pca[1]).flatten().tolist()),
+                windows=train and self.mean_image is not None,
+            )
 
         count = self.split_count(split)
         if train:
@@ -188,9 +245,15 @@ class ShardDataModule(pl.LightningDataModule):
             start, end = shard_range(count, rank, world)
             valid = end - start
             batches = -(-valid // batch)
-        loader = DaliLoader(spec_for, batches=batches, valid=valid, num_classes=self.num_classes,
-                            position_fn=self.position if train else (lambda: (0, 0)),
-                            device=target if device == "gpu" else torch.device("cpu"), strict=cfg.get("bad_images", "skip") == "error")
+        loader = DaliLoader(
+            spec_for,
+            batches=batches,
+            valid=valid,
+            num_classes=self.num_classes,
+            position_fn=self.position if train else (lambda: (0, 0)),
+            device=target if device == "gpu" else torch.device("cpu"),
+            strict=cfg.get("bad_images", "skip") == "error",
+        )
         if train and self.loader_states:
             loader.restore(self.loader_states[min(rank, len(self.loader_states) - 1)])
         return loader
@@ -202,9 +265,11 @@ class ShardDataModule(pl.LightningDataModule):
         if side is None or (not train and self.val_resize):
             return
         if side < self.crop:
-            raise ConfigError(f"data.crop={self.crop} is larger than the smallest stored image side ({side} px) of "
-                              f"{self.root}; lower data.crop, or re-run alexnet-prepare with --resize {self.crop} or more "
-                              "(or use loader=wds, which enlarges small images)")
+            raise ConfigError(
+                f"data.crop={self.crop} is larger than the smallest stored image side ({side} px) of "
+                f"{self.root}; lower data.crop, or re-run alexnet-prepare with --resize {self.crop} or more "
+                "(or use loader=wds, which enlarges small images)"
+            )
 
     def position(self) -> tuple[int, int]:
         """(epoch, batches of it already trained on), from the trainer's global step: the one

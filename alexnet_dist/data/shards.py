@@ -4,6 +4,7 @@ A shard is a plain tar. Beside each tar lies the index file DALI's webdataset re
 seek to samples ("v1.2 <count>" then one line per sample: ext offset size name ...), written
 from the offsets we know while writing, so no separate wds2idx pass is needed.
 """
+
 import hashlib
 import io
 import json
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from .sources import Sample, Source
-from .wds_loader import center_crop as crop_center, resize_short
+from .wds_loader import center_crop as crop_center
+from .wds_loader import resize_short
 
 MANIFEST = "manifest.json"
 
@@ -93,9 +95,16 @@ def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality,
     os.replace(tmp, path)
     idx = path.with_suffix(".idx")
     idx.write_text(f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
-    result = {"count": len(index_lines), "skipped": skipped, "sizes": sorted(sizes), "sums": sums.tolist(),
-              "squares": sq.tolist(), "pixels": pixels, "labels": {str(k): v for k, v in labels.items()},
-              "plan": plan_digest(samples)}
+    result = {
+        "count": len(index_lines),
+        "skipped": skipped,
+        "sizes": sorted(sizes),
+        "sums": sums.tolist(),
+        "squares": sq.tolist(),
+        "pixels": pixels,
+        "labels": {str(k): v for k, v in labels.items()},
+        "plan": plan_digest(samples),
+    }
     # Written last: a shard with its .json beside it is finished, and a re-run keeps it.
     done = path.with_suffix(".json.tmp")
     done.write_text(json.dumps(result))
@@ -130,10 +139,15 @@ def verify_split(out: Path, split: str, shards: list[dict], expected: dict) -> N
                     found[label] = found.get(label, 0) + 1
     if found != expected:
         wrong = sorted(set(found) | set(expected), key=lambda k: int(k))
-        diff = [f"class {k}: {found.get(k, 0)} in the shards, {expected.get(k, 0)} written" for k in wrong
-                if found.get(k, 0) != expected.get(k, 0)]
-        raise DataError(f"{out / split}: verification failed ({'; '.join(diff[:3])}); delete {out / split} and "
-                        "re-run alexnet-prepare")
+        diff = [
+            f"class {k}: {found.get(k, 0)} in the shards, {expected.get(k, 0)} written"
+            for k in wrong
+            if found.get(k, 0) != expected.get(k, 0)
+        ]
+        raise DataError(
+            f"{out / split}: verification failed ({'; '.join(diff[:3])}); delete {out / split} and "
+            "re-run alexnet-prepare"
+        )
 
 
 def _clean_key(key: str) -> str:
@@ -141,25 +155,43 @@ def _clean_key(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", key)
 
 
-def write_dataset(source: Source, out: Path, *, source_name: str, resize: int | None = None,
-                  center_crop: bool = False, quality: int = 90, shard_size: int = 5000,
-                  min_shards: int = 8, workers: int = 1, seed: int = 0, progress: bool = True) -> dict:
+def write_dataset(
+    source: Source,
+    out: Path,
+    *,
+    source_name: str,
+    resize: int | None = None,
+    center_crop: bool = False,
+    quality: int = 90,
+    shard_size: int = 5000,
+    min_shards: int = 8,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Shuffles each split (so every shard holds a mix of classes), cuts it into shards of at
     most `shard_size` samples and at least `min_shards` shards (so several ranks and loader
     workers each get some), writes them, then manifest.json."""
     out = Path(out)
-    manifest = {"version": 1, "source": source_name, "classes": source.classes,
-                "num_classes": len(source.classes), "splits": {}}
+    manifest = {
+        "version": 1,
+        "source": source_name,
+        "classes": source.classes,
+        "num_classes": len(source.classes),
+        "splits": {},
+    }
     all_sizes = set()
     for split, samples in source.splits.items():
         samples = [Sample(_clean_key(s.key), s.load, s.label) for s in samples]
         if len({s.key for s in samples}) != len(samples):
-            raise DataError(f"{split}: two images map to the same shard key; rename files that differ only in punctuation")
+            raise DataError(
+                f"{split}: two images map to the same shard key; rename files that differ only in punctuation"
+            )
         random.Random(seed).shuffle(samples)
         n_shards = max(math.ceil(len(samples) / shard_size), min(min_shards, len(samples)))
         per = math.ceil(len(samples) / n_shards)
         (out / split).mkdir(parents=True, exist_ok=True)
-        plan = [(out / split / f"{i:06d}.tar", samples[i * per:(i + 1) * per]) for i in range(n_shards)]
+        plan = [(out / split / f"{i:06d}.tar", samples[i * per : (i + 1) * per]) for i in range(n_shards)]
         plan = [(p, s) for p, s in plan if s]
         shards, skipped, total = [], [], 0
         sums, sq, pixels = np.zeros(3), np.zeros(3), 0
@@ -167,14 +199,21 @@ def write_dataset(source: Source, out: Path, *, source_name: str, resize: int | 
         class_counts = {}
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
             # Resumable: shards an earlier run finished with the same samples are kept.
-            futures = [finished_shard(path, chunk) or
-                       pool.submit(write_shard, path, chunk, resize, center_crop, quality, split == "train")
-                       for path, chunk in plan]
-            for (path, chunk), future in zip(plan, futures):
+            futures = [
+                finished_shard(path, chunk)
+                or pool.submit(write_shard, path, chunk, resize, center_crop, quality, split == "train")
+                for path, chunk in plan
+            ]
+            for (path, chunk), future in zip(plan, futures, strict=True):
                 r = future if isinstance(future, dict) else future.result()
                 bar.update(len(chunk))
-                shards.append({"tar": f"{split}/{path.name}", "index": f"{split}/{path.with_suffix('.idx').name}",
-                               "count": r["count"]})
+                shards.append(
+                    {
+                        "tar": f"{split}/{path.name}",
+                        "index": f"{split}/{path.with_suffix('.idx').name}",
+                        "count": r["count"],
+                    }
+                )
                 skipped += r["skipped"]
                 total += r["count"]
                 all_sizes |= {tuple(size) for size in r["sizes"]}
@@ -183,8 +222,12 @@ def write_dataset(source: Source, out: Path, *, source_name: str, resize: int | 
                     class_counts[label] = class_counts.get(label, 0) + n
         bar.close()
         verify_split(out, split, shards, class_counts)
-        manifest["splits"][split] = {"count": total, "shards": shards, "skipped": skipped,
-                                     "class_counts": dict(sorted(class_counts.items(), key=lambda kv: int(kv[0])))}
+        manifest["splits"][split] = {
+            "count": total,
+            "shards": shards,
+            "skipped": skipped,
+            "class_counts": dict(sorted(class_counts.items(), key=lambda kv: int(kv[0]))),
+        }
         if split == "train" and pixels:
             mean = sums / pixels
             manifest["mean"] = [round(float(v), 3) for v in mean]
@@ -202,11 +245,15 @@ def read_manifest(root: Path) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not root.exists():
-        raise DataError(f"data.root={root}: no such directory; make shards with "
-                        f"`alexnet-prepare SOURCE --out {root}` or point data.root at them")
+        raise DataError(
+            f"data.root={root}: no such directory; make shards with "
+            f"`alexnet-prepare SOURCE --out {root}` or point data.root at them"
+        )
     if not path.exists():
-        raise DataError(f"{path}: missing; {root} holds no shards made by alexnet-prepare "
-                        f"(run `alexnet-prepare SOURCE --out {root}`)")
+        raise DataError(
+            f"{path}: missing; {root} holds no shards made by alexnet-prepare "
+            f"(run `alexnet-prepare SOURCE --out {root}`)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

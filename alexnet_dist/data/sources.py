@@ -4,13 +4,14 @@ Each source gives the class names and, per split, a list of samples. A sample is
 (key, load, label) where load() returns a PIL image or the encoded bytes of a file; the list
 is built without decoding anything so a large folder costs only a directory walk.
 """
+
 import gzip
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -18,8 +19,18 @@ from PIL import Image
 from ..errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -47,8 +58,9 @@ def imagefolder(src: Path) -> Source:
     """SRC/train/<class>/<image> and SRC/val/<class>/<image>; classes are train's sorted folders."""
     src = Path(src)
     if not (src / "train").is_dir():
-        raise DataError(f"{src}/train: no such folder; imagefolder wants SRC/train/<class>/*.jpg "
-                        "(and SRC/val/<class>/*.jpg)")
+        raise DataError(
+            f"{src}/train: no such folder; imagefolder wants SRC/train/<class>/*.jpg (and SRC/val/<class>/*.jpg)"
+        )
     classes = sorted(d.name for d in (src / "train").iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{src}/train: no class sub-folders; put each class's images in SRC/train/<class>/")
@@ -69,8 +81,11 @@ def _class_tar(path: Path, label: int) -> list[Sample]:
     import tarfile
 
     with tarfile.open(path) as tar:
-        return [Sample(f"{path.stem}/{Path(m.name).stem}", partial(_read_member, path, m.offset_data, m.size), label)
-                for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        return [
+            Sample(f"{path.stem}/{Path(m.name).stem}", partial(_read_member, path, m.offset_data, m.size), label)
+            for m in tar.getmembers()
+            if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES
+        ]
 
 
 def _val_labels(path: Path, names: list[str], index: dict) -> dict:
@@ -84,18 +99,22 @@ def _val_labels(path: Path, names: list[str], index: dict) -> dict:
         synsets = _devkit_synsets(path.parent / "meta.mat")
         if len(lines) != len(names):
             raise DataError(f"{path}: {len(lines)} labels for {len(names)} validation images")
-        table = dict(zip(names, (synsets.get(int(line)) for line in lines)))
+        table = dict(zip(names, (synsets.get(int(line)) for line in lines), strict=True))
     else:
         if len(lines) != len(names):
-            raise DataError(f"{path}: {len(lines)} labels for {len(names)} validation images; one synset id per "
-                            "image, in the sorted order of the file names")
-        table = dict(zip(names, lines))
+            raise DataError(
+                f"{path}: {len(lines)} labels for {len(names)} validation images; one synset id per "
+                "image, in the sorted order of the file names"
+            )
+        table = dict(zip(names, lines, strict=True))
     labels = {}
     for name in names:
         wnid = table.get(name)
         if wnid not in index:
-            raise DataError(f"{path}: {'no label' if wnid is None else f'synset {wnid} (not a train class)'} "
-                            f"for validation image {name}")
+            raise DataError(
+                f"{path}: {'no label' if wnid is None else f'synset {wnid} (not a train class)'} "
+                f"for validation image {name}"
+            )
         labels[name] = index[wnid]
     return labels
 
@@ -103,12 +122,16 @@ def _val_labels(path: Path, names: list[str], index: dict) -> dict:
 def _devkit_synsets(meta: Path) -> dict:
     """{ILSVRC2012_ID: WNID} from the devkit's data/meta.mat (the ids of the ground-truth file)."""
     if not meta.exists():
-        raise DataError(f"{meta}: missing; the numeric ground truth needs the devkit's meta.mat beside it "
-                        "(ILSVRC2012_devkit_t12/data/)")
+        raise DataError(
+            f"{meta}: missing; the numeric ground truth needs the devkit's meta.mat beside it "
+            "(ILSVRC2012_devkit_t12/data/)"
+        )
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise DataError(f"{meta}: reading it needs scipy: pip install scipy (or the extra alexnet_dist[imagenet])") from None
+        raise DataError(
+            f"{meta}: reading it needs scipy: pip install scipy (or the extra alexnet_dist[imagenet])"
+        ) from None
     synsets = loadmat(meta, squeeze_me=True)["synsets"]
     return {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets}
 
@@ -142,9 +165,11 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
         files = sorted(f for f in val.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         labels_file = val_labels or src / "LOC_val_solution.csv"
         if not labels_file.exists():
-            raise DataError(f"{val} holds flat images but {labels_file} is missing; pass --val-labels FILE (the devkit's "
-                            "ILSVRC2012_validation_ground_truth.txt, LOC_val_solution.csv, or one synset id per line) "
-                            "or use per-class val folders")
+            raise DataError(
+                f"{val} holds flat images but {labels_file} is missing; pass --val-labels FILE (the devkit's "
+                "ILSVRC2012_validation_ground_truth.txt, LOC_val_solution.csv, or one synset id per line) "
+                "or use per-class val folders"
+            )
         labels = _val_labels(labels_file, [f.stem for f in files], index)
         splits["val"] = [Sample(f"val/{f.stem}", partial(_read_file, f), labels[f.stem]) for f in files]
     return Source(classes, splits)
@@ -152,16 +177,21 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
 
 def class_folder(folder: Path, label: int) -> list[Sample]:
     """The images of one class folder, keyed <class>/<file stem>."""
-    return [Sample(f"{folder.name}/{f.stem}", partial(_read_file, f), label)
-            for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    return [
+        Sample(f"{folder.name}/{f.stem}", partial(_read_file, f), label)
+        for f in sorted(folder.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
 
 
 def imagefolder_split(root: Path, index: dict) -> list[Sample]:
     samples = []
     for cdir in sorted(d for d in root.iterdir() if d.is_dir()):
         if cdir.name not in index:
-            raise DataError(f"{cdir}: class '{cdir.name}' is not among the train classes; "
-                            "every val class needs a train folder of the same name")
+            raise DataError(
+                f"{cdir}: class '{cdir.name}' is not among the train classes; "
+                "every val class needs a train folder of the same name"
+            )
         samples += class_folder(cdir, index[cdir.name])
     if not samples:
         raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -176,7 +206,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise DataError(f"{path}: holds {body.size} bytes, header says {shape}; the file is truncated")
@@ -196,14 +226,18 @@ def fashion_mnist(src: Path) -> Source:
             if not p.exists() and p.with_suffix("").exists():
                 p = p.with_suffix("")
             if not p.exists():
-                raise DataError(f"{src / images_name.replace('.gz', '')}[.gz] or its labels file is missing; "
-                                f"put the four Fashion-MNIST IDX files ({', '.join(n for pair in FASHION_MNIST_FILES.values() for n in pair)}) in {src}")
+                names = ", ".join(n for pair in FASHION_MNIST_FILES.values() for n in pair)
+                raise DataError(
+                    f"{src / images_name.replace('.gz', '')}[.gz] or its labels file is missing; "
+                    f"put the four Fashion-MNIST IDX files ({names}) in {src}"
+                )
         paths = [p if p.exists() else p.with_suffix("") for p in paths]
         images, labels = _read_idx(paths[0]), _read_idx(paths[1])
         if len(images) != len(labels):
             raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
-        splits[split] = [Sample(f"{split}-{i:06d}", partial(_gray, images[i]), int(labels[i]))
-                         for i in range(len(images))]
+        splits[split] = [
+            Sample(f"{split}-{i:06d}", partial(_gray, images[i]), int(labels[i])) for i in range(len(images))
+        ]
     return Source(FASHION_MNIST_CLASSES, splits)
 
 
@@ -222,14 +256,19 @@ def synthetic_image(label: int, num_classes: int, size: int, seed: int) -> Image
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="RGB")
 
 
-def synthetic(num_classes: int = 10, train_count: int = 2000, val_count: int = 500, size: int = 32,
-              seed: int = 0) -> Source:
+def synthetic(
+    num_classes: int = 10, train_count: int = 2000, val_count: int = 500, size: int = 32, seed: int = 0
+) -> Source:
     splits = {}
     for split, count, offset in [("train", train_count, 0), ("val", val_count, 10**7)]:
-        splits[split] = [Sample(f"{split}-{i:06d}",
-                                partial(synthetic_image, i % num_classes, num_classes, size, seed * 10**8 + offset + i),
-                                i % num_classes)
-                         for i in range(count)]
+        splits[split] = [
+            Sample(
+                f"{split}-{i:06d}",
+                partial(synthetic_image, i % num_classes, num_classes, size, seed * 10**8 + offset + i),
+                i % num_classes,
+            )
+            for i in range(count)
+        ]
     return Source([f"class{c:03d}" for c in range(num_classes)], splits)
 
 

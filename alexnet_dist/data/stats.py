@@ -3,6 +3,7 @@ channel means and standard deviations, and the principal axes of RGB colour (sec
 colour noise), from a sample of the shards. Saved beside manifest.json as stats.json and
 mean_image.npy / mean_image.png; the loaders use the axes for the colour noise when stats.json
 exists, Krizhevsky's own values otherwise."""
+
 import io
 import json
 import tarfile
@@ -57,9 +58,13 @@ def compute_stats(root: Path, count: int = 10000, size: int = 256) -> dict:
     covariance = outer_sum / pixels - np.outer(mean, mean)
     variances, vectors = np.linalg.eigh(covariance)  # ascending, as Krizhevsky's values are listed
     vectors *= np.where(vectors.sum(0) < 0, -1, 1)  # a sign convention, so reruns agree
-    stats = {"images": n, "channel_mean": mean.round(3).tolist(),
-             "channel_std": np.sqrt(np.diag(covariance)).round(3).tolist(),
-             "pca_std": np.sqrt(np.maximum(variances, 0)).round(4).tolist(), "pca_vectors": vectors.round(5).tolist()}
+    stats = {
+        "images": n,
+        "channel_mean": mean.round(3).tolist(),
+        "channel_std": np.sqrt(np.diag(covariance)).round(3).tolist(),
+        "pca_std": np.sqrt(np.maximum(variances, 0)).round(4).tolist(),
+        "pca_vectors": vectors.round(5).tolist(),
+    }
     mean_image = image_sum / n
     np.save(root / "mean_image.npy", mean_image.astype(np.float32))
     Image.fromarray(mean_image.round().astype(np.uint8)).save(root / "mean_image.png")

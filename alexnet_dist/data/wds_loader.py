@@ -9,6 +9,7 @@ shards round and round, reshuffled every pass, until it has produced its share o
 Validation reads each sample exactly once across all ranks; the counts may differ by rank
 because the metrics are summed across ranks once, at the end of the epoch.
 """
+
 import io
 import math
 import os
@@ -35,8 +36,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise DataError(f"{where}: cannot decode image ({exc}); re-create the shard with alexnet-prepare") from None
 
 
-def random_crop_flip(image: Image.Image, size: int, rng: random.Random, flip: bool = True,
-                     window: list | None = None) -> Image.Image:
+def random_crop_flip(
+    image: Image.Image, size: int, rng: random.Random, flip: bool = True, window: list | None = None
+) -> Image.Image:
     """The paper's training view (section 4.1): a random size x size window, mirrored with p=0.5.
     `window`, if given, receives [left, top, mirrored] (for the mean image's matching window)."""
     w, h = image.size
@@ -128,8 +130,10 @@ def parse_label(sample: dict, where: str, num_classes: int) -> int:
     except ValueError:
         raise DataError(f"{where}: label {sample['cls'][:20]!r} is not an integer") from None
     if not 0 <= label < num_classes:
-        raise DataError(f"{where}: label {label} is outside 0..{num_classes - 1} (the manifest lists "
-                        f"{num_classes} classes); fix the shard or the manifest")
+        raise DataError(
+            f"{where}: label {label} is outside 0..{num_classes - 1} (the manifest lists "
+            f"{num_classes} classes); fix the shard or the manifest"
+        )
     return label
 
 
@@ -144,11 +148,29 @@ class ShardStream(IterableDataset):
     by the DataLoader below before each pass, so shuffling depends on (seed, epoch, rank, worker).
     """
 
-    def __init__(self, shards, *, train: bool, batch_size: int, num_classes: int, crop: int,
-                 resize: int | None, rank: int, world: int, workers: int, seed: int,
-                 steps_per_epoch: int | None = None, shuffle_buffer: int = 2000, flip: bool = True,
-                 augment: str = "paper", colour_noise: float = 0.0, noise_until: int | None = None,
-                 views: int = 1, pca: tuple | None = None, windows: bool = False):
+    def __init__(
+        self,
+        shards,
+        *,
+        train: bool,
+        batch_size: int,
+        num_classes: int,
+        crop: int,
+        resize: int | None,
+        rank: int,
+        world: int,
+        workers: int,
+        seed: int,
+        steps_per_epoch: int | None = None,
+        shuffle_buffer: int = 2000,
+        flip: bool = True,
+        augment: str = "paper",
+        colour_noise: float = 0.0,
+        noise_until: int | None = None,
+        views: int = 1,
+        pca: tuple | None = None,
+        windows: bool = False,
+    ):
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.num_classes, self.crop, self.resize, self.flip = num_classes, crop, resize, flip
         self.rank, self.world, self.workers, self.seed = rank, world, max(1, workers), seed
@@ -179,11 +201,15 @@ class ShardStream(IterableDataset):
                     count += 1
                     yield shard["tar"], sample
             except (tarfile.TarError, OSError, ValueError) as exc:
-                raise DataError(f"{shard['tar']}: unreadable after {count} samples ({str(exc).split(' @ ')[0]}); "
-                                "the tar is damaged: re-create it with alexnet-prepare") from None
+                raise DataError(
+                    f"{shard['tar']}: unreadable after {count} samples ({str(exc).split(' @ ')[0]}); "
+                    "the tar is damaged: re-create it with alexnet-prepare"
+                ) from None
             if count != shard["count"]:
-                raise DataError(f"{shard['tar']}: holds {count} samples but manifest.json says {shard['count']}; "
-                                "re-run alexnet-prepare so shards and manifest agree")
+                raise DataError(
+                    f"{shard['tar']}: holds {count} samples but manifest.json says {shard['count']}; "
+                    "re-run alexnet-prepare so shards and manifest agree"
+                )
 
     def train_samples(self, shards, rng):
         """Endless: pass after pass over this worker's shards, each pass in a new order, mixed
@@ -215,8 +241,9 @@ class ShardStream(IterableDataset):
             # Each epoch deals the shards out to ranks afresh so every rank sees all the data over time.
             order = list(self.shards)
             random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-            stream = self.train_samples(shard_split(order, self.rank, self.world, worker, self.workers),
-                                        random.Random(name))
+            stream = self.train_samples(
+                shard_split(order, self.rank, self.world, worker, self.workers), random.Random(name)
+            )
         else:
             stream = self.samples(shard_split(self.shards, self.rank, self.world, worker, self.workers))
         remaining = self.worker_batches(worker)
@@ -288,8 +315,13 @@ class EpochLoader(DataLoader):
     """
 
     def __init__(self, dataset: ShardStream, position_fn, seed: int = 0, **kwargs):
-        super().__init__(dataset, batch_size=None, generator=torch.Generator().manual_seed(seed),
-                         worker_init_fn=ignore_preemption_signal, **kwargs)
+        super().__init__(
+            dataset,
+            batch_size=None,
+            generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_preemption_signal,
+            **kwargs,
+        )
         self.position_fn = position_fn
 
     def __iter__(self):

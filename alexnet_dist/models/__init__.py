@@ -1,8 +1,8 @@
 """AlexNet-family models as plain nn.Modules, chosen by name."""
+
 from torch import nn
 
 from ..errors import ConfigError
-
 from .alexnet2012 import AlexNet2012, alexnet2012
 from .owt import AlexNetOWT, alexnet_owt
 from .small import AlexNetSmall, alexnet_small
@@ -16,5 +16,13 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MODELS", "create_model", "AlexNet2012", "AlexNetOWT", "AlexNetSmall",
-           "alexnet2012", "alexnet_owt", "alexnet_small"]
+__all__ = [
+    "MODELS",
+    "create_model",
+    "AlexNet2012",
+    "AlexNetOWT",
+    "AlexNetSmall",
+    "alexnet2012",
+    "alexnet_owt",
+    "alexnet_small",
+]

@@ -3,6 +3,7 @@
 Two towers (one per GTX 580 in 2012) are expressed as grouped convolutions where the towers
 are separate (conv2, conv4, conv5) and full connections where they cross (conv3, fc6-8).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,9 +39,14 @@ class AlexNet2012(nn.Module):
         # Initialisation from layers-145.cfg: std 0.01 except conv3-5 (0.03); biases 1 on
         # conv2, conv4, conv5, fc6, fc7 so their ReLUs start in the active region (paper 5).
         for layer, std, bias in [
-            (self.conv1, 0.01, 0.0), (self.conv2, 0.01, 1.0), (self.conv3, 0.03, 0.0),
-            (self.conv4, 0.03, 1.0), (self.conv5, 0.03, 1.0), (self.fc6, 0.01, 1.0),
-            (self.fc7, 0.01, 1.0), (self.fc8, 0.01, 0.0),
+            (self.conv1, 0.01, 0.0),
+            (self.conv2, 0.01, 1.0),
+            (self.conv3, 0.03, 0.0),
+            (self.conv4, 0.03, 1.0),
+            (self.conv5, 0.03, 1.0),
+            (self.fc6, 0.01, 1.0),
+            (self.fc7, 0.01, 1.0),
+            (self.fc8, 0.01, 0.0),
         ]:
             _init(layer, std, bias)
 
@@ -58,8 +64,10 @@ class AlexNet2012(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         if x.shape[-2:] != (6, 6):
-            raise ValueError(f"alexnet2012 takes 224x224 crops; got {tuple(x.shape)} conv5 maps "
-                             "from a different input size (use model=alexnet_small for small images)")
+            raise ValueError(
+                f"alexnet2012 takes 224x224 crops; got {tuple(x.shape)} conv5 maps "
+                "from a different input size (use model=alexnet_small for small images)"
+            )
         x = torch.flatten(x, 1)
         x = self.drop(F.relu(self.fc6(x)))
         x = self.drop(F.relu(self.fc7(x)))

@@ -1,4 +1,5 @@
 """Normalisation layers of the 2012 network (layers/layers-145.cfg in the original code)."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +23,7 @@ class TowerLRN(nn.Module):
         n, c, h, w = x.shape
         sq = (x * x).view(n, self.towers, c // self.towers, h, w)
         sq = F.pad(sq, (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2))  # zeros past each tower's edge
-        window = sum(sq[:, :, i:i + c // self.towers] for i in range(self.size)).view(n, c, h, w)
+        window = sum(sq[:, :, i : i + c // self.towers] for i in range(self.size)).view(n, c, h, w)
         return x * (self.k + self.alpha / self.size * window).pow(-self.beta)
 
     def extra_repr(self) -> str:

@@ -4,6 +4,7 @@ Same sequence as the 2012 network (five convs, two towers as groups in conv2/4/5
 tower, overlapping 3/2 max-pooling, three fully connected layers with dropout), with a 5x5
 stride-1 first layer and narrow widths so it trains in minutes on a CPU.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn

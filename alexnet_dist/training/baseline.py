@@ -5,6 +5,7 @@ DataLoader workers), the same model, optimiser, batch and precision as `alexnet-
 Lightning, no checkpoints, no metrics beyond the loss: the framework's cost is the gap between
 the two.
 """
+
 import random
 import time
 
@@ -28,18 +29,38 @@ def _sample(crop: int):
         if random.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), int(label)
+
     return transform
 
 
-def run_baseline(root: str, *, model: str, batch_size: int, crop: int, workers: int, steps: int, warmup: int,
-                 device: torch.device, bf16: bool, channels_last: bool, lr: float = 0.01) -> dict:
+def run_baseline(
+    root: str,
+    *,
+    model: str,
+    batch_size: int,
+    crop: int,
+    workers: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    bf16: bool,
+    channels_last: bool,
+    lr: float = 0.01,
+) -> dict:
     manifest = read_manifest(root)
     urls = [f"{root}/{s['tar']}" for s in manifest["splits"]["train"]["shards"]]
-    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.single_node_only, empty_check=False)
-               .repeat().shuffle(1000).decode("pil").to_tuple("jpg", "cls").map(_sample(crop))
-               .batched(batch_size, partial=False))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.single_node_only, empty_check=False)
+        .repeat()
+        .shuffle(1000)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map(_sample(crop))
+        .batched(batch_size, partial=False)
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     net = create_model(model, manifest["num_classes"]).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
@@ -69,5 +90,9 @@ def run_baseline(root: str, *, model: str, batch_size: int, crop: int, workers: 
         images += len(y)
         last = time.perf_counter()
     seconds = last - start
-    return {"images_per_sec": round(images / seconds, 1), "data_wait": round(waited / seconds, 3),
-            "step_ms": round(1000 * seconds / steps, 2), "final_loss": round(loss.item(), 4)}
+    return {
+        "images_per_sec": round(images / seconds, 1),
+        "data_wait": round(waited / seconds, 3),
+        "step_ms": round(1000 * seconds / steps, 2),
+        "final_loss": round(loss.item(), 4),
+    }

@@ -1,5 +1,6 @@
 """Callbacks: training throughput (images/s and the share of step time spent waiting for data),
 and the report of images the loader skipped as undecodable."""
+
 import sys
 import time
 
@@ -78,9 +79,12 @@ class SkippedImages(pl.Callback):
         new = sorted({where for rank in everyone for where in rank} - self.seen)
         self.seen.update(new)
         if new and trainer.is_global_zero:
-            print(f"warning: skipped {len(new)} undecodable image(s): {'; '.join(new[:10])}"
-                  f"{' ...' if len(new) > 10 else ''} (re-create those shards with alexnet-prepare)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: skipped {len(new)} undecodable image(s): {'; '.join(new[:10])}"
+                f"{' ...' if len(new) > 10 else ''} (re-create those shards with alexnet-prepare)",
+                file=sys.stderr,
+                flush=True,
+            )
         pl_module.log("skipped_images", float(len(self.seen)))
 
     def on_train_epoch_end(self, trainer, pl_module):

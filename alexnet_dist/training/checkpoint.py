@@ -1,5 +1,6 @@
 """Checkpoints a run can always resume from: written atomically, the last few kept, damaged ones
 skipped, random number generator states included."""
+
 import os
 import random
 import sys
@@ -12,12 +13,16 @@ import torch
 
 from ..errors import ConfigError
 
+
 def rng_state() -> dict:
     """Every generator training draws from, as tensors and plain values (loadable with
     torch.load(weights_only=True))."""
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,8 +75,9 @@ class LastCheckpoint(pl.Callback):
     the newest file (no second copy), replaced by an atomic rename too.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int | None = None,
-                 every_n_minutes: float | None = None, keep: int = 2):
+    def __init__(
+        self, dirpath: str | Path, every_n_steps: int | None = None, every_n_minutes: float | None = None, keep: int = 2
+    ):
         self.dir = Path(dirpath)
         self.every_n_steps, self.every_n_minutes, self.keep = every_n_steps, every_n_minutes, max(1, keep)
         self.saved_step = -1
@@ -87,7 +93,7 @@ class LastCheckpoint(pl.Callback):
             _fsync(tmp)
             os.replace(tmp, final)
             point_last_at(final)
-            for old in sorted(self.dir.glob("step-*.ckpt"))[:-self.keep]:
+            for old in sorted(self.dir.glob("step-*.ckpt"))[: -self.keep]:
                 old.unlink()
             _fsync(self.dir)
         self.saved_step = trainer.global_step
@@ -162,8 +168,11 @@ def _describe(model: dict) -> str:
 
 def mismatch(saved: dict, own: dict) -> str | None:
     """The first difference between two state dicts' names and shapes, and how many there are."""
-    wrong = [f"{k} is {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in saved.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k} is {tuple(v.shape)} there, {tuple(own[k].shape)} here"
+        for k, v in saved.items()
+        if k in own and v.shape != own[k].shape
+    ]
     wrong += [f"{k} is missing" for k in sorted(set(own) - set(saved))]
     wrong += [f"{k} is unexpected" for k in sorted(set(saved) - set(own))]
     return f"{wrong[0]}; {len(wrong)} tensors differ" if wrong else None
@@ -175,8 +184,10 @@ def check_compatible(path: Path, module: torch.nn.Module, what: str) -> None:
     problem = mismatch(ckpt["state_dict"], module.state_dict())
     if problem:
         saved = ckpt.get("hyper_parameters", {}).get("model", {})
-        raise ConfigError(f"{what}={path}: the checkpoint holds {_describe(saved)} but this run builds "
-                          f"{_describe(module.hparams.model)} ({problem}); use the same model and data, or a new run_id")
+        raise ConfigError(
+            f"{what}={path}: the checkpoint holds {_describe(saved)} but this run builds "
+            f"{_describe(module.hparams.model)} ({problem}); use the same model and data, or a new run_id"
+        )
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:

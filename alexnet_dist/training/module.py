@@ -1,5 +1,6 @@
 """The LightningModule: cross-entropy training of any model from alexnet_dist.models, top-1 and
 top-5 on train/val/test, the configured optimiser and learning-rate schedule."""
+
 from functools import partial
 
 import lightning.pytorch as pl
@@ -23,8 +24,17 @@ class Classifier(pl.LightningModule):
     """`model` names the network and its arguments ({"name": ..., "num_classes": ..., ...}) so a
     checkpoint alone is enough to rebuild it; `optim` holds the optimiser and schedule settings."""
 
-    def __init__(self, model: dict, optim: dict, steps_per_epoch: int, max_epochs: int, global_batch: int,
-                 seed: int = 0, channels_last: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        steps_per_epoch: int,
+        max_epochs: int,
+        global_batch: int,
+        seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(**model)
@@ -59,8 +69,10 @@ class Classifier(pl.LightningModule):
                 self.skipped_steps += 1
                 self.log("skipped_steps", float(self.skipped_steps))
                 return None  # Lightning then skips backward and the optimizer step
-            raise TrainingError(f"loss is {loss.item()} at step {self.global_step}; the last checkpoint is kept. "
-                                "Lower optim.lr, check data.mean/data.std, or set optim.on_nonfinite=skip")
+            raise TrainingError(
+                f"loss is {loss.item()} at step {self.global_step}; the last checkpoint is kept. "
+                "Lower optim.lr, check data.mean/data.std, or set optim.on_nonfinite=skip"
+            )
         top1 = topk_correct(logits.detach(), labels, 1) / len(labels)
         self.log("train_loss", loss, prog_bar=True)
         self.log("train_top1", top1)
@@ -85,9 +97,14 @@ class Classifier(pl.LightningModule):
         images, labels = batch
         logits = self.predict_log_probs(images)
         loss = F.nll_loss(logits, labels, reduction="sum")
-        self.eval_sums += torch.stack([loss.double(), topk_correct(logits, labels, 1).double(),
-                                       topk_correct(logits, labels, 5).double(),
-                                       torch.tensor(len(labels), dtype=torch.float64, device=self.device)])
+        self.eval_sums += torch.stack(
+            [
+                loss.double(),
+                topk_correct(logits, labels, 1).double(),
+                topk_correct(logits, labels, 5).double(),
+                torch.tensor(len(labels), dtype=torch.float64, device=self.device),
+            ]
+        )
 
     def _eval_end(self, prefix: str) -> dict:
         sums = self.eval_sums.clone()
@@ -95,8 +112,12 @@ class Classifier(pl.LightningModule):
             dist.all_reduce(sums)
         loss, top1, top5, n = sums.tolist()
         n = max(n, 1)
-        metrics = {f"{prefix}_loss": loss / n, f"{prefix}_top1": top1 / n, f"{prefix}_top5": top5 / n,
-                   f"{prefix}_count": float(sums[3])}
+        metrics = {
+            f"{prefix}_loss": loss / n,
+            f"{prefix}_top1": top1 / n,
+            f"{prefix}_top5": top5 / n,
+            f"{prefix}_count": float(sums[3]),
+        }
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name.endswith("top1"), sync_dist=False)
         return metrics
@@ -154,9 +175,15 @@ class Classifier(pl.LightningModule):
 
     def lr_multiplier(self, step: int) -> float:
         s = self.optim_cfg["schedule"]
-        factor = lr_factor(s["name"], step / self.steps_per_epoch, max_epochs=self.max_epochs,
-                           milestones=s.get("milestones", ()), gamma=s.get("gamma", 0.1),
-                           warmup_epochs=s.get("warmup_epochs", 0.0), min_factor=s.get("min_factor", 0.0))
+        factor = lr_factor(
+            s["name"],
+            step / self.steps_per_epoch,
+            max_epochs=self.max_epochs,
+            milestones=s.get("milestones", ()),
+            gamma=s.get("gamma", 0.1),
+            warmup_epochs=s.get("warmup_epochs", 0.0),
+            min_factor=s.get("min_factor", 0.0),
+        )
         return factor * s.get("gamma", 0.1) ** self.plateau["drops"]
 
     def layer_multiplier(self, layer: str, step: int) -> float:

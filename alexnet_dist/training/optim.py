@@ -1,5 +1,6 @@
 """Optimisers: Krizhevsky's SGD rule from the 2012 code, or torch's SGD, with the 2012 parameter
 groups (weight decay on weights only, a bias learning-rate multiplier)."""
+
 import torch
 from torch import nn
 
@@ -39,7 +40,7 @@ class KrizhevskySGD(torch.optim.Optimizer):
                     torch._foreach_add_(velocities, params, alpha=-lr * wd)
                 torch._foreach_add_(params, velocities)
                 continue
-            for p, v, g in zip(params, velocities, grads):
+            for p, v, g in zip(params, velocities, grads, strict=True):
                 v.mul_(momentum).add_(g, alpha=-lr)
                 if wd:
                     v.add_(p, alpha=-lr * wd)
@@ -47,8 +48,9 @@ class KrizhevskySGD(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float,
-                 layers: tuple = ()) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float, layers: tuple = ()
+) -> list[dict]:
     """Weights get the weight decay; biases (and any other 1-d parameter) get none and a
     learning rate bias_lr_mult times larger (layer-params-145.cfg: epsB = 2 * epsW). Each layer
     named in `layers` (a parameter-name prefix such as "conv1") gets groups of its own, so its
@@ -59,15 +61,27 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and owner[n] == layer]
         suffix = f"/{layer}" if layer else ""
         groups += [
-            {"params": [p for _, p in named if p.ndim > 1], "lr": lr, "weight_decay": weight_decay,
-             "name": f"weights{suffix}", "layer": layer},
-            {"params": [p for _, p in named if p.ndim <= 1], "lr": lr * bias_lr_mult, "weight_decay": 0.0,
-             "name": f"biases{suffix}", "layer": layer},
+            {
+                "params": [p for _, p in named if p.ndim > 1],
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "name": f"weights{suffix}",
+                "layer": layer,
+            },
+            {
+                "params": [p for _, p in named if p.ndim <= 1],
+                "lr": lr * bias_lr_mult,
+                "weight_decay": 0.0,
+                "name": f"biases{suffix}",
+                "layer": layer,
+            },
         ]
     if any(not g["params"] for g in groups if g["layer"]):
         missing = sorted({g["layer"] for g in groups if g["layer"] and not g["params"]})
-        raise ConfigError(f"optim.layer_rates names {', '.join(missing)}, which this model has no parameters for; "
-                          f"its layers: {', '.join(sorted({n.split('.')[0] for n, _ in model.named_parameters()}))}")
+        raise ConfigError(
+            f"optim.layer_rates names {', '.join(missing)}, which this model has no parameters for; "
+            f"its layers: {', '.join(sorted({n.split('.')[0] for n, _ in model.named_parameters()}))}"
+        )
     return groups
 
 
@@ -79,8 +93,9 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int | None) -> floa
 IMPLEMENTATIONS = ("foreach", "loop", "fused")
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float,
-                    impl: str = "foreach") -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, groups: list[dict], lr: float, momentum: float, impl: str = "foreach"
+) -> torch.optim.Optimizer:
     """`impl`: foreach (one kernel per operation over all tensors), loop (one per tensor), or
     fused (one kernel for the whole update; torch's SGD only)."""
     if impl not in IMPLEMENTATIONS:

@@ -1,6 +1,7 @@
 """Pictures of a run, saved as PNG in the run directory and logged to W&B at the end of training:
 the first layer's filters (the paper's Figure 3), a grid of augmented training inputs, and the
 learning curves. Drawn with PIL alone."""
+
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def grid(tiles: np.ndarray, columns: int, scale: int = 1, gap: int = 1) -> Image
     out = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap, 3), 128, np.uint8)
     for i, tile in enumerate(tiles):
         r, c = divmod(i, columns)
-        out[gap + r * (h + gap):gap + r * (h + gap) + h, gap + c * (w + gap):gap + c * (w + gap) + w] = tile
+        out[gap + r * (h + gap) : gap + r * (h + gap) + h, gap + c * (w + gap) : gap + c * (w + gap) + w] = tile
     image = Image.fromarray(out)
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
@@ -41,16 +42,19 @@ def curves(series: dict[str, list[tuple[float, float]]], size=(640, 240)) -> Ima
         draw.rectangle((left, top, right, bottom), outline="black")
         draw.text((left, 4), name, fill="black")
         if points:
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
             y1 = y1 if y1 > y0 else y0 + 1
             draw.text((4, top), f"{y1:.3g}", fill="black")
             draw.text((4, bottom - 10), f"{y0:.3g}", fill="black")
             draw.text((right - 60, bottom + 5), f"step {x1:g}", fill="black")
-            xy = [(left + (x - x0) / max(x1 - x0, 1) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
-                  for x, y in points]
+            xy = [
+                (left + (x - x0) / max(x1 - x0, 1) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+                for x, y in points
+            ]
             draw.line(xy, fill="navy", width=2) if len(xy) > 1 else draw.ellipse(
-                (xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill="navy")
+                (xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill="navy"
+            )
         panels.append(panel)
     out = Image.new("RGB", (size[0] * len(panels), size[1]), "white")
     for i, panel in enumerate(panels):
@@ -81,7 +85,9 @@ class Pictures(pl.Callback):
         if self.augmented is None and raw is not None:  # the crops and flips (colour noise not shown)
             self.augmented = raw[: self.samples].detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
         loss = trainer.callback_metrics.get("train_loss")
-        if loss is not None and (trainer.global_step % max(1, trainer.log_every_n_steps) == 0 or trainer.global_step == 1):
+        if loss is not None and (
+            trainer.global_step % max(1, trainer.log_every_n_steps) == 0 or trainer.global_step == 1
+        ):
             self.series["train_loss"].append((trainer.global_step, float(loss)))
 
     def on_train_epoch_end(self, trainer, pl_module):

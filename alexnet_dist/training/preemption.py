@@ -5,6 +5,7 @@ This callback is the only owner of the requeue: Lightning's own SLURM auto-reque
 (see cli/train.py). The requeued job keeps its job id, hence its run directory and W&B run, and
 resumes from the checkpoint saved here.
 """
+
 import os
 import signal
 import subprocess
@@ -48,10 +49,16 @@ class Preemption(pl.Callback):
             if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
                 logger.experiment.finish()
                 import wandb
+
                 wandb.teardown()  # and stop its service, which the cancel kills: its exit hook would fail
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nor may it cut this process's exit short
         job = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero and self.requeue and job:
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            print(f"requeued job {job}" if done.returncode == 0 else
-                  f"warning: scontrol requeue {job} failed: {done.stderr.strip()}", file=sys.stderr, flush=True)
+            print(
+                f"requeued job {job}"
+                if done.returncode == 0
+                else f"warning: scontrol requeue {job} failed: {done.stderr.strip()}",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -3,6 +3,7 @@
 Epochs are fractional (step / steps_per_epoch) so warmup and cosine are smooth; the paper's
 step drops happen at whole epochs.
 """
+
 import math
 
 from ..errors import ConfigError
@@ -25,8 +26,16 @@ def warmup_factor(epoch: float, warmup_epochs: float) -> float:
     return max(epoch / warmup_epochs, 1e-3)
 
 
-def lr_factor(name: str, epoch: float, *, max_epochs: float, milestones=(), gamma: float = 0.1,
-              warmup_epochs: float = 0.0, min_factor: float = 0.0) -> float:
+def lr_factor(
+    name: str,
+    epoch: float,
+    *,
+    max_epochs: float,
+    milestones=(),
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+    min_factor: float = 0.0,
+) -> float:
     if name == "step":
         base = step_factor(epoch, list(milestones), gamma)
     elif name == "cosine":

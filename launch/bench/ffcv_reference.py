@@ -13,13 +13,12 @@ import json
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
 from ffcv.writer import DatasetWriter
+from PIL import Image
 
 
 class ImageFolder:
@@ -27,8 +26,7 @@ class ImageFolder:
 
     def __init__(self, root: Path):
         classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        self.items = [(f, label) for label, c in enumerate(classes)
-                      for f in sorted((root / c).glob("*.jpg"))]
+        self.items = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).glob("*.jpg"))]
 
     def __len__(self):
         return len(self.items)
@@ -42,15 +40,19 @@ def write_beton(folder: Path, beton: Path, workers: int) -> None:
     # JPEG storage (not 'raw') so FFCV pays a real JPEG decode per sample, like the
     # loaders we compare against; max_resolution=None keeps the original sizes.
     # Note FFCV re-encodes with OpenCV at jpeg_quality=90, the fixture's own quality.
-    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=None, jpeg_quality=90),
-              "label": IntField()}
+    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=None, jpeg_quality=90), "label": IntField()}
     DatasetWriter(str(beton), fields, num_workers=workers).from_indexed_dataset(ImageFolder(folder))
 
 
 def measure(name: str, beton: Path, args, image_pipeline, label_pipeline) -> dict:
-    loader = Loader(str(beton), batch_size=args.batch_size, num_workers=args.workers,
-                    order=OrderOption.RANDOM, drop_last=True,
-                    pipelines={"image": image_pipeline, "label": label_pipeline})
+    loader = Loader(
+        str(beton),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        order=OrderOption.RANDOM,
+        drop_last=True,
+        pipelines={"image": image_pipeline, "label": label_pipeline},
+    )
     # The first epoch includes numba JIT compilation and page-cache warm-up; ignore it.
     for _ in loader:
         pass
@@ -59,9 +61,16 @@ def measure(name: str, beton: Path, args, image_pipeline, label_pipeline) -> dic
         for batch in loader:
             images += len(batch[0])
     seconds = time.perf_counter() - start
-    return {"name": name, "images_per_sec": round(images / seconds, 1), "batch_size": args.batch_size,
-            "workers": args.workers, "images": images, "seconds": round(seconds, 3),
-            "epochs": args.epochs, "crop": args.size}
+    return {
+        "name": name,
+        "images_per_sec": round(images / seconds, 1),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "epochs": args.epochs,
+        "crop": args.size,
+    }
 
 
 def main() -> None:
@@ -73,8 +82,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs, after one warm-up epoch")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--decode-only", action="store_true",
-                   help="also time decode + random-resized-crop alone (no flip, no tensor conversion)")
+    p.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="also time decode + random-resized-crop alone (no flip, no tensor conversion)",
+    )
     args = p.parse_args()
 
     beton = args.beton or args.data / "train_jpg.beton"

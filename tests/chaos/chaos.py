@@ -6,6 +6,7 @@ weights equal those of an uninterrupted run with the same seed.
 DIR holds shards (e.g. `alexnet-prepare synthetic --out DIR`). Runs go to --workdir (a fresh
 temporary folder by default). Prints one JSON line per trial and a summary line.
 """
+
 import argparse
 import json
 import os
@@ -26,8 +27,14 @@ BASE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", 
 def train(args, cwd, run_id, kill_after=None) -> tuple[bool, float]:
     """Runs (or resumes) run_id; kills it after kill_after seconds. Returns (finished, seconds)."""
     start = time.time()
-    proc = subprocess.Popen([str(BIN / "alexnet-train"), *args, f"run_id={run_id}"], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "alexnet-train"), *args, f"run_id={run_id}"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
@@ -77,13 +84,24 @@ def main():
         else:
             train(args, cwd, run_id)
         state = final_state(cwd, run_id)
-        equal = (state["global_step"] == reference["global_step"]
-                 and all(torch.equal(state["state_dict"][k], v) for k, v in reference["state_dict"].items()))
+        equal = state["global_step"] == reference["global_step"] and all(
+            torch.equal(state["state_dict"][k], v) for k, v in reference["state_dict"].items()
+        )
         equal_trials += equal
-        print(json.dumps({"trial": trial, "kills": kills, "global_step": state["global_step"], "bit_identical": equal}),
-              flush=True)
-    print(json.dumps({"trials": opts.trials, "bit_identical": equal_trials, "reference_seconds": round(duration, 1),
-                      "workdir": cwd}))
+        print(
+            json.dumps({"trial": trial, "kills": kills, "global_step": state["global_step"], "bit_identical": equal}),
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {
+                "trials": opts.trials,
+                "bit_identical": equal_trials,
+                "reference_seconds": round(duration, 1),
+                "workdir": cwd,
+            }
+        )
+    )
     sys.exit(0 if equal_trials == opts.trials else 1)
 
 
