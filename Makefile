@@ -11,9 +11,9 @@ export DATA
 
 .PHONY: install demo test test-fast lint format clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH)" -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed

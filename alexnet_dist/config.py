@@ -18,7 +18,7 @@ Choice = lambda name, *values: Enum(name, {v: v for v in values})  # noqa: E731
 OptimName = Choice("OptimName", "krizhevsky", "sgd")
 ScheduleName = Choice("ScheduleName", "step", "plateau", "cosine", "constant")
 NonFinite = Choice("NonFinite", "stop", "skip")
-LoaderName = Choice("LoaderName", "dali", "wds")
+LoaderName = Choice("LoaderName", "auto", "dali", "wds")
 LoaderDevice = Choice("LoaderDevice", "auto", "cpu", "gpu")
 Layout = Choice("Layout", "NCHW", "NHWC")
 DType = Choice("DType", "float32", "bfloat16")
@@ -52,7 +52,7 @@ class Data:
 class Loader:
     """The union of both loaders' settings; each loader's YAML sets the ones it reads."""
 
-    name: LoaderName = LoaderName.dali
+    name: LoaderName = LoaderName.auto
     shuffle_buffer: int = 2000
     prefetch: int = 2
     workers: int = 2  # wds

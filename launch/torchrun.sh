@@ -4,7 +4,8 @@
 #   NNODES=2 NODE_RANK=0 NPROC=8 MASTER_ADDR=node0 RUN_ID=exp1 bash launch/torchrun.sh experiment=alexnet2012 data.root=/data/imagenet-wds
 #   NNODES=2 NODE_RANK=1 NPROC=8 MASTER_ADDR=node0 RUN_ID=exp1 bash launch/torchrun.sh experiment=alexnet2012 data.root=/data/imagenet-wds
 # NPROC: processes per node (= GPUs). RUN_ID names the run directory on every rank alike, so
-# running the same command again resumes it. Hydra overrides pass through.
+# running the same command again resumes it. Hydra overrides pass through. torchrun and
+# alexnet_dist come from PATH; ALEXNET_VENV=/path/to/venv activates that environment first.
 set -euo pipefail
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -18,9 +19,15 @@ if [ -z "${RUN_ID:-}" ]; then
     fi
     RUN_ID=$(date +%Y%m%d-%H%M%S)
 fi
-VENV_BIN=${VENV_BIN:-$(dirname "$(readlink -f "$0")")/../.venv/bin}
+if [ -n "${ALEXNET_VENV:-}" ]; then
+    export PATH="$ALEXNET_VENV/bin:$PATH"
+fi
+if ! command -v torchrun >/dev/null; then
+    echo "error: torchrun is not on PATH; activate the environment with torch and alexnet_dist, or set ALEXNET_VENV" >&2
+    exit 2
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$VENV_BIN/torchrun" --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC" \
+exec torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RUN_ID" \
     -m alexnet_dist.cli.train trainer.strategy=ddp trainer.devices="$NPROC" trainer.num_nodes="$NNODES" \
     run_id="$RUN_ID" "$@"

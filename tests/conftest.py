@@ -1,4 +1,5 @@
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,29 @@ def cli_env(tmp_path) -> dict:
     env["WANDB_SILENT"] = "true"
     env.pop("SLURM_JOB_ID", None)
     env.pop("SLURM_NTASKS", None)
+    env["ALEXNET_VENV"] = str(BIN.parent)  # the launch scripts take alexnet-train and torchrun from there
     return env
+
+
+def wandb_records(path: Path):
+    """The records of an offline W&B run file (run-<id>.wandb): a ':W&B' header, then 32 KiB
+    blocks of length-prefixed chunks (4-byte checksum, 2-byte length, 1-byte kind: 1 whole, 2 first,
+    3 middle, 4 last) that make up serialised protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, parts = path.read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room for a chunk header: the block is padded
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        parts += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
 
 
 def run_cli(

@@ -1,13 +1,14 @@
-from pathlib import Path
+import importlib.resources
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
-from alexnet_dist.cli.train import CONF_DIR
+import alexnet_dist.cli.train  # noqa: F401  (registers the ${run_id:} resolver)
 from alexnet_dist.config import validate
 from alexnet_dist.models import create_model
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+CONF = importlib.resources.files("alexnet_dist.conf")
+EXPERIMENTS = sorted(p.name.removesuffix(".yaml") for p in (CONF / "experiment").iterdir() if p.name.endswith(".yaml"))
 
 
 def test_every_experiment_file_is_found():
@@ -16,7 +17,7 @@ def test_every_experiment_file_is_found():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds_its_model(experiment):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "data.root=/data/x"])
     assert cfg.experiment_name == experiment
     assert set(cfg) >= {"model", "data", "loader", "optim", "trainer", "logger", "run_id", "resume"}
@@ -28,7 +29,7 @@ def test_every_experiment_composes_and_builds_its_model(experiment):
 
 
 def test_alexnet2012_experiment_is_the_papers_recipe():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
         cfg = compose("train", overrides=["experiment=alexnet2012", "data.root=/data/imagenet"])
     assert cfg.model.name == "alexnet2012" and cfg.optim.name == "krizhevsky"
     assert (cfg.data.batch_size, cfg.data.crop, cfg.data.val_resize) == (128, 224, 256)

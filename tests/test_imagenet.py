@@ -261,7 +261,7 @@ def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoi
         {"state_dict": {f"model.{k}": v for k, v in weights.items()}, "hyper_parameters": hparams},
         tmp_path / "same.ckpt",
     )
-    common = [f"data_root={data}", "views=10"]
+    common = [f"data.root={data}", "views=10"]
     plain = run_cli(
         "alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet_owt", *common, cwd=tmp_path, env=cli_env
     )

@@ -31,7 +31,7 @@ def slurm_cluster():
 
 @pytest.fixture
 def job_env(cli_env):
-    return dict(cli_env, ALEXNET_TRAIN=str(BIN / "alexnet-train"))
+    return dict(cli_env)
 
 
 def sbatch(args, cwd, env) -> str:

@@ -2,13 +2,14 @@
 
 import csv
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, wandb_records
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
@@ -103,6 +104,44 @@ def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, syn
     assert {p.name for p in records} == {"run-smoke-wb.wandb"}
 
 
+def test_a_sweep_gives_each_job_its_own_wandb_run_in_one_group(tmp_path, synthetic_root, cli_env):
+    args = [*SMOKE, "logger=wandb", f"data.root={synthetic_root}", "run_id=sw", "trainer.max_steps=3"]
+    run_cli("alexnet-train", "-m", *args, "optim.lr=0.02,0.05", cwd=tmp_path, env=cli_env)
+    for job, lr in ((0, "0.02"), (1, "0.05")):
+        files = list((tmp_path / f"runs/smoke/sw/{job}/wandb").glob("offline-run-*/run-*.wandb"))
+        assert [f.name for f in files] == [f"run-smoke-sw-{job}.wandb"], files
+        records = list(wandb_records(files[0]))
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "smoke-sw" and f"optim.lr={lr}" in run.tags, run
+        assert any(r.WhichOneof("record_type") == "exit" for r in records)  # finished before the next job
+
+
+def test_trainer_keys_without_plus_and_a_schedule_as_long_as_the_steps_run(tmp_path, synthetic_root, cli_env):
+    run_cli(
+        "alexnet-train",
+        *SMOKE,
+        f"data.root={synthetic_root}",
+        "run_id=keys",
+        "trainer.max_steps=6",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.gradient_clip_val=0.5",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        cwd=tmp_path,
+        env=cli_env,
+    )
+    run_dir = tmp_path / "runs/smoke/keys"
+    assert json.loads((run_dir / "results.json").read_text())["global_step"] == 6
+    rates = {int(r["step"]): float(r["lr"]) for r in metrics_rows(run_dir) if r.get("lr")}
+    # cosine over the 6 optimizer steps really taken, not over trainer.max_epochs (5 epochs)
+    base = 0.02 * 32 / 128  # optim.lr at the reference batch 128, scaled to the batch of 32
+    for step, rate in rates.items():
+        assert rate == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * step / 6)), rel=1e-4), (step, rates)
+    assert len(rates) >= 4
+    # trainer.val_check_interval=4: validation after batches 4, 8 and 12, then the closing one
+    assert sum(1 for r in metrics_rows(run_dir) if r.get("val_top1")) == 4
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -125,6 +164,12 @@ def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, syn
             "error: data.batch_size: Value 'abc' of type 'str' could not be converted to Integer",
         ),
         (["+data.colour=1"], "error: data.colour: Key 'colour' not in 'Data'"),
+        (
+            ["+model.foo=1"],
+            "error: model.foo: not a setting of model alexnet_small; its settings: dropout, fc, lrn, width",
+        ),
+        (["+trainer.max_epoch=3"], "error: trainer.max_epoch: not an argument of lightning.pytorch.Trainer"),
+        (["trainer.max_epochs=-1"], "error: trainer.max_epochs=-1 and trainer.max_steps=-1 give the learning-rate"),
         (
             ["optim.schedule.name=linear"],
             "error: optim.schedule.name: Invalid value 'linear', expected one of [step, plateau",

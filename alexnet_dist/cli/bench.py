@@ -207,8 +207,6 @@ def bench_train(args) -> dict | None:
     module = Classifier(
         {"name": args.model, "num_classes": data.num_classes},
         optim,
-        steps_per_epoch=data.steps_per_epoch(),
-        max_epochs=10**6,
         global_batch=args.batch_size,
         channels_last=args.channels_last,
     )

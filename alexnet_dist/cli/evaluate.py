@@ -3,17 +3,18 @@ checkpoint on the validation split, from the centre crop or the paper's 10 views
 
   ckpt_path   a checkpoint of alexnet-train (checkpoints/last.ckpt, best.ckpt, step-*.ckpt)
   views       1: the centre crop; 10: four corners, centre and their mirrors, softmax averaged
-  data_root   the shards (default: data.root of the run's config.yaml)
-  loader      dali (default) or wds
+  data.root   the shards (default: data.root of the run's config.yaml)
+  loader      auto (default: the run's loader), dali or wds
   batch_size  images per batch (default 100)
   probs       also write every image's class probabilities and label to this .npz
   model       with a plain state dict instead of a checkpoint (torchvision's AlexNet weights:
-              model=alexnet_owt), the network it belongs to; needs data_root
+              model=alexnet_owt), the network it belongs to; needs data.root
 
 alexnet-eval ensemble probs=A.npz,B.npz,...: the metrics of the averaged probabilities of several
 runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data.
 """
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..errors import ConfigError
 from ..training.checkpoint import mismatch, not_a_checkpoint, read_checkpoint
 from . import one_line_errors
 
-KEYS = {"ckpt_path", "views", "data_root", "loader", "batch_size", "probs", "model"}
+KEYS = {"ckpt_path", "views", "data.root", "loader", "batch_size", "probs", "model"}
 
 
 def parse(argv: list[str]) -> dict:
@@ -79,14 +80,14 @@ def evaluate(args: dict) -> dict:
         raise ConfigError(f"views={views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
     config = path.resolve().parent.parent / "config.yaml"
     # The run's data settings; without a run directory, those of conf/data/shards.yaml.
-    data, loader = {"crop": 224, "val_resize": 256}, "dali"
+    data, loader = {"crop": 224, "val_resize": 256}, "auto"
     if config.exists():
         run = OmegaConf.load(config)
         data, loader = OmegaConf.to_container(run.data, resolve=True), run.loader.name
-    if "data_root" in args:
-        data["root"] = args["data_root"]
+    if "data.root" in args:
+        data["root"] = args["data.root"]
     if "root" not in data:
-        raise ConfigError(f"ckpt_path={path}: no config.yaml two folders up to name the data; pass data_root=DIR")
+        raise ConfigError(f"ckpt_path={path}: no config.yaml two folders up to name the data; pass data.root=DIR")
     data.update(batch_size=batch_size, val_batch_size=None, test_views=views)
     dm = ShardDataModule(**data, loader={"name": args.get("loader", loader)})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,13 +96,13 @@ def evaluate(args: dict) -> dict:
         hparams = {
             "model": {"name": args["model"], "num_classes": dm.num_classes},
             "optim": {},
-            "steps_per_epoch": 1,
-            "max_epochs": 1,
             "global_batch": 1,
         }
         ckpt = {"state_dict": {f"model.{k}": v for k, v in ckpt.items()}}
     else:
-        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "compile"}
+        # what rebuilds the network (checkpoints of earlier versions hold a few more settings)
+        wanted = set(inspect.signature(Classifier).parameters) - {"compile"}
+        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in wanted}
     module = Classifier(**hparams).eval()
     if problem := mismatch(ckpt["state_dict"], module.state_dict()):
         raise ConfigError(

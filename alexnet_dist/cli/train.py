@@ -1,18 +1,19 @@
 """alexnet-train [hydra overrides]: compose the config, wire data, model, loggers and trainer, fit,
 evaluate, and write results.json into the run directory."""
 
-import importlib.util
+import inspect
 import json
 import os
 import re
 import sys
 import warnings
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -35,7 +36,9 @@ from ..training.pictures import Pictures
 from ..training.preemption import Preemption
 from . import one_line_errors
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# conf/ of the repository, installed as the package alexnet_dist.conf; a user's own folder adds to
+# it with --config-dir DIR (or hydra.searchpath=[file://DIR]).
+CONFIG_PATH = "pkg://alexnet_dist.conf"
 # Our loaders define __len__ exactly (batches per worker are counted from the manifest).
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
 # The train loader takes its place in the epoch from the restored global step (see EpochLoader),
@@ -47,6 +50,29 @@ warnings.filterwarnings("ignore", message="It is recommended to use `self.log\\(
 
 # What a collective reports when a peer process died (gloo) or never answered (a timeout).
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Timeout")
+
+
+def default_run_id() -> str:
+    """${run_id:} of conf/train.yaml. The SLURM job id, so that a requeued job finds its run
+    directory again; for the jobs of a submitit sweep (one SLURM job array) the array's id, so that
+    they share one sweep folder; outside SLURM the start time."""
+    env = os.environ
+    if env.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_ARRAY_JOB_ID" in env:
+        return env["SLURM_ARRAY_JOB_ID"]
+    return env.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+OmegaConf.register_new_resolver("run_id", default_run_id, use_cache=True, replace=True)
+
+
+def wandb_sweep(cfg: DictConfig, run_dir: Path) -> dict:
+    """In a multirun (-m), each job is its own W&B run, grouped by the sweep's folder and tagged
+    with the job's command-line overrides."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    tags = [o for o in hydra_cfg.overrides.task if len(o) <= 64]  # W&B's limit for a tag
+    return {"group": f"{cfg.experiment_name}-{run_dir.parent.name}", "tags": tags}
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
@@ -68,6 +94,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
                 id=wandb_id,
                 resume="allow",
                 config=OmegaConf.to_container(cfg, resolve=True),
+                **wandb_sweep(cfg, run_dir),
             )
         )
     elif cfg.logger.name != "csv":
@@ -75,13 +102,28 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
     return loggers
 
 
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """Closes this job's W&B run (rank zero), so that the next job of a sweep starts its own and a
+    requeue's cancel cannot cut the upload short."""
+    if not trainer.is_global_zero or not any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
+        return
+    import wandb
+
+    wandb.finish()
+
+
+def check_trainer_keys(cfg: DictConfig) -> None:
+    """trainer.* are lightning.pytorch.Trainer's arguments; a name it does not take is one line."""
+    known = set(inspect.signature(pl.Trainer).parameters)
+    if unknown := sorted(set(cfg.trainer) - known):
+        raise ConfigError(
+            f"trainer.{unknown[0]}: not an argument of lightning.pytorch.Trainer "
+            f"(lightning {pl.__version__}); check the spelling, or remove it"
+        )
+
+
 def check_loader(cfg: DictConfig) -> None:
     """Loader settings that cannot work, refused before any model is built."""
-    if cfg.loader.name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
-        raise ConfigError(
-            "loader=dali but NVIDIA DALI is not installed: pip install -e '.[dali]' "
-            "(nvidia-dali-cuda120), or use loader=wds"
-        )
     if cfg.loader.get("dtype") == "bfloat16" and not str(cfg.trainer.precision).startswith("bf16"):
         raise ConfigError(
             f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
@@ -140,6 +182,7 @@ def train(cfg: DictConfig) -> dict:
     check_launch(cfg, slurm)
     check_world(cfg)
     check_loader(cfg)
+    check_trainer_keys(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ShardDataModule(
         **OmegaConf.to_container(cfg.data, resolve=True), loader=OmegaConf.to_container(cfg.loader), seed=cfg.seed
@@ -147,8 +190,6 @@ def train(cfg: DictConfig) -> dict:
     module = Classifier(
         model={**OmegaConf.to_container(cfg.model), "num_classes": data.num_classes},
         optim=OmegaConf.to_container(cfg.optim),
-        steps_per_epoch=data.steps_per_epoch(),
-        max_epochs=cfg.trainer.max_epochs,
         global_batch=cfg.data.batch_size,
         seed=cfg.seed,
         channels_last=cfg.compute.channels_last,
@@ -195,10 +236,21 @@ def train(cfg: DictConfig) -> dict:
             ) from None
         raise
     if preemption.preempted_at is not None:
-        preemption.finish(trainer)
+        trainer.strategy.barrier("preempted")
+        finish_loggers(trainer)
+        preemption.requeue(trainer)
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            # submitit takes a returning job for a finished one and hands its result to the sweep;
+            # leave without one, as submitit's own requeue does: the requeued job returns it.
+            raise SystemExit(0)
         return {"preempted_at": preemption.preempted_at}
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-    return report(trainer, cfg, run_dir, run_id, metrics, throughput, module.skipped_steps, len(skipped_images.seen))
+    skipped = len(skipped_images.seen)
+    results = report(
+        trainer, cfg, run_dir, run_id, metrics, throughput, module.skipped_steps, skipped, data.loader_cfg["name"]
+    )
+    finish_loggers(trainer)
+    return results
 
 
 def comm_hook(name: str):
@@ -229,7 +281,15 @@ def make_trainer(cfg: DictConfig, run_dir: Path, run_id: str, slurm, callbacks: 
 
 
 def report(
-    trainer, cfg, run_dir: Path, run_id: str, metrics: dict, throughput, skipped_steps: int, skipped_images: int
+    trainer,
+    cfg,
+    run_dir: Path,
+    run_id: str,
+    metrics: dict,
+    throughput,
+    skipped_steps: int,
+    skipped_images: int,
+    loader: str,
 ) -> dict:
     """results.json and the closing lines (rank zero writes and prints)."""
     results = {
@@ -246,6 +306,7 @@ def report(
         "train_step_ms": round(throughput.step_ms, 2),
         "train_data_wait": round(throughput.data_wait, 3),
         "world_size": trainer.world_size,
+        "loader": loader,
         "skipped_steps": skipped_steps,
         "skipped_images": skipped_images,
     }
@@ -260,7 +321,7 @@ def report(
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
     one_line_errors(train)(cfg)
 

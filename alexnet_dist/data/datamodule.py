@@ -13,11 +13,10 @@ import torch.distributed as dist
 
 from ..errors import ConfigError, DataError
 from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS, noise_at, place
+from .loader_choice import choose_loader
 from .shards import read_manifest
 from .stats import read_stats
 from .wds_loader import EpochLoader, ShardStream
-
-LOADERS = ("dali", "wds")
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -47,7 +46,8 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataError(f"{self.root / 'manifest.json'}: needs both a train and a val split")
         self.global_batch, self.crop, self.val_resize, self.flip = batch_size, crop, val_resize, flip
         self.val_global_batch = val_batch_size or batch_size
-        self.loader_cfg = dict(loader or {"name": "wds"})
+        self.loader_cfg = dict(loader or {"name": "auto"})
+        self.loader_cfg["name"] = choose_loader(self.loader_cfg.get("name", "auto"))  # dali or wds from here on
         self.seed = seed
         self.augment, self.colour_noise, self.noise_until = augment, colour_noise, colour_noise_until_epoch
         self.train_scale, self.test_views = train_scale, test_views
@@ -144,10 +144,7 @@ class ShardDataModule(pl.LightningDataModule):
         return shards
 
     def _stream(self, split: str, mode: str, global_batch: int):
-        name = self.loader_cfg.get("name", "wds")
-        if name not in LOADERS:
-            raise ConfigError(f"loader.name={name}: unknown loader; choose one of {', '.join(LOADERS)}")
-        if name == "dali":
+        if self.loader_cfg["name"] == "dali":
             self.loaders[mode] = self._dali(split, mode, global_batch)
             return self.loaders[mode]
         train = mode == "train"

@@ -294,14 +294,14 @@ class ShardStream(IterableDataset):
         return (*batch, torch.tensor(windows)) if windows else batch
 
 
-SIGNAL_ENV = "ALEXNET_PREEMPT_SIGNAL"  # set by the training process's preemption handler
+SIGNAL_ENV = "ALEXNET_PREEMPT_SIGNAL"  # the preemption signal numbers, comma-separated, set by the training process
 
 
 def ignore_preemption_signal(worker_id: int) -> None:
     """worker_init_fn: SLURM's preemption warning is for the training process; a worker killed by
     it would break the very step that should save the checkpoint."""
-    signum = os.environ.get(SIGNAL_ENV)
-    signal.signal(int(signum) if signum else signal.SIGUSR1, signal.SIG_IGN)
+    for signum in os.environ.get(SIGNAL_ENV, str(int(signal.SIGUSR1))).split(","):
+        signal.signal(int(signum), signal.SIG_IGN)
 
 
 class EpochLoader(DataLoader):

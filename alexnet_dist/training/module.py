@@ -1,6 +1,7 @@
 """The LightningModule: cross-entropy training of any model from alexnet_dist.models, top-1 and
 top-5 on train/val/test, the configured optimiser and learning-rate schedule."""
 
+import math
 from functools import partial
 
 import lightning.pytorch as pl
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..models import create_model
 from .checkpoint import rng_state, set_rng_state
 from .optim import build_optimizer, param_groups, scaled_lr
@@ -28,8 +29,6 @@ class Classifier(pl.LightningModule):
         self,
         model: dict,
         optim: dict,
-        steps_per_epoch: int,
-        max_epochs: int,
         global_batch: int,
         seed: int = 0,
         channels_last: bool = False,
@@ -43,7 +42,8 @@ class Classifier(pl.LightningModule):
         # The compiled model shares the parameters; kept off the module tree so checkpoints hold
         # the plain model's names either way.
         object.__setattr__(self, "net", torch.compile(self.model) if compile else self.model)
-        self.optim_cfg, self.steps_per_epoch, self.max_epochs = optim, steps_per_epoch, max_epochs
+        self.optim_cfg = optim
+        self.steps_per_epoch, self.total_steps = 1, 1  # set with the optimizer (optimizer_and_schedule)
         self.global_batch = global_batch
         self.eval_sums = None  # loss sum, top-1 and top-5 hits, count: summed over ranks at epoch end
         self.plateau = {"best": -1.0, "bad_epochs": 0, "drops": 0}
@@ -178,7 +178,7 @@ class Classifier(pl.LightningModule):
         factor = lr_factor(
             s["name"],
             step / self.steps_per_epoch,
-            max_epochs=self.max_epochs,
+            max_epochs=self.total_steps / self.steps_per_epoch,
             milestones=s.get("milestones", ()),
             gamma=s.get("gamma", 0.1),
             warmup_epochs=s.get("warmup_epochs", 0.0),
@@ -196,6 +196,20 @@ class Classifier(pl.LightningModule):
         return max(started, key=lambda r: r["from_epoch"])["lr"] / self.optim_cfg["lr"]
 
     def configure_optimizers(self):
+        # The schedule spans the optimizer steps this fit really takes: trainer.max_epochs,
+        # max_steps, limit_train_batches and accumulate_grad_batches all count.
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError(
+                "trainer.max_epochs=-1 and trainer.max_steps=-1 give the learning-rate schedule no end; set one of them"
+            )
+        per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        return self.optimizer_and_schedule(per_epoch, int(total))
+
+    def optimizer_and_schedule(self, steps_per_epoch: int, total_steps: int) -> dict:
+        """The optimizer and its per-step schedule for a fit of `total_steps` optimizer steps,
+        `steps_per_epoch` of them per epoch (epochs place the milestones and layer rates)."""
+        self.steps_per_epoch, self.total_steps = max(1, steps_per_epoch), max(1, total_steps)
         o = self.optim_cfg
         lr = scaled_lr(o["lr"], self.global_batch, o.get("reference_batch"))
         layers = tuple(dict.fromkeys(r["layer"] for r in o.get("layer_rates", [])))

@@ -2,8 +2,9 @@
 requeue the job once training has wound down.
 
 This callback is the only owner of the requeue: Lightning's own SLURM auto-requeue is switched off
-(see cli/train.py). The requeued job keeps its job id, hence its run directory and W&B run, and
-resumes from the checkpoint saved here.
+(see cli/train.py), and inside a job of the submitit launcher it also takes the signal submitit
+asked SLURM for, so that submitit's handler never acts on its own. The requeued job keeps its job
+id, hence its run directory and W&B run, and resumes from the checkpoint saved here.
 """
 
 import os
@@ -17,16 +18,31 @@ from ..data.wds_loader import SIGNAL_ENV
 from .checkpoint import LastCheckpoint
 
 
+def submitit_signal() -> int | None:
+    """The signal submitit's SLURM executor asks for (`--signal=USR2@...` unless
+    SUBMITIT_PREEMPT_SIGNAL says otherwise) when this process is one of its jobs, else None."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    from submitit import JobEnvironment
+
+    return int(getattr(signal, f"SIG{JobEnvironment.USR_SIG}"))
+
+
+def signal_number(name: str) -> int:
+    return int(getattr(signal, f"SIG{name.upper().removeprefix('SIG')}"))
+
+
 class Preemption(pl.Callback):
     def __init__(self, saver: LastCheckpoint, signal_name: str = "USR1", requeue: bool = True):
-        self.saver, self.requeue = saver, requeue
-        self.signum = getattr(signal, f"SIG{signal_name.upper().removeprefix('SIG')}")
+        self.saver, self.requeue_job = saver, requeue
+        self.signums = sorted({signal_number(signal_name), submitit_signal() or signal_number(signal_name)})
         self.requested = False
         self.preempted_at = None  # the global step saved before stopping
 
     def setup(self, trainer, pl_module, stage):
-        os.environ[SIGNAL_ENV] = str(int(self.signum))
-        signal.signal(self.signum, self._on_signal)
+        os.environ[SIGNAL_ENV] = ",".join(map(str, self.signums))  # loader workers ignore them
+        for signum in self.signums:
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
         self.requested = True  # acted on at the next step boundary, never inside a step
@@ -41,19 +57,12 @@ class Preemption(pl.Callback):
         if trainer.is_global_zero:
             print(f"preempted: checkpoint saved at step {trainer.global_step}", flush=True)
 
-    def finish(self, trainer) -> None:
-        """After fit has returned on every rank: requeue the job, as the very last thing, since
-        SLURM then cancels what is still running of this allocation."""
-        trainer.strategy.barrier("preempted")
-        for logger in trainer.loggers:  # close the W&B run now: the requeue's cancel would cut it short
-            if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
-                logger.experiment.finish()
-                import wandb
-
-                wandb.teardown()  # and stop its service, which the cancel kills: its exit hook would fail
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nor may it cut this process's exit short
+    def requeue(self, trainer) -> None:
+        """After fit has returned on every rank and the loggers are closed: requeue the job (rank
+        zero), as the very last thing, since SLURM then cancels what still runs of this allocation."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # that cancel may not cut this process's exit short
         job = os.environ.get("SLURM_JOB_ID")
-        if trainer.is_global_zero and self.requeue and job:
+        if trainer.is_global_zero and self.requeue_job and job:
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             print(
                 f"requeued job {job}"
