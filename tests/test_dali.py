@@ -31,6 +31,13 @@ def decode_codes(images: torch.Tensor) -> tuple[list, list]:
     return [round(x / 20) + 12 * round(z / 20) for x, z in zip(r, b, strict=True)], [round(v / 30) for v in g]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shards_written_before_any_pipeline(synthetic_root):
+    """write_dataset forks worker processes, and a child forked once DALI's threads run can crash
+    (seen: the session's synthetic shards, first needed late in this module, died with a
+    segmentation fault); so they are written before this module builds its first pipeline."""
+
+
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory):
     """101 training and 53 validation images (odd counts), 7 classes, 5 shards each."""
@@ -182,8 +189,6 @@ def test_ten_views_are_corners_centre_and_mirrors_and_their_prediction_is_the_me
     classifier = Classifier(
         {"name": "alexnet_small", "num_classes": 3, "width": 8, "fc": 16},
         optim={},
-        steps_per_epoch=1,
-        max_epochs=1,
         global_batch=8,
     ).eval()
     with torch.no_grad():

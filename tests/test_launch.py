@@ -1,6 +1,7 @@
 """Launching for real: sbatch on a real SLURM cluster with two emulated nodes (launch/local-slurm),
 preemption and requeue, and torchrun with two "nodes" on this machine."""
 
+import csv
 import json
 import os
 import re
@@ -207,3 +208,49 @@ def test_hydra_submitit_launcher_runs_a_ddp_job_on_the_cluster(tmp_path, synthet
         results = json.loads((run_dir / "results.json").read_text())
         assert results["world_size"] == 2 and results["global_step"] == 62 and results["run_id"] == f"sweep-{job_num}"
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+
+
+def submitit_job(tmp_path: Path, sweep: str) -> tuple[str, str]:
+    """(job id, signal) of the job a submitit sweep has submitted: its id as squeue shows it, and
+    the signal its batch script asks SLURM for (#SBATCH --signal=SIG@SECONDS)."""
+    scripts = list((tmp_path / "runs/smoke" / sweep / ".submitit").glob("*/*_submission.sh"))
+    assert len(scripts) == 1, scripts
+    asked = re.search(r"^#SBATCH --signal=(\w+)@\d+$", scripts[0].read_text(), re.MULTILINE).group(1)
+    return scripts[0].name.removesuffix("_submission.sh"), asked
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("signal_override", [None, "preemption.signal=TERM"], ids=["submitits-signal", "TERM"])
+def test_a_submitit_job_preempted_resumes_in_the_same_run_and_finishes(
+    tmp_path, synthetic_root, job_env, slurm_cluster, signal_override
+):
+    # W&B's own service process also takes SLURM's TERM and stops: that case logs to CSV only
+    extra = [signal_override, "logger=csv"] if signal_override else ["logger=wandb"]
+    cmd = [str(BIN / "alexnet-train"), "-m", "hydra/launcher=slurm", *SMOKE, "run_id=pre"]
+    cmd += [f"data.root={synthetic_root}", "trainer.strategy=ddp", "trainer.devices=1", "trainer.num_nodes=2", *extra]
+    sweep = subprocess.Popen(cmd, cwd=tmp_path, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs/smoke/pre/0"
+    deadline = time.time() + 240
+    while not list((run_dir / "checkpoints").glob("step-*.ckpt")):
+        assert time.time() < deadline and sweep.poll() is None, sweep.communicate()
+        time.sleep(0.5)
+    job, asked = submitit_job(tmp_path, "pre")
+    signal = "TERM" if signal_override else asked
+    assert asked == "USR2"  # submitit's choice, which the training takes over
+    subprocess.run(["scancel", f"--signal={signal}", job], check=True)
+    out, err = sweep.communicate(timeout=400)
+    assert sweep.returncode == 0, err[-3000:]
+    state = wait_for(job, timeout=60)  # the results are in; the job itself may still be completing
+    log = "".join(p.read_text() for p in sorted(run_dir.parent.glob(".submitit/*/*_0_log.*")))
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
+    saved = int(re.search(r"preempted: checkpoint saved at step (\d+)", log).group(1))
+    assert "requeued job" in log and "Traceback" not in log
+    # submitit's own handlers never acted on the warning (SLURM's SIGCONT at the requeue is logged only)
+    assert "Caught signal" not in log and f"Bypassing signal SIG{signal}" not in log
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == 5 * 62 and results["world_size"] == 2 and results["run_id"] == "pre-0"
+    second = list(csv.DictReader((run_dir / "logs/version_1/metrics.csv").open()))
+    assert 0 < saved < 5 * 62 and min(int(row["step"]) for row in second) >= saved
+    if not signal_override:
+        records = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert [p.name for p in records] == ["run-smoke-pre-0.wandb"] * 2  # both parts in one W&B run

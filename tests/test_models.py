@@ -145,10 +145,8 @@ def test_channels_last_and_compiled_models_compute_the_same_and_save_the_same_na
 
     spec = {"name": "alexnet_small", "num_classes": 10, "width": 8, "fc": 32, "dropout": 0.0}
     torch.manual_seed(0)
-    plain = Classifier(spec, optim={}, steps_per_epoch=1, max_epochs=1, global_batch=4).eval()
-    fast = Classifier(
-        spec, optim={}, steps_per_epoch=1, max_epochs=1, global_batch=4, channels_last=True, compile=compile
-    ).eval()
+    plain = Classifier(spec, optim={}, global_batch=4).eval()
+    fast = Classifier(spec, optim={}, global_batch=4, channels_last=True, compile=compile).eval()
     fast.load_state_dict(plain.state_dict())
     assert fast.state_dict().keys() == plain.state_dict().keys()
     assert fast.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -89,10 +89,9 @@ def test_plateau_divides_by_ten_after_patience_epochs_without_improvement():
     module = Classifier(
         model={"name": "alexnet_small", "num_classes": 10},
         optim=optim,
-        steps_per_epoch=10,
-        max_epochs=20,
         global_batch=128,
     )
+    module.optimizer_and_schedule(steps_per_epoch=10, total_steps=200)
     factors = []
     for top1 in [0.5, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]:
         module._plateau_update(top1)
@@ -147,10 +146,8 @@ def test_a_layer_gets_its_own_rate_from_an_epoch_on_like_conv1_in_2012():
             {"layer": "conv1", "from_epoch": 72, "lr": 0.0},
         ],
     }
-    module = Classifier(
-        {"name": "alexnet_small", "num_classes": 10}, optim, steps_per_epoch=10, max_epochs=90, global_batch=256
-    )
-    config = module.configure_optimizers()
+    module = Classifier({"name": "alexnet_small", "num_classes": 10}, optim, global_batch=256)
+    config = module.optimizer_and_schedule(steps_per_epoch=10, total_steps=900)
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
 
     def rates(epoch):

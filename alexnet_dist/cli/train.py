@@ -109,7 +109,10 @@ def finish_loggers(trainer: pl.Trainer) -> None:
         return
     import wandb
 
-    wandb.finish()
+    try:
+        wandb.finish()
+    except Exception as exc:  # its service may be gone: SLURM's TERM reaches every process of the job
+        print(f"warning: the W&B run could not be closed cleanly ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def check_trainer_keys(cfg: DictConfig) -> None:

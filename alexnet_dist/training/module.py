@@ -203,8 +203,9 @@ class Classifier(pl.LightningModule):
             raise ConfigError(
                 "trainer.max_epochs=-1 and trainer.max_steps=-1 give the learning-rate schedule no end; set one of them"
             )
-        per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        return self.optimizer_and_schedule(per_epoch, int(total))
+        batches = self.trainer.num_training_batches  # infinite for a loader without a length
+        per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches) else total
+        return self.optimizer_and_schedule(int(per_epoch), int(total))
 
     def optimizer_and_schedule(self, steps_per_epoch: int, total_steps: int) -> dict:
         """The optimizer and its per-step schedule for a fit of `total_steps` optimizer steps,

@@ -41,6 +41,14 @@ class Preemption(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         os.environ[SIGNAL_ENV] = ",".join(map(str, self.signums))  # loader workers ignore them
+        self._listen()
+
+    def on_train_start(self, trainer, pl_module):
+        # Again, now that the Trainer has set its own handlers: with preemption.signal=TERM its
+        # SIGTERM handler would end the fit at once, before the checkpoint (and stall DDP ranks).
+        self._listen()
+
+    def _listen(self):
         for signum in self.signums:
             signal.signal(signum, self._on_signal)
 
