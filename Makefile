@@ -22,7 +22,7 @@ demo: install
 	BIN=$(BIN) SHARDS=$(SHARDS) bash launch/demo.sh
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -1,9 +1,11 @@
 import importlib.resources
+import subprocess
 
 import pytest
+from conftest import BIN
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
-import alexnet_dist.cli.train  # noqa: F401  (registers the ${run_id:} resolver)
 from alexnet_dist.config import validate
 from alexnet_dist.models import create_model
 
@@ -36,3 +38,15 @@ def test_alexnet2012_experiment_is_the_papers_recipe():
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.bias_lr_mult) == (0.01, 0.9, 5e-4, 2.0)
     assert list(cfg.optim.schedule.milestones) == [25, 51, 79] and cfg.trainer.max_epochs == 90
     assert [(r.layer, r.from_epoch, r.lr) for r in cfg.optim.layer_rates] == [("conv1", 67, 1e-5), ("conv1", 72, 0.0)]
+
+
+def test_a_users_config_folder_adds_an_experiment_from_any_directory(tmp_path, cli_env):
+    mine = tmp_path / "myconf/experiment/mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("# @package _global_\ndefaults:\n  - smoke\nexperiment_name: mine\noptim:\n  lr: 0.05\n")
+    cmd = [str(BIN / "alexnet-train"), "--config-dir", "myconf", "experiment=mine", "data.root=/x", "--cfg", "job"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.experiment_name == "mine" and cfg.optim.lr == 0.05  # the user's file over the shipped smoke
+    assert cfg.data.crop == 28 and cfg.loader.name == "auto"  # the rest from the package's conf

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN
+from conftest import BIN, wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke", "+trainer.enable_progress_bar=false"]
@@ -180,34 +180,34 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env)
 
 
 @pytest.mark.slurm
-def test_hydra_submitit_launcher_runs_a_ddp_job_on_the_cluster(tmp_path, synthetic_root, job_env, slurm_cluster):
+def test_hydra_submitit_launcher_runs_a_sweep_of_ddp_jobs_each_its_own_wandb_run(
+    tmp_path, synthetic_root, job_env, slurm_cluster
+):
+    cmd = [
+        str(BIN / "alexnet-train"),
+        "-m",
+        "hydra/launcher=slurm",
+        *SMOKE,
+        "logger=wandb",
+        f"data.root={synthetic_root}",
+    ]
+    cmd += ["trainer.max_epochs=1", "trainer.strategy=ddp", "trainer.devices=1", "trainer.num_nodes=2"]
     proc = subprocess.run(
-        [
-            str(BIN / "alexnet-train"),
-            "-m",
-            "hydra/launcher=slurm",
-            *SMOKE,
-            "logger=csv",
-            f"data.root={synthetic_root}",
-            "trainer.max_epochs=1",
-            "trainer.strategy=ddp",
-            "trainer.devices=1",
-            "trainer.num_nodes=2",
-            "run_id=sweep",
-            "optim.lr=0.02,0.05",
-        ],
-        cwd=tmp_path,
-        env=job_env,
-        capture_output=True,
-        text=True,
-        timeout=400,
+        [*cmd, "optim.lr=0.02,0.05"], cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # no run_id given: the sweep's jobs and submitit's own files share the folder the command chose
+    [sweep] = list((tmp_path / "runs/smoke").iterdir())
+    assert sorted(p.name for p in sweep.iterdir()) == [".submitit", "0", "1", "multirun.yaml"]
     for job_num, lr in ((0, 0.02), (1, 0.05)):  # a sweep of two jobs, each with two ranks on two nodes
-        run_dir = tmp_path / "runs/smoke/sweep" / str(job_num)
+        run_dir = sweep / str(job_num)
         results = json.loads((run_dir / "results.json").read_text())
-        assert results["world_size"] == 2 and results["global_step"] == 62 and results["run_id"] == f"sweep-{job_num}"
+        assert results["world_size"] == 2 and results["global_step"] == 62
+        assert results["run_id"] == f"{sweep.name}-{job_num}"
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+        [record] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+        run = next(r.run for r in wandb_records(record) if r.WhichOneof("record_type") == "run")
+        assert run.run_id == f"smoke-{sweep.name}-{job_num}" and run.run_group == f"smoke-{sweep.name}"
 
 
 def submitit_job(tmp_path: Path, sweep: str) -> tuple[str, str]:

@@ -118,7 +118,7 @@ def test_same_seed_same_batches_other_seed_or_epoch_different(unique_labels):
 
 def test_out_of_range_label_names_shard_and_key(tmp_path):
     write_dataset(sources.synthetic(5, 20, 10, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
-    dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12)
+    dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12, loader={"name": "wds"})
     dm.manifest["num_classes"] = 3  # the shards hold labels 0..4
     with pytest.raises(DataError, match=r"val/00000[01].tar:val-\d+: label [34] is outside 0..2"):
         list(dm.val_dataloader())

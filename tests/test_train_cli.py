@@ -142,6 +142,26 @@ def test_trainer_keys_without_plus_and_a_schedule_as_long_as_the_steps_run(tmp_p
     assert sum(1 for r in metrics_rows(run_dir) if r.get("val_top1")) == 4
 
 
+def test_epoch_milestones_hold_when_only_max_steps_ends_the_run(tmp_path, synthetic_root, cli_env):
+    run_cli(
+        "alexnet-train",
+        *SMOKE,
+        f"data.root={synthetic_root}",
+        "run_id=steps",
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=8",
+        "trainer.limit_train_batches=5",
+        "trainer.log_every_n_steps=1",
+        "optim.schedule.name=step",
+        "optim.schedule.milestones=[1]",
+        cwd=tmp_path,
+        env=cli_env,
+    )
+    rates = {int(r["step"]): float(r["lr"]) for r in metrics_rows(tmp_path / "runs/smoke/steps") if r.get("lr")}
+    base = 0.02 * 32 / 128
+    assert rates == pytest.approx({s: base if s < 5 else base * 0.1 for s in range(8)}), rates  # epoch 1 = step 5
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -169,6 +189,7 @@ def test_trainer_keys_without_plus_and_a_schedule_as_long_as_the_steps_run(tmp_p
             "error: model.foo: not a setting of model alexnet_small; its settings: dropout, fc, lrn, width",
         ),
         (["+trainer.max_epoch=3"], "error: trainer.max_epoch: not an argument of lightning.pytorch.Trainer"),
+        (["+trainer.logger=false"], "error: trainer.logger: set by alexnet-train itself"),
         (["trainer.max_epochs=-1"], "error: trainer.max_epochs=-1 and trainer.max_steps=-1 give the learning-rate"),
         (
             ["optim.schedule.name=linear"],

@@ -34,6 +34,8 @@ def parse(argv: list[str]) -> dict:
     args = {}
     for item in argv:
         key, sep, value = item.partition("=")
+        if key == "data_root":  # the name of earlier versions
+            raise ConfigError(f"{item}: the shards are data.root=DIR, as for alexnet-train")
         if not sep or key not in KEYS:
             raise ConfigError(f"{item}: expected KEY=VALUE with KEY one of {', '.join(sorted(KEYS))}")
         args[key] = value

@@ -7,7 +7,7 @@ import os
 import re
 import sys
 import warnings
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -52,19 +52,6 @@ warnings.filterwarnings("ignore", message="It is recommended to use `self.log\\(
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Timeout")
 
 
-def default_run_id() -> str:
-    """${run_id:} of conf/train.yaml. The SLURM job id, so that a requeued job finds its run
-    directory again; for the jobs of a submitit sweep (one SLURM job array) the array's id, so that
-    they share one sweep folder; outside SLURM the start time."""
-    env = os.environ
-    if env.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_ARRAY_JOB_ID" in env:
-        return env["SLURM_ARRAY_JOB_ID"]
-    return env.get("SLURM_JOB_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-OmegaConf.register_new_resolver("run_id", default_run_id, use_cache=True, replace=True)
-
-
 def wandb_sweep(cfg: DictConfig, run_dir: Path) -> dict:
     """In a multirun (-m), each job is its own W&B run, grouped by the sweep's folder and tagged
     with the job's command-line overrides."""
@@ -102,7 +89,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
     return loggers
 
 
-def finish_loggers(trainer: pl.Trainer) -> None:
+def finish_loggers(trainer: pl.Trainer, exit_code: int = 0) -> None:
     """Closes this job's W&B run (rank zero), so that the next job of a sweep starts its own and a
     requeue's cancel cannot cut the upload short."""
     if not trainer.is_global_zero or not any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
@@ -110,9 +97,13 @@ def finish_loggers(trainer: pl.Trainer) -> None:
     import wandb
 
     try:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
     except Exception as exc:  # its service may be gone: SLURM's TERM reaches every process of the job
         print(f"warning: the W&B run could not be closed cleanly ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+# What make_trainer passes to the Trainer itself.
+TRAINER_ARGS_SET_HERE = {"default_root_dir", "callbacks", "logger", "plugins", "use_distributed_sampler"}
 
 
 def check_trainer_keys(cfg: DictConfig) -> None:
@@ -122,6 +113,11 @@ def check_trainer_keys(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.{unknown[0]}: not an argument of lightning.pytorch.Trainer "
             f"(lightning {pl.__version__}); check the spelling, or remove it"
+        )
+    if taken := sorted(set(cfg.trainer) & TRAINER_ARGS_SET_HERE):
+        raise ConfigError(
+            f"trainer.{taken[0]}: set by alexnet-train itself (run directory, loggers, callbacks, SLURM plugin, "
+            "sampler); use logger=..., paths.runs=..., or the checkpoint.* settings instead"
         )
 
 
@@ -230,6 +226,21 @@ def train(cfg: DictConfig) -> dict:
         print(f"resuming from {ckpt_path}", flush=True)
         set_aside_damaged_last(ckpt_path)
     try:
+        results = fit_and_report(
+            trainer, module, data, ckpt_path, cfg, run_dir, run_id, preemption, throughput, skipped_images
+        )
+    except BaseException:
+        finish_loggers(trainer, exit_code=1)  # the next job of a sweep must start a W&B run of its own
+        raise
+    finish_loggers(trainer)
+    return results
+
+
+def fit_and_report(
+    trainer, module, data, ckpt_path, cfg, run_dir: Path, run_id: str, preemption, throughput, skipped_images
+) -> dict:
+    """Fits, then validates and writes results.json; a preempted fit requeues the job instead."""
+    try:
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except RuntimeError as exc:  # torch.distributed's errors included
         if any(sign in str(exc) for sign in PEER_LOST):
@@ -242,18 +253,23 @@ def train(cfg: DictConfig) -> dict:
         trainer.strategy.barrier("preempted")
         finish_loggers(trainer)
         preemption.requeue(trainer)
-        if os.environ.get("SUBMITIT_EXECUTOR"):
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and cfg.preemption.requeue:
             # submitit takes a returning job for a finished one and hands its result to the sweep;
             # leave without one, as submitit's own requeue does: the requeued job returns it.
             raise SystemExit(0)
         return {"preempted_at": preemption.preempted_at}
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-    skipped = len(skipped_images.seen)
-    results = report(
-        trainer, cfg, run_dir, run_id, metrics, throughput, module.skipped_steps, skipped, data.loader_cfg["name"]
+    return report(
+        trainer,
+        cfg,
+        run_dir,
+        run_id,
+        metrics,
+        throughput,
+        module.skipped_steps,
+        len(skipped_images.seen),
+        data.loader_cfg["name"],
     )
-    finish_loggers(trainer)
-    return results
 
 
 def comm_hook(name: str):

@@ -203,7 +203,9 @@ class Classifier(pl.LightningModule):
             raise ConfigError(
                 "trainer.max_epochs=-1 and trainer.max_steps=-1 give the learning-rate schedule no end; set one of them"
             )
-        batches = self.trainer.num_training_batches  # infinite for a loader without a length
+        if not math.isfinite(self.trainer.num_training_batches):  # not counted yet with max_epochs=-1
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches  # still infinite for a loader without a length
         per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches) else total
         return self.optimizer_and_schedule(int(per_epoch), int(total))
 
