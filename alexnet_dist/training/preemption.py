@@ -25,7 +25,7 @@ def submitit_signal() -> int | None:
         return None
     from submitit import JobEnvironment
 
-    return int(getattr(signal, f"SIG{JobEnvironment.USR_SIG}"))
+    return signal_number(JobEnvironment.USR_SIG)
 
 
 def signal_number(name: str) -> int:
@@ -35,7 +35,7 @@ def signal_number(name: str) -> int:
 class Preemption(pl.Callback):
     def __init__(self, saver: LastCheckpoint, signal_name: str = "USR1", requeue: bool = True):
         self.saver, self.requeue_job = saver, requeue
-        self.signums = sorted({signal_number(signal_name), submitit_signal() or signal_number(signal_name)})
+        self.signums = sorted({signal_number(signal_name), submitit_signal()} - {None})
         self.requested = False
         self.preempted_at = None  # the global step saved before stopping
 
