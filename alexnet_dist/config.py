@@ -1,44 +1,59 @@
-"""The shape of alexnet-train's configuration, checked before any work starts.
+"""The shape of alexnet-train's configuration: every setting's type, default and allowed values,
+declared once, and the checks between settings.
 
-Hydra composes plain YAML; merging it into these dataclasses catches unknown keys and values of
-the wrong type or outside a fixed set, naming the key. `model` and `trainer` stay open: their keys
-are the chosen model's arguments and lightning.pytorch.Trainer's.
+Hydra composes plain YAML; `load` merges it into these dataclasses (which names an unknown key, a
+value of the wrong type or outside a fixed set) and returns typed objects that the rest of the
+package takes as arguments. `model` and `trainer` stay open: their keys are the chosen model's
+arguments and lightning.pytorch.Trainer's, checked against those signatures where they are used.
 """
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
 
-Choice = lambda name, *values: Enum(name, {v: v for v in values})  # noqa: E731
-OptimName = Choice("OptimName", "krizhevsky", "sgd")
-ScheduleName = Choice("ScheduleName", "step", "plateau", "cosine", "constant")
-NonFinite = Choice("NonFinite", "stop", "skip")
-LoaderName = Choice("LoaderName", "auto", "dali", "wds")
-LoaderDevice = Choice("LoaderDevice", "auto", "cpu", "gpu")
-Layout = Choice("Layout", "NCHW", "NHWC")
-DType = Choice("DType", "float32", "bfloat16")
-BadImages = Choice("BadImages", "skip", "error")
-Augment = Choice("Augment", "paper", "modern")
-OptimImpl = Choice("OptimImpl", "foreach", "loop", "fused")
-CommHook = Choice("CommHook", "none", "bf16", "fp16")
-LoggerName = Choice("LoggerName", "wandb", "csv")
-SignalName = Choice("SignalName", "USR1", "USR2", "TERM")
+
+class Choice(str, Enum):
+    """A setting with a fixed set of values; equal to, printed and formatted as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+def choice(name: str, values: str) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values.split()])
+
+
+OptimName = choice("OptimName", "krizhevsky sgd")
+ScheduleName = choice("ScheduleName", "step plateau cosine constant")
+NonFinite = choice("NonFinite", "stop skip")
+LoaderName = choice("LoaderName", "auto dali wds")
+LoaderDevice = choice("LoaderDevice", "auto cpu gpu")
+Layout = choice("Layout", "NCHW NHWC")
+DType = choice("DType", "float32 bfloat16")
+BadImages = choice("BadImages", "skip error")
+Augment = choice("Augment", "paper modern")
+OptimImpl = choice("OptimImpl", "foreach loop fused")
+CommHook = choice("CommHook", "none bf16 fp16")
+LoggerName = choice("LoggerName", "wandb csv")
+SignalName = choice("SignalName", "USR1 USR2 TERM")
 
 
 @dataclass
 class Data:
     root: str = MISSING
-    batch_size: int = 128
-    val_batch_size: int | None = None
+    batch_size: int = 128  # global: divided by the number of ranks
+    val_batch_size: int | None = None  # global; None: batch_size
     crop: int = 224
     val_resize: int | None = 256
     flip: bool = True
-    mean: list[float] | None = None
+    mean: list[float] | None = None  # None: the train split's own, from the manifest
     std: list[float] | None = None
     augment: Augment = Augment.paper
     colour_noise: float = 0.0
@@ -50,17 +65,17 @@ class Data:
 
 @dataclass
 class Loader:
-    """The union of both loaders' settings; each loader's YAML sets the ones it reads."""
+    """Both loaders' settings; the ones marked with a loader are read by that loader only."""
 
     name: LoaderName = LoaderName.auto
     shuffle_buffer: int = 2000
     prefetch: int = 2
-    workers: int = 2  # wds
+    dtype: DType = DType.float32  # what batches are normalised to
+    bad_images: BadImages = BadImages.skip
+    workers: int = 2  # wds: worker processes per rank (0: in the training process)
     device: LoaderDevice = LoaderDevice.auto  # dali
     threads: int = 2  # dali
     layout: Layout = Layout.NCHW  # dali
-    dtype: DType = DType.float32  # dali
-    bad_images: BadImages = BadImages.skip  # dali
 
 
 @dataclass
@@ -150,11 +165,57 @@ class Train:
     trainer: dict[str, Any] = field(default_factory=dict)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raises ConfigError naming the first key that is unknown, mistyped or not a valid choice."""
+T = TypeVar("T")
+
+
+def make(schema: type[T], values: Any = None) -> T:
+    """`values` (a mapping, a DictConfig, or an object of the schema) merged over the schema's
+    defaults and checked: the one way settings become objects. Raises ConfigError naming the key."""
     try:
-        OmegaConf.merge(OmegaConf.structured(Train), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values if values is not None else {})
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "config"
+        key = getattr(exc, "full_key", None) or schema.__name__.lower()
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"{key}: {reason}; fix the override or the config file") from None
+
+
+def plain(settings: Any) -> dict:
+    """Settings as plain dicts, lists and strings: what checkpoints and W&B store."""
+    return OmegaConf.to_container(OmegaConf.structured(settings), enum_to_str=True)
+
+
+def load(cfg: DictConfig) -> Train:
+    """alexnet-train's composed config as typed settings, checked within and across groups."""
+    settings = make(Train, cfg)
+    check(settings)
+    return settings
+
+
+def check(s: Train) -> None:
+    """What single settings allow but their combination does not; refused before any work."""
+    if s.data.test_views not in (1, 10):
+        raise ConfigError(
+            f"data.test_views={s.data.test_views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)"
+        )
+    if s.loader.dtype == DType.bfloat16 and not str(s.trainer["precision"]).startswith("bf16"):
+        raise ConfigError(
+            f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
+            f"{s.trainer['precision']}; or keep loader.dtype=float32"
+        )
+    devices, nodes = s.trainer["devices"], s.trainer["num_nodes"]
+    if isinstance(devices, int) and isinstance(nodes, int):
+        for key in ("batch_size", "val_batch_size"):
+            per_rank(getattr(s.data, key), devices * nodes, f"data.{key}")
+
+
+def per_rank(global_batch: int | None, world: int, key: str = "data.batch_size") -> int | None:
+    """The share of a global batch each of `world` ranks takes; ConfigError if it does not divide."""
+    if global_batch is None:
+        return None
+    if global_batch % world:
+        raise ConfigError(
+            f"{key}={global_batch} is the global batch and must divide by the {world} processes "
+            f"(trainer.devices x trainer.num_nodes); pick a multiple of {world}"
+        )
+    return global_batch // world

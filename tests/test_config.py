@@ -6,7 +6,7 @@ from conftest import BIN
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from alexnet_dist.config import validate
+from alexnet_dist.config import load
 from alexnet_dist.models import create_model
 
 CONF = importlib.resources.files("alexnet_dist.conf")
@@ -24,7 +24,7 @@ def test_every_experiment_composes_and_builds_its_model(experiment):
     assert cfg.experiment_name == experiment
     assert set(cfg) >= {"model", "data", "loader", "optim", "trainer", "logger", "run_id", "resume"}
     assert cfg.data.batch_size > 0 and cfg.optim.schedule.name in {"step", "plateau", "cosine", "constant"}
-    validate(cfg)  # every key known and of the right type
+    load(cfg)  # every key known and of the right type, the settings consistent
     model_args = {k: v for k, v in cfg.model.items() if k != "name"}
     model = create_model(cfg.model.name, num_classes=10, **model_args)
     assert sum(p.numel() for p in model.parameters()) > 0

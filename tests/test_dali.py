@@ -8,16 +8,14 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from helpers.shards import RAW, WDS, data_module, encoded, reindex, replace_shard, same_batch
 from PIL import Image
 
 from alexnet_dist.data import sources
-from alexnet_dist.data.augment import PCA_STD, PCA_VECTORS
-from alexnet_dist.data.datamodule import ShardDataModule
 from alexnet_dist.data.shards import write_dataset
+from alexnet_dist.data.transforms import PCA_STD, PCA_VECTORS
 from alexnet_dist.errors import ConfigError, DataError
 from alexnet_dist.training.module import Classifier
-
-RAW = dict(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])  # batches come out on the 0-255 scale
 
 
 def coded_image(index: int, label: int, size: int = 20) -> Image.Image:
@@ -57,22 +55,16 @@ def coded(tmp_path_factory):
     return root
 
 
-def module(root, rank=0, world=1, epoch=0, **kw):
-    args = dict(batch_size=8 * world, crop=16, val_resize=None, loader={"name": "dali"}, **RAW)
+def module(root, rank=0, world=1, epoch=0, loader=None, **kw):
+    args = dict(batch_size=8 * world, crop=16, val_resize=None, **RAW)
     args.update(kw)
-    dm = ShardDataModule(str(root), **args)
-    dm.world = lambda: (rank, world)
-    dm.position = lambda: (epoch, 0)
-    return dm
+    return data_module(root, loader or {"name": "dali"}, rank=rank, world=world, epoch=epoch, **args)
 
 
 def batches(dm, split):
     """What training sees: the loader's batches after the data module's on-device step."""
     loader = getattr(dm, f"{split}_dataloader")()
     return [dm.on_after_batch_transfer(batch, 0) for batch in loader]
-
-
-WDS = {"name": "wds", "workers": 0}
 
 
 def test_every_label_stays_with_its_image_in_training_and_validation(coded):
@@ -90,15 +82,16 @@ def test_every_label_stays_with_its_image_in_training_and_validation(coded):
 def test_validation_reads_every_sample_exactly_once_across_ranks(coded):
     ids = []
     for rank in range(3):
-        for images, _ in module(coded, rank, 3).val_dataloader():
-            ids += decode_codes(images)[0]
+        for batch in module(coded, rank, 3).val_dataloader():
+            ids += decode_codes(batch.images)[0]
     assert sorted(ids) == list(range(53))
 
 
-def test_training_gives_every_rank_the_same_steps_and_no_sample_twice_in_an_epoch(coded):
+@pytest.mark.parametrize("loader", [{"name": "dali"}, {"name": "wds", "workers": 2}], ids=["dali", "wds"])
+def test_training_gives_every_rank_the_same_steps_and_no_sample_twice_in_an_epoch(coded, loader):
     per_rank = []
     for rank in range(3):
-        dm = module(coded, rank, 3)
+        dm = module(coded, rank, 3, loader=loader)
         steps = batches(dm, "train")
         assert len(steps) == len(dm.loaders["train"]) == 101 // 24
         assert all(len(labels) == 8 for _, labels in steps)
@@ -225,93 +218,61 @@ def assert_resumes_where_it_stopped(full: list, resumed, state: dict, done: int 
     rest = list(resumed.train_dataloader())
     assert len(rest) == len(full) - done
     for a, b in zip(full[done:], rest, strict=True):
-        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-def tar_of(samples: list[tuple[str, bytes, bytes | None]], path):
-    with tarfile.open(path, "w") as tar:
-        for key, jpg, cls in samples:
-            for ext, data in (("jpg", jpg), ("cls", cls)):
-                if data is not None:
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-
-
-def encoded(image: Image.Image, fmt: str = "JPEG") -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt)
-    return out.getvalue()
+        assert same_batch(a, b)
 
 
 @pytest.fixture
 def awkward(tmp_path, coded):
     """The coded set with a val shard replaced by one holding greyscale, CMYK and PNG images, bytes
     that are no image and a truncated JPEG; the DALI index is rebuilt for it."""
-    import json
     import shutil
-    import subprocess
-    import sys
 
     root = tmp_path / "awkward"
     shutil.copytree(coded, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    shard = manifest["splits"]["val"]["shards"][0]
     picture = coded_image(7, 0)
-    samples = [
-        (f"odd-{i}", data, b"0")
-        for i, data in enumerate(
-            [
-                encoded(picture.convert("L")),
-                encoded(picture.convert("CMYK")),
-                encoded(picture, "PNG"),
-                b"\xff\xd8\xff\xe0 this is not a JPEG" * 4,
-                encoded(picture)[:300],
-                encoded(picture),
-            ]
-        )
+    images = [
+        encoded(picture.convert("L")),
+        encoded(picture.convert("CMYK")),
+        encoded(picture, "PNG"),
+        b"\xff\xd8\xff\xe0 this is not a JPEG" * 4,
+        encoded(picture)[:300],
+        encoded(picture),
     ]
-    tar_of(samples, root / shard["tar"])
-    manifest["splits"]["val"]["count"] += len(samples) - shard["count"]
-    shard["count"] = len(samples)
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    index = root / shard["tar"].replace(".tar", ".idx")
-    subprocess.run(
-        [str(__import__("pathlib").Path(sys.executable).parent / "wds2idx"), str(root / shard["tar"]), str(index)],
-        check=True,
-        capture_output=True,
-    )
-    return root, shard["tar"]
+    tar = replace_shard(root, "val", 0, [(f"odd-{i}", data, b"0") for i, data in enumerate(images)])
+    return root, str(tar.relative_to(root))
 
 
-def test_grey_cmyk_and_png_decode_to_rgb_and_a_corrupt_image_is_skipped_and_counted(awkward):
+LOADERS = [{"name": "dali"}, {"name": "wds", "workers": 1}]
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=["dali", "wds"])
+def test_grey_cmyk_and_png_decode_to_rgb_and_a_corrupt_image_is_skipped_and_counted(awkward, loader):
     root, tar = awkward
-    dm = module(root)
+    dm = module(root, loader=loader)
     loader = dm.val_dataloader()
-    seen = sum(len(labels) for _, labels in loader)
-    assert seen == dm.split_count("val") - 2
+    passed = list(loader)
+    assert sum(len(b.labels) for b in passed) == dm.manifest.count("val") - 2
     skipped = sorted(dm.skipped_images())
-    assert len(skipped) == 2 and all(f"{tar}:" in where and "cannot decode" in where for where in skipped)
-    assert "odd-3.jpg" in skipped[0] and "odd-4.jpg" in skipped[1]  # not an image; a JPEG cut short
-    first = next(iter(loader))[0]  # the shard's samples in order, the two bad ones left out
+    assert skipped == sorted(s for b in passed for s in b.skipped)  # each named with the batch it left
+    assert len(skipped) == 2 and all(f"{tar}:" in where and "(cannot decode: " in where for where in skipped)
+    assert "odd-3" in skipped[0] and "odd-4" in skipped[1]  # not an image; a JPEG cut short
+    first = passed[0].images  # the shard's samples in order, the two bad ones left out
     grey, cmyk, png, plain = first[:4].double().mean(dim=(2, 3))
     assert grey.max() - grey.min() < 2  # grey comes out as three equal channels
     assert torch.allclose(cmyk, plain, atol=3) and torch.allclose(png, plain, atol=3)
     assert decode_codes(first[1:4])[0] == [7, 7, 7]
 
 
-def test_a_corrupt_image_stops_a_strict_loader_naming_shard_and_key(awkward):
+@pytest.mark.parametrize("loader", LOADERS, ids=["dali", "wds"])
+def test_a_corrupt_image_stops_a_strict_loader_naming_shard_and_key(awkward, loader):
     root, tar = awkward
-    dm = module(root, loader={"name": "dali", "bad_images": "error"})
-    with pytest.raises(DataError, match=rf"{tar}:\d+:odd-3.jpg: cannot decode image"):
+    dm = module(root, loader={**loader, "bad_images": "error"})
+    with pytest.raises(DataError, match=rf"{tar}:(\d+:)?odd-3(.jpg)?: cannot decode image .*loader.bad_images=skip"):
         list(dm.val_dataloader())
 
 
 def test_a_sample_without_a_label_stops_with_shard_and_key(tmp_path, coded):
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
     shutil.copytree(coded, tmp_path / "data")
     tar = tmp_path / "data" / "val" / "000001.tar"
@@ -322,11 +283,7 @@ def test_a_sample_without_a_label_stops_with_shard_and_key(tmp_path, coded):
         for member, data in members:
             if member.name != unlabelled:
                 f.addfile(member, io.BytesIO(data))
-    subprocess.run(
-        [str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
-        check=True,
-        capture_output=True,
-    )
+    reindex(tar)
     key = unlabelled[:-4]
     with pytest.raises(DataError, match=rf"{tar}: sample {key} has only .jpg \(needs .jpg and .cls\)"):
         list(module(tmp_path / "data").val_dataloader())
@@ -367,13 +324,13 @@ def test_dali_and_webdataset_loaders_give_the_same_validation_images_labels_and_
     loaders = {"wds": {"name": "wds", "workers": 0}, "dali": {"name": "dali"}}
     raw, inputs, labels = {}, {}, {}
     for name, loader in loaders.items():
-        dm = ShardDataModule(str(synthetic_root), batch_size=50, crop=28, val_resize=36, loader=loader)
+        dm = data_module(synthetic_root, loader, batch_size=50, crop=28, val_resize=36)
         batches = list(dm.val_dataloader())
-        assert all(images.dtype == torch.uint8 for images, _ in batches)
-        raw[name] = torch.cat([images for images, _ in batches]).int()
+        assert all(b.images.dtype == torch.uint8 for b in batches)
+        raw[name] = torch.cat([b.images for b in batches]).int()
         inputs[name] = torch.cat([dm.on_after_batch_transfer(batch, 0)[0] for batch in batches]).double()
-        labels[name] = torch.cat([y for _, y in batches])
-    std = torch.tensor(dm.std, dtype=torch.float64).view(1, 3, 1, 1)  # the same for both: the manifest's
+        labels[name] = torch.cat([b.labels for b in batches])
+    std = torch.tensor(dm.manifest.stat("std"), dtype=torch.float64).view(1, 3, 1, 1)  # both use the manifest's
     assert raw["wds"].shape == raw["dali"].shape == (500, 3, 28, 28)
     assert torch.equal(labels["wds"], labels["dali"])  # the same images in the same order, each with its label
 

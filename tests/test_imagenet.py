@@ -196,8 +196,9 @@ def test_stats_of_a_known_image_set(tmp_path, cli_env):
     covariance has one axis, along their difference, with std |difference| / 2."""
     from functools import partial
 
+    from helpers.shards import data_module
+
     from alexnet_dist.data import sources
-    from alexnet_dist.data.datamodule import ShardDataModule
     from alexnet_dist.data.shards import write_dataset
 
     a, b = np.array([200.0, 60.0, 40.0]), np.array([40.0, 120.0, 200.0])
@@ -221,8 +222,10 @@ def test_stats_of_a_known_image_set(tmp_path, cli_env):
     mean_image = np.load(tmp_path / "mean_image.npy")
     assert mean_image.shape == (32, 32, 3) and np.allclose(mean_image.mean((0, 1)), (a + b) / 2, atol=1.5)
     assert Image.open(tmp_path / "mean_image.png").size == (32, 32)
-    dm = ShardDataModule(str(tmp_path), batch_size=4, crop=32)  # the loaders' colour noise now uses these axes
-    assert np.allclose(dm.pca[0], stats["pca_std"]) and np.allclose(dm.pca[1], stats["pca_vectors"])
+    dm = data_module(tmp_path, batch_size=4, crop=32)  # the loaders' colour noise now uses these axes
+    assert np.allclose(dm.augment.pca_std, stats["pca_std"]) and np.allclose(
+        dm.augment.pca_vectors, stats["pca_vectors"]
+    )
 
 
 @pytest.mark.slow

@@ -3,12 +3,16 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers.shards import WDS, data_module, edit_manifest, encoded, replace_shard, same_batch
 from PIL import Image
 
-from alexnet_dist.data import sources
-from alexnet_dist.data.datamodule import ShardDataModule
+from alexnet_dist.config import Loader, make
+from alexnet_dist.data import sources, wds
+from alexnet_dist.data.manifest import Manifest
+from alexnet_dist.data.plan import make_plan
 from alexnet_dist.data.shards import write_dataset
-from alexnet_dist.data.wds_loader import EpochLoader, ShardStream, center_crop, decode_image, random_crop_flip
+from alexnet_dist.data.transforms import Augmentation, center_crop, crop_box, random_crop_flip
+from alexnet_dist.data.wds import decode_image, random_resized_crop
 from alexnet_dist.errors import DataError
 
 
@@ -64,33 +68,29 @@ def unique_labels(tmp_path_factory):
     return root
 
 
-def stream(root, split, *, train, rank, world, workers=2, batch=4, seed=0, epoch=0, steps=None):
-    dm = ShardDataModule(str(root), batch_size=batch * world, crop=12)
-    shards = [dict(s, tar=str(dm.root / s["tar"])) for s in dm.manifest["splits"][split]["shards"]]
-    ds = ShardStream(
-        shards,
-        train=train,
-        batch_size=batch,
-        num_classes=dm.num_classes,
-        crop=12,
-        resize=None,
-        rank=rank,
-        world=world,
-        workers=workers,
-        seed=seed,
-        steps_per_epoch=steps,
-        shuffle_buffer=10,
+def stream(root, split, *, train, rank, world, workers=2, batch=4, seed=0, epoch=0, done=0):
+    """The webdataset loader of one rank, built from its plan as the data module builds it."""
+    manifest = Manifest.read(root)
+    mode = "train" if train else "val"
+    plan = make_plan(manifest.shards(split), mode, batch * world, manifest.count(split), rank, world, seed, "test")
+    settings = make(Loader, {"name": "wds", "workers": workers, "shuffle_buffer": 10})
+    loader = wds.build(
+        plan,
+        Augmentation(crop=12, val_resize=None),
+        settings,
+        num_classes=37,
+        position=lambda: (epoch, done),
+        device=torch.device("cpu"),
     )
-    loader = EpochLoader(ds, lambda: (epoch, 0), num_workers=workers)
-    return ds, list(loader)
+    return loader, list(loader)
 
 
 def test_validation_reads_every_sample_exactly_once_across_ranks(unique_labels):
     seen = []
     for rank in range(3):
-        ds, batches = stream(unique_labels, "val", train=False, rank=rank, world=3)
-        assert len(batches) == len(ds)  # the progress bar's total is right
-        seen += [int(y) for _, labels in batches for y in labels]
+        loader, batches = stream(unique_labels, "val", train=False, rank=rank, world=3)
+        assert len(batches) == len(loader)  # the progress bar's total is right
+        seen += [int(y) for batch in batches for y in batch.labels]
     assert sorted(seen) == list(range(37))
 
 
@@ -98,15 +98,13 @@ def test_training_gives_every_rank_the_same_number_of_full_batches(unique_labels
     # 37 samples, global batch 12 over 3 ranks: 3 steps per epoch on every rank,
     # although the ranks own 2 shards of unequal size each.
     for rank in range(3):
-        ds, batches = stream(unique_labels, "train", train=True, rank=rank, world=3, steps=3)
-        assert len(batches) == len(ds) == 3
-        assert all(images.shape == (4, 3, 12, 12) and images.dtype == torch.uint8 for images, *_ in batches)
+        loader, batches = stream(unique_labels, "train", train=True, rank=rank, world=3)
+        assert len(batches) == len(loader) == 3
+        assert all(b.images.shape == (4, 3, 12, 12) and b.images.dtype == torch.uint8 for b in batches)
 
 
 def labels_of(root, **kw):
-    return [
-        int(y) for _, labels, _ in stream(root, "train", train=True, rank=0, world=1, steps=9, **kw)[1] for y in labels
-    ]
+    return [int(y) for batch in stream(root, "train", train=True, rank=0, world=1, **kw)[1] for y in batch.labels]
 
 
 def test_same_seed_same_batches_other_seed_or_epoch_different(unique_labels):
@@ -118,14 +116,14 @@ def test_same_seed_same_batches_other_seed_or_epoch_different(unique_labels):
 
 def test_out_of_range_label_names_shard_and_key(tmp_path):
     write_dataset(sources.synthetic(5, 20, 10, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
-    dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12, loader={"name": "wds"})
-    dm.manifest["num_classes"] = 3  # the shards hold labels 0..4
+    edit_manifest(tmp_path, lambda m: m.update(classes=m["classes"][:3]))  # the shards hold labels 0..4
+    dm = data_module(tmp_path, {"name": "wds"}, batch_size=4, crop=12)
     with pytest.raises(DataError, match=r"val/00000[01].tar:val-\d+: label [34] is outside 0..2"):
         list(dm.val_dataloader())
 
 
 def test_datamodule_normalises_on_the_device_and_checks_batch_division(synthetic_root):
-    dm = ShardDataModule(str(synthetic_root), batch_size=32, crop=28, loader={"name": "wds", "workers": 0})
+    dm = data_module(synthetic_root, WDS, batch_size=32, crop=28)
     images, labels = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert images.dtype == torch.float32 and abs(images.mean().item()) < 0.2 and 0.7 < images.std().item() < 1.3
     assert dm.steps_per_epoch() == 2000 // 32
@@ -133,77 +131,62 @@ def test_datamodule_normalises_on_the_device_and_checks_batch_division(synthetic
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
 def test_a_resumed_pass_yields_exactly_the_batches_not_yet_trained_on(unique_labels, workers):
-    def loader(skip):
-        dm = ShardDataModule(str(unique_labels), batch_size=4, crop=12)
-        shards = [dict(s, tar=str(dm.root / s["tar"])) for s in dm.manifest["splits"]["train"]["shards"]]
-        ds = ShardStream(
-            shards,
-            train=True,
-            batch_size=4,
+    def loader(done):  # epoch 1, `done` batches of it trained on
+        manifest = Manifest.read(unique_labels)
+        plan = make_plan(manifest.shards("train"), "train", 4, 32, 0, 1, 3, "test")  # 8 steps
+        settings = make(Loader, {"name": "wds", "workers": workers, "shuffle_buffer": 10})
+        return wds.build(
+            plan,
+            Augmentation(crop=12),
+            settings,
             num_classes=37,
-            crop=12,
-            resize=None,
-            rank=0,
-            world=1,
-            workers=max(1, workers),
-            seed=3,
-            steps_per_epoch=8,
-            shuffle_buffer=10,
+            position=lambda: (1, done),
+            device=torch.device("cpu"),
         )
-        return EpochLoader(ds, lambda: (1, skip), num_workers=workers)  # epoch 1, `skip` batches done
 
     full = list(loader(0))
     rest = list(loader(5))
     assert len(full) == 8 and len(rest) == 3
     for a, b in zip(full[5:], rest, strict=True):  # same images, same crops and flips
-        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        assert same_batch(a, b)
 
 
 def test_a_truncated_tar_and_a_count_mismatch_name_the_shard(tmp_path):
-    write_dataset(sources.synthetic(3, 24, 12, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
-    dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12, loader={"name": "wds", "workers": 0})
-    tar = tmp_path / "val" / "000000.tar"
+    for name in ("truncated", "miscounted"):
+        write_dataset(sources.synthetic(3, 24, 12, 16), tmp_path / name, source_name="t", min_shards=2, progress=False)
+    tar = tmp_path / "truncated" / "val" / "000000.tar"
     tar.write_bytes(tar.read_bytes()[:3000])
     with pytest.raises(
         DataError, match=r"val/000000.tar: (unreadable after \d+ samples|holds \d+ samples but manifest.json says 6)"
     ):
+        list(data_module(tmp_path / "truncated", WDS, batch_size=4, crop=12).val_dataloader())
+
+    def one_more(m):
+        m["splits"]["val"]["shards"][1]["count"] += 1
+        m["splits"]["val"]["count"] += 1
+
+    edit_manifest(tmp_path / "miscounted", one_more)
+    dm = data_module(tmp_path / "miscounted", WDS, batch_size=4, crop=12)
+    with pytest.raises(DataError, match=r"val/000001.tar: holds 6 samples but manifest.json says 7"):
         list(dm.val_dataloader())
-    dm.manifest["splits"]["train"]["shards"][1]["count"] += 1
-    with pytest.raises(DataError, match=r"train/000001.tar: holds 12 samples but manifest.json says 13"):
-        list(dm.train_dataloader())
 
 
 def test_a_sample_without_label_or_with_a_corrupt_jpeg_is_named(tmp_path):
-    import io
-    import json
-    import tarfile
-
     write_dataset(sources.synthetic(3, 12, 8, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
-    for name, members in [("nolabel", {"a.jpg": None}), ("corrupt", {"b.jpg": b"\xff\xd8 not really", "b.cls": b"1"})]:
-        buf = io.BytesIO()
-        Image.new("RGB", (16, 16)).save(buf, format="JPEG")
-        with tarfile.open(tmp_path / "val" / "000000.tar", "w") as tar:
-            for member, data in members.items():
-                data = buf.getvalue() if data is None else data
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        manifest = json.loads((tmp_path / "manifest.json").read_text())
-        manifest["splits"]["val"]["shards"][0]["count"] = 1
-        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-        dm = ShardDataModule(str(tmp_path), batch_size=4, crop=12, loader={"name": "wds", "workers": 0})
-        expected = {
-            "nolabel": r"val/000000.tar:a: sample has no .cls label",
-            "corrupt": r"val/000000.tar:b: cannot decode image",
-        }[name]
+    picture = encoded(Image.new("RGB", (16, 16)))
+    cases = [
+        ("a", picture, None, r"val/000000.tar:a: sample has no .cls label"),
+        ("b", b"\xff\xd8 not really", b"1", r"val/000000.tar:b: cannot decode image .*loader.bad_images=skip"),
+    ]
+    for key, jpg, cls, expected in cases:
+        replace_shard(tmp_path, "val", 0, [(key, jpg, cls)])
+        dm = data_module(tmp_path, {**WDS, "bad_images": "error"}, batch_size=4, crop=12)
         with pytest.raises(DataError, match=expected):
             list(dm.val_dataloader())
 
 
 def test_modern_crops_cover_their_region_and_reduced_decoding_changes_little():
     import io
-
-    from alexnet_dist.data.wds_loader import crop_box, random_resized_crop
 
     rng = random.Random(0)
     for _ in range(500):

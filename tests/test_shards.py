@@ -11,7 +11,8 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from alexnet_dist.data import sources
-from alexnet_dist.data.shards import read_manifest, write_dataset
+from alexnet_dist.data.manifest import Manifest
+from alexnet_dist.data.shards import write_dataset
 from alexnet_dist.errors import DataError
 
 
@@ -39,7 +40,7 @@ def test_synthetic_round_trip_keeps_every_label_with_its_image(tmp_path):
     stored = luma(train[sample.key][1])
     assert np.abs(stored - luma(sample.load())).mean() < 2
     assert np.abs(stored - luma(other.load())).mean() > 10
-    assert read_manifest(tmp_path)["splits"]["val"]["count"] == 30
+    assert Manifest.read(tmp_path).count("val") == 30
 
 
 def luma(im) -> np.ndarray:
@@ -154,17 +155,17 @@ def test_prepare_bad_input_is_one_line(tmp_path, cli_env, setup, args, message):
 
 def test_manifest_errors_name_the_path(tmp_path):
     with pytest.raises(DataError, match="no such directory; make shards with `alexnet-prepare"):
-        read_manifest(tmp_path / "missing")
+        Manifest.read(tmp_path / "missing")
     with pytest.raises(DataError, match="manifest.json: missing"):
-        read_manifest(tmp_path)
+        Manifest.read(tmp_path)
     write_dataset(
         sources.synthetic(3, 10, 4, 16), tmp_path / "d", source_name="synthetic", min_shards=2, progress=False
     )
     (tmp_path / "d" / "val" / "000001.tar").unlink()
     with pytest.raises(DataError, match="val/000001.tar: listed in .* but missing"):
-        read_manifest(tmp_path / "d")
+        Manifest.read(tmp_path / "d")
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     m["splits"]["train"]["shards"] = []
     (tmp_path / "d" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match="split 'train' has no samples"):
-        read_manifest(tmp_path / "d")
+        Manifest.read(tmp_path / "d")

@@ -41,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--data", help="loader mode: the folder holding manifest.json")
-    p.add_argument("--loader", choices=["dali", "wds"], default="dali", help="loader mode: which loader")
+    p.add_argument(
+        "--loader", choices=["auto", "dali", "wds"], default="auto", help="which loader (auto: DALI where it imports)"
+    )
     p.add_argument(
         "--augment",
         choices=["paper", "modern"],
@@ -81,8 +83,11 @@ def torch_device(args) -> torch.device:
     return torch.device("cuda" if args.device == "gpu" else "cpu")
 
 
-def data_module(args, **loader):
-    """The shards of --data with the configured loader, as training would read them."""
+def data_module(args, target: torch.device, **loader):
+    """The shards of --data with the configured loader, as training would read them; batches go to
+    `device` outside a Trainer."""
+    from ..config import Data, make
+    from ..config import Loader as LoaderSettings
     from ..data.datamodule import ShardDataModule
 
     if not args.data:
@@ -94,7 +99,8 @@ def data_module(args, **loader):
         "shuffle_buffer": args.shuffle_buffer,
         **loader,
     }
-    return ShardDataModule(args.data, batch_size=args.batch_size, crop=args.size, augment=args.augment, loader=loader)
+    data = {"root": args.data, "batch_size": args.batch_size, "crop": args.size, "augment": args.augment}
+    return ShardDataModule(make(Data, data), make(LoaderSettings, loader), device=target)
 
 
 def bench_model(args) -> dict:
@@ -144,8 +150,7 @@ def bench_model(args) -> dict:
 
 def bench_loader(args) -> dict:
     device = torch_device(args)
-    data = data_module(args, device=args.device)
-    data.default_device = device
+    data = data_module(args, device, device=args.device)
     loader = data.train_dataloader()
 
     def batches():  # pass after pass, as training does
@@ -164,13 +169,15 @@ def bench_loader(args) -> dict:
     sync(device)
     seconds = time.perf_counter() - start
     return {
-        "name": f"loader/{args.loader}",
+        "name": f"loader/{data.loader_name}",
         "images_per_sec": round(images / seconds, 1),
         "device": args.device,
         "augment": args.augment,
         "batch_size": args.batch_size,
         "crop": args.size,
-        "workers" if args.loader == "wds" else "threads": args.workers if args.loader == "wds" else args.threads,
+        "workers" if data.loader_name == "wds" else "threads": args.workers
+        if data.loader_name == "wds"
+        else args.threads,
         "steps": args.steps,
         "images": images,
         "seconds": round(seconds, 3),
@@ -195,7 +202,7 @@ def bench_train(args) -> dict | None:
     from ..training.callbacks import Throughput
     from ..training.module import Classifier
 
-    data = data_module(args, device="auto", layout="NHWC" if args.channels_last else "NCHW")
+    data = data_module(args, torch_device(args), device="auto", layout="NHWC" if args.channels_last else "NCHW")
     optim = {
         "name": "sgd",
         "lr": 0.01,
@@ -237,12 +244,12 @@ def bench_train(args) -> dict | None:
             f"is too short for --warmup {args.warmup}; use a larger data set or a smaller --warmup"
         )
     return {
-        "name": f"train/{args.loader}",
+        "name": f"train/{data.loader_name}",
         "images_per_sec": round(throughput.images_per_sec, 1),
         "data_wait": round(throughput.data_wait, 3),
         "step_ms": round(throughput.step_ms, 2),
         "processes": devices,
-        "loader": args.loader,
+        "loader": data.loader_name,
         **settings(args),
     }
 

@@ -23,28 +23,39 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ..config import Data, make
+from ..config import Loader as LoaderSettings
 from ..errors import ConfigError
 from ..training.checkpoint import mismatch, not_a_checkpoint, read_checkpoint
 from . import one_line_errors
 
-KEYS = {"ckpt_path", "views", "data.root", "loader", "batch_size", "probs", "model"}
+# The arguments and their defaults (None: not given; see the help above for what each means).
+DEFAULTS = {
+    "ckpt_path": None,
+    "views": "1",
+    "data.root": None,
+    "loader": None,
+    "batch_size": "100",
+    "probs": None,
+    "model": None,
+}
 
 
 def parse(argv: list[str]) -> dict:
-    args = {}
+    args = dict(DEFAULTS)
     for item in argv:
         key, sep, value = item.partition("=")
         if key == "data_root":  # the name of earlier versions
             raise ConfigError(f"{item}: the shards are data.root=DIR, as for alexnet-train")
-        if not sep or key not in KEYS:
-            raise ConfigError(f"{item}: expected KEY=VALUE with KEY one of {', '.join(sorted(KEYS))}")
+        if not sep or key not in DEFAULTS:
+            raise ConfigError(f"{item}: expected KEY=VALUE with KEY one of {', '.join(sorted(DEFAULTS))}")
         args[key] = value
     return args
 
 
-def number(args: dict, key: str, default: int) -> int:
+def number(args: dict, key: str) -> int:
     try:
-        return int(args.get(key, default))
+        return int(args[key])
     except ValueError:
         raise ConfigError(f"{key}={args[key]}: not a whole number") from None
 
@@ -67,33 +78,40 @@ def metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def evaluate(args: dict) -> dict:
+    from lightning.pytorch.utilities import move_data_to_device
+
     from ..data.datamodule import ShardDataModule
     from ..training.module import Classifier
 
-    path = Path(args.get("ckpt_path", ""))
-    plain = "model" in args  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
+    if args["ckpt_path"] is None:
+        raise ConfigError(
+            "alexnet-eval needs ckpt_path=PATH (a checkpoint of alexnet-train, or a state dict with model=NAME)"
+        )
+    path = Path(args["ckpt_path"])
+    plain = args["model"] is not None  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
     ckpt, problem = read_checkpoint(path)
     if problem := problem or (not_a_state_dict(ckpt) if plain else not_a_checkpoint(ckpt)):
         raise ConfigError(
             f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME"
         )
-    views, batch_size = number(args, "views", 1), number(args, "batch_size", 100)
+    views, batch_size = number(args, "views"), number(args, "batch_size")
     if views not in (1, 10):
         raise ConfigError(f"views={views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
     config = path.resolve().parent.parent / "config.yaml"
-    # The run's data settings; without a run directory, those of conf/data/shards.yaml.
-    data, loader = {"crop": 224, "val_resize": 256}, "auto"
+    # The run's data and loader settings; without a run directory, the defaults.
+    data, loader = {}, {}
     if config.exists():
         run = OmegaConf.load(config)
-        data, loader = OmegaConf.to_container(run.data, resolve=True), run.loader.name
-    if "data.root" in args:
+        data, loader = OmegaConf.to_container(run.data, resolve=True), {"name": run.loader.name}
+    if args["data.root"] is not None:
         data["root"] = args["data.root"]
     if "root" not in data:
         raise ConfigError(f"ckpt_path={path}: no config.yaml two folders up to name the data; pass data.root=DIR")
+    if args["loader"] is not None:
+        loader["name"] = args["loader"]
     data.update(batch_size=batch_size, val_batch_size=None, test_views=views)
-    dm = ShardDataModule(**data, loader={"name": args.get("loader", loader)})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dm.default_device = device  # DALI decodes on the GPU when there is one
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # DALI decodes on the GPU when there is one
+    dm = ShardDataModule(make(Data, data), make(LoaderSettings, loader), device=device)
     if plain:
         hparams = {
             "model": {"name": args["model"], "num_classes": dm.num_classes},
@@ -114,20 +132,20 @@ def evaluate(args: dict) -> dict:
     module.to(device)
     outputs, labels = [], []
     with torch.inference_mode():
-        for images, y in dm.test_dataloader():
-            images, y = dm.on_after_batch_transfer((images.to(device), y.to(device)), 0)
+        for batch in dm.test_dataloader():
+            images, y = dm.on_after_batch_transfer(move_data_to_device(batch, device), 0)
             outputs.append(module.predict_log_probs(images).cpu())
             labels.append(y.cpu())
     log_probs, labels = torch.cat(outputs), torch.cat(labels)
     result = {"ckpt_path": str(path), "views": views, **metrics(log_probs, labels)}
-    if "probs" in args:
+    if args["probs"] is not None:
         np.savez_compressed(args["probs"], probs=log_probs.exp().numpy(), labels=labels.numpy())
         result["probs"] = args["probs"]
     return result
 
 
 def ensemble(args: dict) -> dict:
-    files = [f for f in args.get("probs", "").split(",") if f]
+    files = [f for f in (args["probs"] or "").split(",") if f]
     if len(files) < 2:
         raise ConfigError("ensemble needs probs=A.npz,B.npz,... (two or more files written by alexnet-eval probs=...)")
     for f in files:

@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import validate
+from ..config import Train, load
 from ..data.datamodule import ShardDataModule
 from ..errors import ConfigError, TrainingError
 from ..training.callbacks import SkippedImages, Throughput
@@ -62,30 +62,28 @@ def wandb_sweep(cfg: DictConfig, run_dir: Path) -> dict:
     return {"group": f"{cfg.experiment_name}-{run_dir.parent.name}", "tags": tags}
 
 
-def make_loggers(cfg: DictConfig, run_dir: Path, run_id: str) -> list:
+def make_loggers(cfg: DictConfig, settings: Train, run_dir: Path, run_id: str) -> list:
     # logs/version_N/metrics.csv: each start (first run, resume, requeue) gets its own file, so
     # nothing written by an earlier part of the run is overwritten.
     loggers = [CSVLogger(save_dir=str(run_dir), name="logs")]
-    if cfg.logger.name == "wandb":
+    if settings.logger.name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+        os.environ.setdefault("WANDB_MODE", settings.logger.mode)
         # One W&B run per run directory: a resumed or requeued run continues the same id.
-        wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{cfg.experiment_name}-{run_id}")
+        wandb_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{settings.experiment_name}-{run_id}")
         loggers.append(
             WandbLogger(
                 save_dir=str(run_dir),
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                name=f"{cfg.experiment_name}/{run_id}",
+                project=settings.logger.project,
+                entity=settings.logger.entity,
+                name=f"{settings.experiment_name}/{run_id}",
                 id=wandb_id,
                 resume="allow",
                 config=OmegaConf.to_container(cfg, resolve=True),
                 **wandb_sweep(cfg, run_dir),
             )
         )
-    elif cfg.logger.name != "csv":
-        raise ConfigError(f"logger.name={cfg.logger.name}: unknown logger; choose logger=wandb or logger=csv")
     return loggers
 
 
@@ -106,42 +104,19 @@ def finish_loggers(trainer: pl.Trainer, exit_code: int = 0) -> None:
 TRAINER_ARGS_SET_HERE = {"default_root_dir", "callbacks", "logger", "plugins", "use_distributed_sampler"}
 
 
-def check_trainer_keys(cfg: DictConfig) -> None:
+def check_trainer_keys(trainer: dict) -> None:
     """trainer.* are lightning.pytorch.Trainer's arguments; a name it does not take is one line."""
     known = set(inspect.signature(pl.Trainer).parameters)
-    if unknown := sorted(set(cfg.trainer) - known):
+    if unknown := sorted(set(trainer) - known):
         raise ConfigError(
             f"trainer.{unknown[0]}: not an argument of lightning.pytorch.Trainer "
             f"(lightning {pl.__version__}); check the spelling, or remove it"
         )
-    if taken := sorted(set(cfg.trainer) & TRAINER_ARGS_SET_HERE):
+    if taken := sorted(set(trainer) & TRAINER_ARGS_SET_HERE):
         raise ConfigError(
             f"trainer.{taken[0]}: set by alexnet-train itself (run directory, loggers, callbacks, SLURM plugin, "
             "sampler); use logger=..., paths.runs=..., or the checkpoint.* settings instead"
         )
-
-
-def check_loader(cfg: DictConfig) -> None:
-    """Loader settings that cannot work, refused before any model is built."""
-    if cfg.loader.get("dtype") == "bfloat16" and not str(cfg.trainer.precision).startswith("bf16"):
-        raise ConfigError(
-            f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
-            f"{cfg.trainer.precision}; or keep loader.dtype=float32"
-        )
-
-
-def check_world(cfg: DictConfig) -> None:
-    """Refuse at start-up what cannot work with the requested number of processes."""
-    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
-    if not (isinstance(devices, int) and isinstance(nodes, int)):
-        return
-    for key in ("batch_size", "val_batch_size"):
-        batch = cfg.data[key]
-        if batch and batch % (devices * nodes):
-            raise ConfigError(
-                f"data.{key}={batch} is the global batch and must divide by the {devices * nodes} "
-                f"processes (trainer.devices x trainer.num_nodes); pick a multiple of {devices * nodes}"
-            )
 
 
 def slurm_tasks() -> tuple[int, int] | None:
@@ -155,11 +130,11 @@ def slurm_tasks() -> tuple[int, int] | None:
     return (int(per_node) if per_node.isdigit() else int(env["SLURM_NTASKS"]) // nodes), nodes
 
 
-def check_launch(cfg: DictConfig, slurm: tuple[int, int] | None) -> None:
+def check_launch(trainer: dict, slurm: tuple[int, int] | None) -> None:
     """Every rank stops at once, before any collective, when the launch and the config disagree."""
-    if slurm and (cfg.trainer.devices, cfg.trainer.num_nodes) != slurm:
+    if slurm and (trainer["devices"], trainer["num_nodes"]) != slurm:
         raise ConfigError(
-            f"trainer.devices={cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes} does not "
+            f"trainer.devices={trainer['devices']} x trainer.num_nodes={trainer['num_nodes']} does not "
             f"match the SLURM job ({slurm[1]} nodes x {slurm[0]} tasks per node); launch/slurm/"
             "train.sbatch sets both from SLURM, or pass them to match"
         )
@@ -176,35 +151,32 @@ def train(cfg: DictConfig) -> dict:
     # runs/<experiment>/<run_id>, or .../<run_id>/<job number> in a sweep: both parts name the run
     base = Path(cfg.paths.runs).resolve() / cfg.experiment_name
     run_id = "-".join(run_dir.relative_to(base).parts) if run_dir.is_relative_to(base) else run_dir.name
-    validate(cfg)
+    s = load(cfg)  # typed and checked, from here on
     slurm = slurm_tasks()
-    check_launch(cfg, slurm)
-    check_world(cfg)
-    check_loader(cfg)
-    check_trainer_keys(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = ShardDataModule(
-        **OmegaConf.to_container(cfg.data, resolve=True), loader=OmegaConf.to_container(cfg.loader), seed=cfg.seed
-    )
-    module = Classifier(
-        model={**OmegaConf.to_container(cfg.model), "num_classes": data.num_classes},
-        optim=OmegaConf.to_container(cfg.optim),
-        global_batch=cfg.data.batch_size,
-        seed=cfg.seed,
-        channels_last=cfg.compute.channels_last,
-        compile=cfg.compute.compile,
-    )
+    check_launch(s.trainer, slurm)
+    check_trainer_keys(s.trainer)
+    pl.seed_everything(s.seed, workers=True, verbose=False)
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = resume_checkpoint(str(cfg.resume), ckpt_dir)
+    saver = LastCheckpoint(ckpt_dir, s.checkpoint.every_n_steps, s.checkpoint.every_n_minutes, s.checkpoint.keep)
+    preemption = Preemption(saver, str(s.preemption.signal), s.preemption.requeue)
+    data = ShardDataModule(s.data, s.loader, seed=s.seed, worker_signals=tuple(preemption.signums))
+    module = Classifier(
+        model={**s.model, "num_classes": data.num_classes},
+        optim=s.optim,
+        global_batch=s.data.batch_size,
+        seed=s.seed,
+        channels_last=s.compute.channels_last,
+        compile=s.compute.compile,
+    )
+    ckpt_path = resume_checkpoint(s.resume, ckpt_dir)
     if ckpt_path:
         check_compatible(ckpt_path, module, "resume")
-    elif cfg.init_from:
-        load_weights(module, Path(cfg.init_from))
+    elif s.init_from:
+        load_weights(module, Path(s.init_from))
     throughput, skipped_images = Throughput(), SkippedImages()
-    saver = LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.every_n_minutes, cfg.checkpoint.keep)
-    preemption = Preemption(saver, cfg.preemption.signal, cfg.preemption.requeue)
     callbacks = [
-        Pictures(run_dir / "pictures"),  # before the saver: the epoch-end checkpoint holds its curves
+        # before the saver: the epoch-end checkpoint holds its curves
+        Pictures(run_dir / "pictures", augmented=data.augmented_images),
         saver,
         preemption,
         ModelCheckpoint(
@@ -218,7 +190,7 @@ def train(cfg: DictConfig) -> dict:
         throughput,
         skipped_images,
     ]
-    trainer = make_trainer(cfg, run_dir, run_id, slurm, callbacks)
+    trainer = make_trainer(cfg, s, run_dir, run_id, slurm, callbacks)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         print(f"run directory: {run_dir}", flush=True)
@@ -227,7 +199,7 @@ def train(cfg: DictConfig) -> dict:
         set_aside_damaged_last(ckpt_path)
     try:
         results = fit_and_report(
-            trainer, module, data, ckpt_path, cfg, run_dir, run_id, preemption, throughput, skipped_images
+            trainer, module, data, ckpt_path, s, run_dir, run_id, preemption, throughput, skipped_images
         )
     except BaseException:
         finish_loggers(trainer, exit_code=1)  # the next job of a sweep must start a W&B run of its own
@@ -237,7 +209,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def fit_and_report(
-    trainer, module, data, ckpt_path, cfg, run_dir: Path, run_id: str, preemption, throughput, skipped_images
+    trainer, module, data, ckpt_path, s: Train, run_dir: Path, run_id: str, preemption, throughput, skipped_images
 ) -> dict:
     """Fits, then validates and writes results.json; a preempted fit requeues the job instead."""
     try:
@@ -246,30 +218,21 @@ def fit_and_report(
         if any(sign in str(exc) for sign in PEER_LOST):
             raise TrainingError(
                 f"rank {trainer.global_rank}: another rank of this run failed or stopped answering "
-                f"within ddp.timeout_s={cfg.ddp.timeout_s} (its error is above); stopping too"
+                f"within ddp.timeout_s={s.ddp.timeout_s} (its error is above); stopping too"
             ) from None
         raise
     if preemption.preempted_at is not None:
         trainer.strategy.barrier("preempted")
         finish_loggers(trainer)
         preemption.requeue(trainer)
-        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and cfg.preemption.requeue:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and s.preemption.requeue:
             # submitit takes a returning job for a finished one and hands its result to the sweep;
             # leave without one, as submitit's own requeue does: the requeued job returns it.
             raise SystemExit(0)
         return {"preempted_at": preemption.preempted_at}
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-    return report(
-        trainer,
-        cfg,
-        run_dir,
-        run_id,
-        metrics,
-        throughput,
-        module.skipped_steps,
-        len(skipped_images.seen),
-        data.loader_cfg["name"],
-    )
+    skipped = (module.skipped_steps, len(skipped_images.seen))
+    return report(trainer, s, run_dir, run_id, metrics, throughput, skipped, data.loader_name)
 
 
 def comm_hook(name: str):
@@ -280,13 +243,13 @@ def comm_hook(name: str):
     return {"none": None, "bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}[name]
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, run_id: str, slurm, callbacks: list) -> pl.Trainer:
-    args = OmegaConf.to_container(cfg.trainer)
+def make_trainer(cfg: DictConfig, s: Train, run_dir: Path, run_id: str, slurm, callbacks: list) -> pl.Trainer:
+    args = dict(s.trainer)
     if args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
         args["strategy"] = DDPStrategy(
-            timeout=timedelta(seconds=cfg.ddp.timeout_s),
-            bucket_cap_mb=cfg.ddp.bucket_cap_mb,
-            ddp_comm_hook=comm_hook(cfg.ddp.comm_hook),
+            timeout=timedelta(seconds=s.ddp.timeout_s),
+            bucket_cap_mb=s.ddp.bucket_cap_mb,
+            ddp_comm_hook=comm_hook(str(s.ddp.comm_hook)),
         )
     if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
         args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
@@ -294,27 +257,19 @@ def make_trainer(cfg: DictConfig, run_dir: Path, run_id: str, slurm, callbacks: 
         **args,
         default_root_dir=str(run_dir),
         callbacks=callbacks,
-        logger=make_loggers(cfg, run_dir, run_id),
+        logger=make_loggers(cfg, s, run_dir, run_id),
         use_distributed_sampler=False,
     )
 
 
 def report(
-    trainer,
-    cfg,
-    run_dir: Path,
-    run_id: str,
-    metrics: dict,
-    throughput,
-    skipped_steps: int,
-    skipped_images: int,
-    loader: str,
+    trainer, s: Train, run_dir: Path, run_id: str, metrics: dict, throughput, skipped: tuple[int, int], loader: str
 ) -> dict:
     """results.json and the closing lines (rank zero writes and prints)."""
     results = {
         "run_id": run_id,
-        "experiment": cfg.experiment_name,
-        "model": cfg.model.name,
+        "experiment": s.experiment_name,
+        "model": s.model["name"],
         "val_top1": metrics["val_top1"],
         "val_top5": metrics["val_top5"],
         "val_loss": metrics["val_loss"],
@@ -326,8 +281,8 @@ def report(
         "train_data_wait": round(throughput.data_wait, 3),
         "world_size": trainer.world_size,
         "loader": loader,
-        "skipped_steps": skipped_steps,
-        "skipped_images": skipped_images,
+        "skipped_steps": skipped[0],
+        "skipped_images": skipped[1],
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

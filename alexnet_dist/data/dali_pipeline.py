@@ -9,7 +9,7 @@ says, per sample, "decode a small blank JPEG instead". It is off in normal runni
 corrupt image stops the pipeline, the loader rebuilds it from the checkpoint taken before the
 failing batch with the switch on, which reveals the batch's samples without decoding them, and
 then with the switch on only for the bad ones, which skips them and leaves every other sample
-and random draw as it was (see dali_loader.py). Checkpoints only restore into the very same
+and random draw as it was (see dali.py). Checkpoints only restore into the very same
 graph, so the switch must always be there.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .augment import PCA_STD, PCA_VECTORS, TEN_VIEWS
+from .transforms import TEN_VIEWS
 
 
 def blank_jpeg(size: int) -> np.ndarray:
@@ -31,30 +31,31 @@ def blank_jpeg(size: int) -> np.ndarray:
 
 @dataclass
 class PipelineSpec:
-    """Everything that shapes one pipeline; `mode` is train, val or test (ten views)."""
+    """Everything that shapes one pipeline (dali.py fills it from the plan, the augmentation and
+    the loader settings); `mode` is train, val or test (ten views)."""
 
     tars: list
     indexes: list
     mode: str
     batch_size: int
     crop: int
-    shard_id: int = 0
-    num_shards: int = 1
-    seed: int = 0
-    device: str = "cpu"  # cpu | gpu
-    device_id: int | None = None  # CUDA device for device=gpu
-    threads: int = 2
-    prefetch: int = 2
-    shuffle_buffer: int = 2000
-    augment: str = "paper"  # paper | modern
-    flip: bool = True
-    val_resize: int | None = 256
-    colour_noise: float = 0.0  # the paper's 0.1; 0 is off
-    pca_std: tuple = tuple(PCA_STD.tolist())  # the colour axes' std devs and the axes (columns)
-    pca_vectors: tuple = tuple(PCA_VECTORS.flatten().tolist())
-    layout: str = "CHW"  # CHW | HWC (channels-last once batched)
-    min_area: float = 0.08  # modern mode's random-resized-crop range
-    windows: bool = False  # training also outputs each crop's [left, top, mirrored]
+    shard_id: int  # the reader's contiguous slice of all the tars' samples: this rank's
+    num_shards: int
+    seed: int
+    device: str  # cpu | gpu
+    device_id: int | None  # CUDA device for device=gpu
+    threads: int
+    prefetch: int
+    shuffle_buffer: int
+    augment: str  # paper | modern
+    flip: bool
+    val_resize: int | None
+    colour_noise: float  # the paper's 0.1; 0 is off
+    layout: str  # CHW | HWC (channels-last once batched)
+    pca_std: tuple  # the colour axes' std devs and the axes (columns, flattened)
+    pca_vectors: tuple
+    min_area: float  # modern mode's random-resized-crop range
+    windows: bool  # training also outputs each crop's [left, top, mirrored]
 
 
 class Substitute:

@@ -21,11 +21,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DataError
+from .manifest import MANIFEST
 from .sources import Sample, Source
-from .wds_loader import center_crop as crop_center
-from .wds_loader import resize_short
-
-MANIFEST = "manifest.json"
+from .transforms import center_crop as crop_center
+from .transforms import resize_short
 
 
 def to_storage(image: Image.Image, resize: int | None, center_crop: bool) -> Image.Image:
@@ -238,30 +237,4 @@ def write_dataset(
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
-    return manifest
-
-
-def read_manifest(root: Path) -> dict:
-    root = Path(root)
-    path = root / MANIFEST
-    if not root.exists():
-        raise DataError(
-            f"data.root={root}: no such directory; make shards with "
-            f"`alexnet-prepare SOURCE --out {root}` or point data.root at them"
-        )
-    if not path.exists():
-        raise DataError(
-            f"{path}: missing; {root} holds no shards made by alexnet-prepare "
-            f"(run `alexnet-prepare SOURCE --out {root}`)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); re-run alexnet-prepare") from None
-    for split, info in manifest.get("splits", {}).items():
-        if not info.get("shards") or not info.get("count"):
-            raise DataError(f"{path}: split '{split}' has no samples; re-run alexnet-prepare on a non-empty source")
-        for shard in info["shards"]:
-            if not (root / shard["tar"]).exists():
-                raise DataError(f"{root / shard['tar']}: listed in {path} but missing; re-run alexnet-prepare")
     return manifest

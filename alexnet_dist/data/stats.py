@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
-from .shards import read_manifest
+from ..errors import ConfigError, DataError
+from .manifest import Manifest
 
 STATS = "stats.json"
 
 
-def sample_images(root: Path, manifest: dict, count: int):
+def sample_images(manifest: Manifest, count: int):
     """Up to `count` training images, taken evenly from every shard."""
-    shards = manifest["splits"]["train"]["shards"]
+    shards = manifest.shards("train")
     per_shard = max(1, -(-count // len(shards)))
     for shard in shards:
         taken = 0
-        with tarfile.open(root / shard["tar"]) as tar:
+        with tarfile.open(shard.tar) as tar:
             for member in tar:
                 if taken == per_shard:
                     break
@@ -33,18 +33,18 @@ def sample_images(root: Path, manifest: dict, count: int):
                     try:
                         yield Image.open(io.BytesIO(data)).convert("RGB")
                     except Exception as exc:
-                        raise DataError(f"{root / shard['tar']}:{member.name}: cannot decode image ({exc})") from None
+                        raise DataError(f"{shard.tar}:{member.name}: cannot decode image ({exc})") from None
                     taken += 1
 
 
 def compute_stats(root: Path, count: int = 10000, size: int = 256) -> dict:
-    root = Path(root)
-    manifest = read_manifest(root)
-    stored = manifest.get("image_size")
+    manifest = Manifest.read(root)
+    root = manifest.root
+    stored = manifest.stat("image_size")
     shape = (stored[1], stored[0]) if stored else (size, size)  # mean image: the stored size, else size x size
     image_sum = np.zeros((*shape, 3))
     pixel_sum, outer_sum, pixels, n = np.zeros(3), np.zeros((3, 3)), 0, 0
-    for image in sample_images(root, manifest, count):
+    for image in sample_images(manifest, count):
         a = np.asarray(image, dtype=np.float64)
         if a.shape[:2] != shape:
             a = np.asarray(image.resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float64)
@@ -82,3 +82,19 @@ def read_stats(root: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); re-run alexnet-prepare stats") from None
+
+
+def read_mean_image(manifest: Manifest) -> np.ndarray:
+    """The mean image (S, S, 3) that `alexnet-prepare stats` saved beside the manifest, checked
+    against the shards' image size."""
+    path, size = manifest.root / "mean_image.npy", manifest.stat("image_size")
+    if not path.exists():
+        raise ConfigError(
+            f"data.mean_image=true but {path} is missing; run alexnet-prepare stats --out {manifest.root}"
+        )
+    image = np.load(path)
+    if image.shape[:2] != (size[1], size[0]):
+        raise ConfigError(
+            f"{path}: {tuple(image.shape[:2])} but the shards hold {size} images; re-run alexnet-prepare stats"
+        )
+    return image

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from ..data.shards import read_manifest
+from ..data.manifest import Manifest
 from ..models import create_model
 
 
@@ -47,8 +47,8 @@ def run_baseline(
     channels_last: bool,
     lr: float = 0.01,
 ) -> dict:
-    manifest = read_manifest(root)
-    urls = [f"{root}/{s['tar']}" for s in manifest["splits"]["train"]["shards"]]
+    manifest = Manifest.read(root)
+    urls = [s.tar for s in manifest.shards("train")]
     dataset = (
         wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.single_node_only, empty_check=False)
         .repeat()
@@ -61,12 +61,12 @@ def run_baseline(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
-    net = create_model(model, manifest["num_classes"]).to(device)
+    net = create_model(model, manifest.num_classes).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    mean = torch.tensor(manifest["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(manifest["std"], device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(manifest.stat("mean"), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(manifest.stat("std"), device=device).view(1, 3, 1, 1)
 
     waited = images = 0
     start = last = None

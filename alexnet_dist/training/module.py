@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..config import NonFinite, Optim, ScheduleName, make, plain
 from ..errors import ConfigError, TrainingError
 from ..models import create_model
 from .checkpoint import rng_state, set_rng_state
@@ -23,26 +24,32 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 
 class Classifier(pl.LightningModule):
     """`model` names the network and its arguments ({"name": ..., "num_classes": ..., ...}) so a
-    checkpoint alone is enough to rebuild it; `optim` holds the optimiser and schedule settings."""
+    checkpoint alone is enough to rebuild it; `optim` holds the optimiser and schedule settings
+    (typed, or as a checkpoint stores them: plain values, missing keys taking the defaults)."""
 
     def __init__(
         self,
         model: dict,
-        optim: dict,
+        optim: Optim | dict,
         global_batch: int,
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        optim = make(Optim, optim)
+        # plain values only: checkpoints load with weights_only=True
+        self.save_hyperparameters(
+            dict(model=model, optim=plain(optim), global_batch=global_batch, seed=seed)
+            | dict(channels_last=channels_last, compile=compile)
+        )
         self.model = create_model(**model)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         # The compiled model shares the parameters; kept off the module tree so checkpoints hold
         # the plain model's names either way.
         object.__setattr__(self, "net", torch.compile(self.model) if compile else self.model)
-        self.optim_cfg = optim
+        self.optim = optim
         self.steps_per_epoch, self.total_steps = 1, 1  # set with the optimizer (optimizer_and_schedule)
         self.global_batch = global_batch
         self.eval_sums = None  # loss sum, top-1 and top-5 hits, count: summed over ranks at epoch end
@@ -65,7 +72,7 @@ class Classifier(pl.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         if not self._all_finite(loss):
-            if self.optim_cfg.get("on_nonfinite", "stop") == "skip":
+            if self.optim.on_nonfinite == NonFinite.skip:
                 self.skipped_steps += 1
                 self.log("skipped_steps", float(self.skipped_steps))
                 return None  # Lightning then skips backward and the optimizer step
@@ -130,7 +137,7 @@ class Classifier(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         metrics = self._eval_end("val")
-        if self.optim_cfg["schedule"]["name"] == "plateau" and not self.trainer.sanity_checking:
+        if self.optim.schedule.name == ScheduleName.plateau and not self.trainer.sanity_checking:
             self._plateau_update(metrics["val_top1"])
 
     def on_test_epoch_start(self):
@@ -144,12 +151,12 @@ class Classifier(pl.LightningModule):
 
     def _plateau_update(self, top1: float):
         """Divide the rate by 10 when validation accuracy stops improving (paper section 5)."""
-        sched, p = self.optim_cfg["schedule"], self.plateau
-        if top1 > p["best"] + sched.get("threshold", 1e-3):
+        sched, p = self.optim.schedule, self.plateau
+        if top1 > p["best"] + sched.threshold:
             p["best"], p["bad_epochs"] = top1, 0
         else:
             p["bad_epochs"] += 1
-            if p["bad_epochs"] > sched.get("patience", 2) and p["drops"] < sched.get("max_drops", 3):
+            if p["bad_epochs"] > sched.patience and p["drops"] < sched.max_drops:
                 p["drops"], p["bad_epochs"] = p["drops"] + 1, 0
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -174,26 +181,26 @@ class Classifier(pl.LightningModule):
         self.rng_to_restore = checkpoint.get("rng")
 
     def lr_multiplier(self, step: int) -> float:
-        s = self.optim_cfg["schedule"]
+        s = self.optim.schedule
         factor = lr_factor(
-            s["name"],
+            str(s.name),
             step / self.steps_per_epoch,
             max_epochs=self.total_steps / self.steps_per_epoch,
-            milestones=s.get("milestones", ()),
-            gamma=s.get("gamma", 0.1),
-            warmup_epochs=s.get("warmup_epochs", 0.0),
-            min_factor=s.get("min_factor", 0.0),
+            milestones=s.milestones,
+            gamma=s.gamma,
+            warmup_epochs=s.warmup_epochs,
+            min_factor=s.min_factor,
         )
-        return factor * s.get("gamma", 0.1) ** self.plateau["drops"]
+        return factor * s.gamma ** self.plateau["drops"]
 
     def layer_multiplier(self, layer: str, step: int) -> float:
         """A layer's own rate once its optim.layer_rates entries start (the latest that has),
         else the common schedule. The rates are at the reference batch, like optim.lr."""
         epoch = step / self.steps_per_epoch
-        started = [r for r in self.optim_cfg.get("layer_rates", []) if r["layer"] == layer and epoch >= r["from_epoch"]]
+        started = [r for r in self.optim.layer_rates if r.layer == layer and epoch >= r.from_epoch]
         if not started:
             return self.lr_multiplier(step)
-        return max(started, key=lambda r: r["from_epoch"])["lr"] / self.optim_cfg["lr"]
+        return max(started, key=lambda r: r.from_epoch).lr / self.optim.lr
 
     def configure_optimizers(self):
         # The schedule spans the optimizer steps this fit really takes: trainer.max_epochs,
@@ -213,11 +220,11 @@ class Classifier(pl.LightningModule):
         """The optimizer and its per-step schedule for a fit of `total_steps` optimizer steps,
         `steps_per_epoch` of them per epoch (epochs place the milestones and layer rates)."""
         self.steps_per_epoch, self.total_steps = max(1, steps_per_epoch), max(1, total_steps)
-        o = self.optim_cfg
-        lr = scaled_lr(o["lr"], self.global_batch, o.get("reference_batch"))
-        layers = tuple(dict.fromkeys(r["layer"] for r in o.get("layer_rates", [])))
-        groups = param_groups(self.model, lr, o["weight_decay"], o.get("bias_lr_mult", 1.0), layers)
-        optimizer = build_optimizer(o["name"], groups, lr, o["momentum"], o.get("impl", "foreach"))
+        o = self.optim
+        lr = scaled_lr(o.lr, self.global_batch, o.reference_batch)
+        layers = tuple(dict.fromkeys(r.layer for r in o.layer_rates))
+        groups = param_groups(self.model, lr, o.weight_decay, o.bias_lr_mult, layers)
+        optimizer = build_optimizer(str(o.name), groups, lr, o.momentum, str(o.impl))
         rules = [partial(self.layer_multiplier, g["layer"]) if g["layer"] else self.lr_multiplier for g in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -67,10 +67,11 @@ def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d:
 
 
 class Pictures(pl.Callback):
-    """Saves conv1.png, augmented.png and curves.png in `folder` when training ends."""
+    """Saves conv1.png, augmented.png and curves.png in `folder` when training ends. `augmented()`
+    gives uint8 training crops (N, 3, H, W) once training has started, or None."""
 
-    def __init__(self, folder: Path, samples: int = 32):
-        self.folder, self.samples = Path(folder), samples
+    def __init__(self, folder: Path, augmented=lambda: None, samples: int = 32):
+        self.folder, self.samples, self.augmented_images = Path(folder), samples, augmented
         self.augmented = None
         self.series = {"train_loss": [], "val_top1": []}
 
@@ -81,7 +82,7 @@ class Pictures(pl.Callback):
         self.series = {k: [tuple(p) for p in v] for k, v in state.get("series", self.series).items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        raw = getattr(trainer.datamodule, "last_train_images", None)
+        raw = self.augmented_images() if self.augmented is None else None
         if self.augmented is None and raw is not None:  # the crops and flips (colour noise not shown)
             self.augmented = raw[: self.samples].detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
         loss = trainer.callback_metrics.get("train_loss")

@@ -14,7 +14,6 @@ import sys
 
 import lightning.pytorch as pl
 
-from ..data.wds_loader import SIGNAL_ENV
 from .checkpoint import LastCheckpoint
 
 
@@ -40,7 +39,6 @@ class Preemption(pl.Callback):
         self.preempted_at = None  # the global step saved before stopping
 
     def setup(self, trainer, pl_module, stage):
-        os.environ[SIGNAL_ENV] = ",".join(map(str, self.signums))  # loader workers ignore them
         self._listen()
 
     def on_train_start(self, trainer, pl_module):

@@ -1,8 +1,8 @@
 """The DALI loader: batches from dali_pipeline.py as torch tensors on the training device.
 
-Each pass (a training epoch, a validation run) builds a fresh pipeline for this rank, so an epoch
-is always whole and its shuffle depends only on (seed, epoch, rank). Training takes the same,
-known number of batches on every rank; evaluation reads this rank's share of the samples once and
+Each pass (a training epoch, a validation run) builds a fresh pipeline for this rank's samples of
+the plan (plan.py), so an epoch is always whole and its shuffle depends only on (seed, epoch,
+rank). Training takes the plan's number of batches; evaluation reads this rank's samples once and
 drops the reader's padding.
 
 Exact resume: before each batch the pipeline's own checkpoint (reader position, random
@@ -22,14 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..config import Loader as LoaderSettings
+from ..errors import ConfigError, DataError
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
+from .loader import BadImage, Batch, parse_label
+from .manifest import Shard
+from .plan import EpochPlan
+from .transforms import Augmentation
 
-
-def shard_range(count: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """The samples DALI's reader gives shard `shard_id` of `num_shards` (contiguous, sizes differ
-    by at most one)."""
-    return count * shard_id // num_shards, count * (shard_id + 1) // num_shards
+# Saved loader states carry this; a state of the earlier layout (the reader sharding samples over
+# ranks) does not fit the pipelines built now and is replaced by replaying.
+STATE_VERSION = 2
 
 
 def to_torch(dali_batch, device: torch.device) -> torch.Tensor:
@@ -72,11 +75,11 @@ def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
     return None
 
 
-def check_shards(shards: list[dict]) -> None:
+def check_shards(shards: list[Shard]) -> None:
     """Each tar has its DALI index and holds every byte the index points at: a truncated tar
     would otherwise stop the reader with a message about the index file."""
     for shard in shards:
-        tar, index = Path(shard["tar"]), Path(shard["tar"][:-4] + ".idx")
+        tar, index = Path(shard.tar), Path(shard.index)
         if not index.exists():
             raise DataError(
                 f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds"
@@ -100,7 +103,7 @@ def dali_reason(exc: Exception) -> str:
     return lines[0] if lines else text.strip().splitlines()[0]
 
 
-def build(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes | None = None):
+def start_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes | None = None):
     """build_pipeline, with the reader's complaints about the shards in one line."""
     try:
         return build_pipeline(spec, substitute, checkpoint)
@@ -119,35 +122,22 @@ def build(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes | None =
 
 
 class DaliLoader:
-    """Iterable over one split for this rank.
+    """Iterable over one split for this rank. `spec_for(epoch)` gives the pipeline of a pass,
+    `position` (epoch, batches already trained on) at the start of a pass."""
 
-    `spec_for(epoch)` gives the pipeline of a pass; `batches` is its length; `valid` the number of
-    real samples of this rank in an evaluation pass (None for training); `position_fn` gives
-    (epoch, batches already trained on) at the start of a pass.
-    """
-
-    def __init__(
-        self,
-        spec_for,
-        *,
-        batches: int,
-        num_classes: int,
-        position_fn,
-        device: torch.device,
-        valid: int | None = None,
-        strict: bool = False,
-    ):
-        self.spec_for, self.batches, self.valid = spec_for, batches, valid
-        self.num_classes, self.position_fn, self.device = num_classes, position_fn, device
-        self.strict = strict
+    def __init__(self, plan: EpochPlan, spec_for, *, num_classes: int, position, device: torch.device, strict: bool):
+        self.plan, self.spec_for, self.num_classes = plan, spec_for, num_classes
+        self.position, self.device, self.strict = position, device, strict
+        self.valid = None if plan.train else plan.samples()  # real samples of an evaluation pass
         self.epoch = None
         self.states = {}  # batches done in the current pass -> pipeline checkpoint
         self.pipe, self.spec, self.yielded = None, None, 0
         self.restored = None  # (epoch, batches done, world size, batch, checkpoint) from a training checkpoint
         self.skipped = []  # "<tar>:<key> (reason)" of images skipped in this process
+        self.dropped = {}  # iteration -> the images skipped from its batch
 
     def __len__(self) -> int:
-        return self.batches
+        return self.plan.batches()
 
     def state(self, epoch: int, done: int) -> dict:
         """What resuming at (epoch, done) needs; empty at an epoch boundary."""
@@ -160,34 +150,30 @@ class DaliLoader:
         else:
             return {}
         return {
+            "version": STATE_VERSION,
             "epoch": epoch,
             "done": done,
-            "world": self.spec.num_shards,
-            "batch": self.spec.batch_size,
+            "world": self.plan.world,
+            "batch": self.plan.batch,
             "dali": torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8),
         }
 
     def restore(self, state: dict) -> None:
-        if state:
-            self.restored = (
-                state["epoch"],
-                state["done"],
-                state.get("world"),
-                state.get("batch"),
-                bytes(state["dali"].numpy().tobytes()),
-            )
+        if state and "version" in state and state["version"] == STATE_VERSION:
+            keys = ("epoch", "done", "world", "batch")
+            self.restored = (*(state[k] for k in keys), bytes(state["dali"].numpy().tobytes()))
 
     def __iter__(self):
-        epoch, done = self.position_fn()
-        self.epoch, self.states, self.yielded = epoch, {}, done
+        epoch, done = self.position()
+        self.epoch, self.states, self.yielded, self.dropped = epoch, {}, done, {}
         self.spec = spec = self.spec_for(epoch)
         checkpoint = None
         # The saved reader state fits only the same place, world size and per-rank batch.
-        if self.restored and self.restored[:4] == (epoch, done, spec.num_shards, spec.batch_size):
+        if self.restored and self.restored[:4] == (epoch, done, self.plan.world, self.plan.batch):
             checkpoint = self.restored[4]
         self.restored = None
         try:
-            self.pipe = build(spec, Substitute(spec.batch_size), checkpoint)
+            self.pipe = start_pipeline(spec, Substitute(spec.batch_size), checkpoint)
         except DataError:
             if checkpoint is None:
                 raise
@@ -199,11 +185,11 @@ class DaliLoader:
                 flush=True,
             )
             checkpoint = None
-            self.pipe = build(spec, Substitute(spec.batch_size))
+            self.pipe = start_pipeline(spec, Substitute(spec.batch_size))
         if done and checkpoint is None:  # no saved pipeline state (e.g. switched loaders): replay
             for i in range(done):
                 self.pipe, _ = self._run(self.pipe, spec, i, self.pipe.checkpoint())
-        for i in range(done, self.batches):
+        for i in range(done, len(self)):
             before = self.pipe.checkpoint()
             self.states = {k: v for k, v in self.states.items() if k >= i - 2}
             self.states[i] = before
@@ -226,22 +212,20 @@ class DaliLoader:
                     "if it names a shard, re-create it with alexnet-prepare"
                 ) from None
             if self.strict:
-                where, why = next(w for masks in bad.values() for w in masks.values())
-                raise DataError(
-                    f"{where}: cannot decode image ({why}); re-create the shard with alexnet-prepare, "
-                    "or set loader.bad_images=skip to skip such images"
-                ) from None
+                raise next(b for masks in bad.values() for b in masks.values()) from None
             masks = {}
             for it, found in bad.items():
                 masks[it] = [pos in found for pos in range(spec.batch_size)]
-                self.skipped.extend(f"{where} (cannot decode: {why})" for where, why in dict(found.values()).items())
-            pipe = build(spec, Substitute(spec.batch_size, masks), before)
+                names = list(dict.fromkeys(b.skipped for b in found.values()))
+                self.dropped[it] = names
+                self.skipped.extend(names)
+            pipe = start_pipeline(spec, Substitute(spec.batch_size, masks), before)
             return pipe, pipe.run()
 
     def _find_bad(self, spec: PipelineSpec, iteration: int, before: bytes) -> dict:
-        """{iteration: {position: (where, reason)}} for undecodable images in the batches the
-        failed run could have been working on (the one asked for and those prefetched)."""
-        probe = build(spec, Substitute(spec.batch_size, everything=True), before)
+        """{iteration: {position: BadImage}} for undecodable images in the batches the failed run
+        could have been working on (the one asked for and those prefetched)."""
+        probe = start_pipeline(spec, Substitute(spec.batch_size, everything=True), before)
         bad = {}
         for it in range(iteration, iteration + spec.prefetch + 1):
             info = probe.run()[2]
@@ -249,38 +233,90 @@ class DaliLoader:
                 where = bytes(info.at(pos)).decode()
                 why = decode_error(read_member(where), spec)
                 if why:
-                    bad.setdefault(it, {})[pos] = (where, why)
+                    bad.setdefault(it, {})[pos] = BadImage(where, why)
             if bad:
                 break
         return bad
 
-    def _batch(self, outputs, iteration: int, spec: PipelineSpec):
-        """(uint8 images, labels) or, in training, (images, labels, colour shifts[, crop windows])."""
-        images, cls, info, swapped, *extra = outputs  # extra: colour shifts and crop windows (training)
-        labels = self._labels(cls, info)
+    def _batch(self, outputs, iteration: int, spec: PipelineSpec) -> Batch:
+        """The images, labels and, in training, colour shifts [and crop windows] of one run."""
+        images, cls, info, swapped, *extra = outputs
+        labels = np.array(
+            [parse_label(bytes(cls.at(i)), bytes(info.at(i)).decode(), self.num_classes) for i in range(len(cls))]
+        )
         keep = ~np.asarray(swapped.as_array(), dtype=bool).reshape(-1)
         if self.valid is not None:  # the reader pads the last batch with copies of the last sample
             keep[max(0, self.valid - iteration * spec.batch_size) :] = False
-        batch = [to_torch(images, self.device), torch.from_numpy(labels)]
+        batch = [to_torch(images, self.device), torch.from_numpy(labels.astype(np.int64))]
         batch += [torch.from_numpy(e.as_array().copy()) for e in extra]
         if spec.layout == "HWC":  # channels-last memory, NCHW shape
             batch[0] = batch[0].movedim(-1, -3)
         if not keep.all():
             index = torch.from_numpy(np.flatnonzero(keep))
             batch = [t.index_select(0, index.to(t.device)) for t in batch]
-        return tuple(t.to(self.device) for t in batch)
+        batch = [t.to(self.device) for t in batch]
+        return Batch(*batch, skipped=tuple(self.dropped.pop(iteration, ())))
 
-    def _labels(self, cls, info) -> np.ndarray:
-        labels = np.empty(len(cls), np.int64)
-        for i in range(len(cls)):
-            text = bytes(cls.at(i))
-            try:
-                labels[i] = int(text.decode().strip())
-            except (UnicodeDecodeError, ValueError):
-                raise DataError(f"{bytes(info.at(i)).decode()}: label {text[:20]!r} is not an integer") from None
-            if not 0 <= labels[i] < self.num_classes:
-                raise DataError(
-                    f"{bytes(info.at(i)).decode()}: label {labels[i]} is outside 0..{self.num_classes - 1} "
-                    f"(the manifest lists {self.num_classes} classes); fix the shard or the manifest"
-                )
-        return labels
+
+def build(
+    plan: EpochPlan,
+    augment: Augmentation,
+    settings: LoaderSettings,
+    *,
+    num_classes: int,
+    position,
+    device: torch.device,
+    min_side: int | None = None,
+) -> DaliLoader:
+    """The DALI loader of `plan`, decoding on `device`'s GPU (loader.device=auto or gpu) or on the
+    CPU. DALI cuts crops out of the stored image (after val_resize in evaluation), so every stored
+    image must be at least that large: `min_side` (the manifest's) is checked against the crop."""
+    check_shards(list(plan.shards))
+    kind = str(settings.device)
+    if kind == "auto":
+        kind = "gpu" if device.type == "cuda" else "cpu"
+    if kind == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("loader.device=gpu but this process sees no CUDA GPU; use loader.device=cpu (or auto)")
+    cut_from_stored = augment.style == "paper" if plan.train else not augment.val_resize
+    if cut_from_stored and min_side is not None and min_side < augment.crop:
+        raise ConfigError(
+            f"data.crop={augment.crop} is larger than the smallest stored image side ({min_side} px) of "
+            f"the shards; lower data.crop, or re-run alexnet-prepare with --resize {augment.crop} or more "
+            "(or use loader=wds, which enlarges small images)"
+        )
+
+    def spec_for(epoch: int) -> PipelineSpec:
+        order = plan.order(epoch)  # the reader's shard_id/num_shards cut the plan's span out of it
+        return PipelineSpec(
+            tars=[s.tar for s in order],
+            indexes=[s.index for s in order],
+            shard_id=plan.rank,
+            num_shards=plan.world,
+            mode=plan.mode if plan.mode == "train" or augment.test_views == 10 else "val",
+            batch_size=plan.batch,
+            crop=augment.crop,
+            seed=plan.seed_for(epoch),
+            device=kind,
+            device_id=device.index if kind == "gpu" else None,
+            threads=settings.threads,
+            prefetch=settings.prefetch,
+            shuffle_buffer=settings.shuffle_buffer,
+            augment=augment.style,
+            flip=augment.flip,
+            val_resize=augment.val_resize,
+            colour_noise=augment.noise_at(epoch),
+            layout={"NCHW": "CHW", "NHWC": "HWC"}[settings.layout],
+            pca_std=tuple(augment.pca_std),
+            pca_vectors=tuple(np.asarray(augment.pca_vectors).flatten().tolist()),
+            min_area=augment.min_area,
+            windows=plan.train and augment.windows,
+        )
+
+    return DaliLoader(
+        plan,
+        spec_for,
+        num_classes=num_classes,
+        position=position,
+        device=device if kind == "gpu" else torch.device("cpu"),
+        strict=settings.bad_images == "error",
+    )

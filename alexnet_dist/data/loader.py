@@ -1,0 +1,69 @@
+"""What every loader is: built from an EpochPlan, the run's Augmentation and its loader settings
+(`build(plan, augment, settings, device) -> Loader` in wds.py and dali.py), it yields `Batch`es of
+uint8 images that DeviceNormalize turns into inputs on the training device."""
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from ..errors import DataError
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8 (N, 3, H, W), or (N, 10, 3, H, W) for the ten views
+    labels: torch.Tensor  # int64 (N,)
+    shifts: torch.Tensor | None = None  # training: each image's colour shift (N, 3), zeros when off
+    windows: torch.Tensor | None = None  # training with the mean image: each crop's [left, top, mirrored]
+    skipped: tuple = ()  # "<tar>:<key> (why)" of images dropped from this batch (loader.bad_images=skip)
+
+
+class Loader(Protocol):
+    """One split for this rank. Each pass starts where `position()` says training stands: (epoch,
+    batches of it already trained on), so a resumed run sees the batches an uninterrupted one
+    would have; `state()` adds what the loader needs beyond that to resume exactly, and
+    `restore()` takes it back from a checkpoint."""
+
+    skipped: list[str]  # undecodable images skipped by this process so far
+
+    def __iter__(self): ...
+
+    def __len__(self) -> int: ...
+
+    def state(self, epoch: int, done: int) -> dict: ...
+
+    def restore(self, state: dict) -> None: ...
+
+
+class BadImage(DataError):
+    """An image in a shard that cannot be decoded: skipped and counted with
+    loader.bad_images=skip, the run's one-line error with error."""
+
+    def __init__(self, where: str, why: str | None = None):
+        message = (
+            f"{where}: cannot decode image ({why}); re-create the shard with alexnet-prepare, "
+            "or set loader.bad_images=skip to skip such images"
+        )
+        # One argument: the message alone, as a DataLoader worker's error is rebuilt in the main process.
+        super().__init__(message if why is not None else where)
+        self.where, self.why = where, why
+
+    @property
+    def skipped(self) -> str:
+        """How a skipped image is named in Batch.skipped and the run's report."""
+        return f"{self.where} (cannot decode: {self.why})"
+
+
+def parse_label(text: bytes | None, where: str, num_classes: int) -> int:
+    """A sample's .cls payload as a class index, checked against the manifest's classes."""
+    if text is None:
+        raise DataError(f"{where}: sample has no .cls label; re-create the shard with alexnet-prepare")
+    try:
+        label = int(text.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{where}: label {text[:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise DataError(
+            f"{where}: label {label} is outside 0..{num_classes - 1} (the manifest lists "
+            f"{num_classes} classes); fix the shard or the manifest"
+        )
+    return label
