@@ -62,6 +62,9 @@ class Data:
     test_views: int = 1
     mean_image: bool = False
 
+    def __post_init__(self):
+        check_views(self.test_views, "data.test_views")
+
 
 @dataclass
 class Loader:
@@ -194,10 +197,6 @@ def load(cfg: DictConfig) -> Train:
 
 def check(s: Train) -> None:
     """What single settings allow but their combination does not; refused before any work."""
-    if s.data.test_views not in (1, 10):
-        raise ConfigError(
-            f"data.test_views={s.data.test_views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)"
-        )
     if s.loader.dtype == DType.bfloat16 and not str(s.trainer["precision"]).startswith("bf16"):
         raise ConfigError(
             f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
@@ -207,6 +206,12 @@ def check(s: Train) -> None:
     if isinstance(devices, int) and isinstance(nodes, int):
         for key in ("batch_size", "val_batch_size"):
             per_rank(getattr(s.data, key), devices * nodes, f"data.{key}")
+
+
+def check_views(views: int, key: str) -> None:
+    """The test views: the centre crop, or the paper's ten (section 4.1)."""
+    if views not in (1, 10):
+        raise ConfigError(f"{key}={views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
 
 
 def per_rank(global_batch: int | None, world: int, key: str = "data.batch_size") -> int | None:

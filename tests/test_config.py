@@ -50,3 +50,15 @@ def test_a_users_config_folder_adds_an_experiment_from_any_directory(tmp_path, c
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.experiment_name == "mine" and cfg.optim.lr == 0.05  # the user's file over the shipped smoke
     assert cfg.data.crop == 28 and cfg.loader.name == "auto"  # the rest from the package's conf
+
+
+def test_the_yaml_defaults_and_the_schemas_agree():
+    """The typed groups' defaults are declared in config.py; conf/'s default files repeat them for
+    the reader and may not drift (the open groups, model and trainer, have no schema)."""
+    from alexnet_dist.config import Train, make, plain
+
+    with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["data.root=/data/x", "run_id=r"])
+    composed, schema = plain(load(cfg)), plain(make(Train, {"data": {"root": "/data/x"}, "run_id": "r"}))
+    for group in ("data", "loader", "optim", "logger", "checkpoint", "ddp", "compute", "preemption"):
+        assert composed[group] == schema[group], group

@@ -6,7 +6,7 @@ import torch
 from helpers.shards import WDS, data_module, edit_manifest, encoded, replace_shard, same_batch
 from PIL import Image
 
-from alexnet_dist.config import Loader, make
+from alexnet_dist.config import Data, Loader, make
 from alexnet_dist.data import sources, wds
 from alexnet_dist.data.manifest import Manifest
 from alexnet_dist.data.plan import make_plan
@@ -68,19 +68,24 @@ def unique_labels(tmp_path_factory):
     return root
 
 
+def augmentation(**data) -> Augmentation:
+    return Augmentation.of(make(Data, {"root": "-", **data}))
+
+
 def stream(root, split, *, train, rank, world, workers=2, batch=4, seed=0, epoch=0, done=0):
     """The webdataset loader of one rank, built from its plan as the data module builds it."""
     manifest = Manifest.read(root)
     mode = "train" if train else "val"
-    plan = make_plan(manifest.shards(split), mode, batch * world, manifest.count(split), rank, world, seed, "test")
+    plan = make_plan(manifest.shards(split), mode, batch * world, rank, world, seed, "test")
     settings = make(Loader, {"name": "wds", "workers": workers, "shuffle_buffer": 10})
     loader = wds.build(
         plan,
-        Augmentation(crop=12, val_resize=None),
+        augmentation(crop=12, val_resize=None),
         settings,
         num_classes=37,
         position=lambda: (epoch, done),
         device=torch.device("cpu"),
+        worker_signals=(),
     )
     return loader, list(loader)
 
@@ -133,20 +138,21 @@ def test_datamodule_normalises_on_the_device_and_checks_batch_division(synthetic
 def test_a_resumed_pass_yields_exactly_the_batches_not_yet_trained_on(unique_labels, workers):
     def loader(done):  # epoch 1, `done` batches of it trained on
         manifest = Manifest.read(unique_labels)
-        plan = make_plan(manifest.shards("train"), "train", 4, 32, 0, 1, 3, "test")  # 8 steps
+        plan = make_plan(manifest.shards("train"), "train", 4, 0, 1, 3, "test")  # 37 samples: 9 steps
         settings = make(Loader, {"name": "wds", "workers": workers, "shuffle_buffer": 10})
         return wds.build(
             plan,
-            Augmentation(crop=12),
+            augmentation(crop=12),
             settings,
             num_classes=37,
             position=lambda: (1, done),
             device=torch.device("cpu"),
+            worker_signals=(),
         )
 
     full = list(loader(0))
     rest = list(loader(5))
-    assert len(full) == 8 and len(rest) == 3
+    assert len(full) == 9 and len(rest) == 4
     for a, b in zip(full[5:], rest, strict=True):  # same images, same crops and flips
         assert same_batch(a, b)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, wandb_records
+from helpers.shards import edit_manifest
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
@@ -231,9 +232,7 @@ def test_unknown_experiment_lists_the_choices(tmp_path, cli_env):
 def test_a_label_outside_the_class_range_names_the_shard_and_key(tmp_path, synthetic_root, cli_env):
     data = tmp_path / "data"
     shutil.copytree(synthetic_root, data)
-    manifest = json.loads((data / "manifest.json").read_text())
-    manifest["num_classes"], manifest["classes"] = 5, manifest["classes"][:5]  # shards hold labels 0..9
-    (data / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(data, lambda m: m.update(num_classes=5, classes=m["classes"][:5]))  # shards hold labels 0..9
     proc = run_cli("alexnet-train", *SMOKE, f"data.root={data}", cwd=tmp_path, env=cli_env, check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -247,7 +246,8 @@ def test_a_data_error_on_one_ddp_rank_stops_both_ranks_in_one_line_each(tmp_path
     tar = data / "train" / "000003.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # only the rank that reads it fails
     start = time.time()
-    # The webdataset loader splits by shard, so one rank meets the damage and the other must be told.
+    # Each rank reads its own samples (four whole shards of eight), so one rank meets the damage and
+    # the other must be told.
     proc = run_cli(
         "alexnet-train",
         *SMOKE,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ..config import Data, make
+from ..config import Data, check_views, make
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError
 from ..training.checkpoint import mismatch, not_a_checkpoint, read_checkpoint
@@ -95,8 +95,7 @@ def evaluate(args: dict) -> dict:
             f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME"
         )
     views, batch_size = number(args, "views"), number(args, "batch_size")
-    if views not in (1, 10):
-        raise ConfigError(f"views={views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
+    check_views(views, "views")
     config = path.resolve().parent.parent / "config.yaml"
     # The run's data and loader settings; without a run directory, the defaults.
     data, loader = {}, {}

@@ -25,7 +25,7 @@ import torch
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
-from .loader import BadImage, Batch, parse_label
+from .loader import BadImage, Batch, all_skipped, parse_label
 from .manifest import Shard
 from .plan import EpochPlan
 from .transforms import Augmentation
@@ -251,11 +251,18 @@ class DaliLoader:
         batch += [torch.from_numpy(e.as_array().copy()) for e in extra]
         if spec.layout == "HWC":  # channels-last memory, NCHW shape
             batch[0] = batch[0].movedim(-1, -3)
+        if self.plan.train and not keep.any():
+            raise all_skipped(list(self.dropped.get(iteration, ())))
         if not keep.all():
             index = torch.from_numpy(np.flatnonzero(keep))
             batch = [t.index_select(0, index.to(t.device)) for t in batch]
         batch = [t.to(self.device) for t in batch]
         return Batch(*batch, skipped=tuple(self.dropped.pop(iteration, ())))
+
+
+def gpu_index(device: torch.device) -> int:
+    """The CUDA device's number (a bare "cuda" device means the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def build(
@@ -297,7 +304,7 @@ def build(
             crop=augment.crop,
             seed=plan.seed_for(epoch),
             device=kind,
-            device_id=device.index if kind == "gpu" else None,
+            device_id=gpu_index(device) if kind == "gpu" else None,
             threads=settings.threads,
             prefetch=settings.prefetch,
             shuffle_buffer=settings.shuffle_buffer,

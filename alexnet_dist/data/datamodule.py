@@ -2,10 +2,7 @@
 rank, builds the configured loader (DALI or webdataset) from it, and normalises the loader's
 uint8 batches on the training device."""
 
-import signal
-
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -19,7 +16,7 @@ from .manifest import Manifest
 from .normalize import DeviceNormalize
 from .plan import EpochPlan, make_plan, position
 from .stats import read_mean_image, read_stats
-from .transforms import PCA_STD, PCA_VECTORS, Augmentation
+from .transforms import Augmentation
 
 CPU = torch.device("cpu")
 
@@ -35,7 +32,7 @@ class ShardDataModule(pl.LightningDataModule):
         loader: LoaderSettings,
         seed: int = 0,
         device: torch.device = CPU,
-        worker_signals: tuple[int, ...] = (signal.SIGUSR1,),
+        worker_signals: tuple[int, ...] = (),
         rank: int = 0,
         world: int = 1,
     ):
@@ -48,19 +45,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.loader_name = choose_loader(str(loader.name))  # dali or wds from here on
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
         stats = read_stats(self.manifest.root)
-        pca_std, pca_vectors = (stats["pca_std"], stats["pca_vectors"]) if stats else (PCA_STD, PCA_VECTORS)
-        self.augment = Augmentation(
-            crop=data.crop,
-            style=str(data.augment),
-            flip=data.flip,
-            val_resize=data.val_resize,
-            colour_noise=data.colour_noise,
-            noise_until=data.colour_noise_until_epoch,
-            pca_std=tuple(np.asarray(pca_std, np.float32).tolist()),
-            pca_vectors=tuple(map(tuple, np.asarray(pca_vectors, np.float32).tolist())),
-            windows=data.mean_image,
-            test_views=data.test_views,
-        )
+        self.augment = Augmentation.of(data, (stats["pca_std"], stats["pca_vectors"]) if stats else None)
         mean_image = self._mean_image() if data.mean_image else None
         # Normalisation constants on the 0-255 scale; by default the train split's own statistics.
         self.normalize = DeviceNormalize(
@@ -104,8 +89,9 @@ class ShardDataModule(pl.LightningDataModule):
         batch = (
             self.settings.batch_size if mode == "train" else self.settings.val_batch_size or self.settings.batch_size
         )
-        shards, count = self.manifest.shards(split), self.manifest.count(split)
-        return make_plan(shards, mode, batch, count, rank, world, self.seed, where=f"{self.manifest.root}: {split}")
+        return make_plan(
+            self.manifest.shards(split), mode, batch, rank, world, self.seed, f"{self.manifest.root}: {split}"
+        )
 
     def steps_per_epoch(self) -> int:
         return self.plan("train").steps

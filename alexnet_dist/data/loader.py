@@ -53,6 +53,14 @@ class BadImage(DataError):
         return f"{self.where} (cannot decode: {self.why})"
 
 
+def all_skipped(skipped) -> DataError:
+    """A training batch none of whose images could be decoded: nothing to train on."""
+    return DataError(
+        f"every image of a training batch was undecodable ({'; '.join(skipped[:3])}); re-create those shards "
+        "with alexnet-prepare"
+    )
+
+
 def parse_label(text: bytes | None, where: str, num_classes: int) -> int:
     """A sample's .cls payload as a class index, checked against the manifest's classes."""
     if text is None:

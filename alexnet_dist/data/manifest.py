@@ -49,9 +49,15 @@ class Manifest:
         for split, info in data["splits"].items():
             if not info.get("shards") or not info.get("count"):
                 raise DataError(f"{path}: split '{split}' has no samples; re-run alexnet-prepare on a non-empty source")
-            for shard in manifest.shards(split):
+            shards = manifest.shards(split)
+            for shard in shards:
                 if not Path(shard.tar).exists():
                     raise DataError(f"{shard.tar}: listed in {path} but missing; re-run alexnet-prepare")
+            if sum(s.count for s in shards) != info["count"]:
+                raise DataError(
+                    f"{path}: split '{split}' counts {info['count']} samples but its shards "
+                    f"{sum(s.count for s in shards)}; re-run alexnet-prepare"
+                )
         return manifest
 
     @property

@@ -85,11 +85,11 @@ class EpochPlan:
 
 
 def make_plan(
-    shards: list[Shard], mode: str, global_batch: int, count: int, rank: int, world: int, seed: int, where: str
+    shards: list[Shard], mode: str, global_batch: int, rank: int, world: int, seed: int, where: str
 ) -> EpochPlan:
     """The plan of one rank, checked: the global batch divides over the ranks, every rank has a
-    shard, and training has at least one whole batch. `count` is the split's samples; `where`
-    names the data for the messages."""
+    shard, and training has at least one whole batch. `where` names the data for the messages."""
+    count = sum(s.count for s in shards)
     if len(shards) < world:
         raise DataError(
             f"{where}: {len(shards)} shards for {world} ranks; every rank needs one: re-run "

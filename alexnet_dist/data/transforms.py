@@ -30,16 +30,34 @@ class Augmentation:
     evaluation's resize and views (1 centre crop or 10)."""
 
     crop: int
-    style: str = "paper"  # paper | modern
-    flip: bool = True
-    val_resize: int | None = 256
-    colour_noise: float = 0.0  # the paper's 0.1; 0 is off
-    noise_until: int | None = None  # colour noise off from this epoch on (the 2012 run: 67)
-    pca_std: tuple = tuple(PCA_STD.tolist())
-    pca_vectors: tuple = tuple(map(tuple, PCA_VECTORS.tolist()))  # axes as columns
-    windows: bool = False  # training batches also carry each crop's [left, top, mirrored]
-    test_views: int = 1
+    style: str  # paper | modern
+    flip: bool
+    val_resize: int | None
+    colour_noise: float  # the paper's 0.1; 0 is off
+    noise_until: int | None  # colour noise off from this epoch on (the 2012 run: 67)
+    pca_std: tuple
+    pca_vectors: tuple  # axes as columns
+    windows: bool  # training batches also carry each crop's [left, top, mirrored]
+    test_views: int
     min_area: float = 0.08  # modern: the random-resized crop's smallest share of the image
+
+    @classmethod
+    def of(cls, data, pca: tuple | None = None) -> "Augmentation":
+        """The augmentation `data` (config.Data) asks for; the colour noise along `pca` (std devs,
+        axes), Krizhevsky's when None."""
+        std, vectors = pca if pca is not None else (PCA_STD, PCA_VECTORS)
+        return cls(
+            crop=data.crop,
+            style=str(data.augment),
+            flip=data.flip,
+            val_resize=data.val_resize,
+            colour_noise=data.colour_noise,
+            noise_until=data.colour_noise_until_epoch,
+            pca_std=tuple(np.asarray(std, np.float32).tolist()),
+            pca_vectors=tuple(map(tuple, np.asarray(vectors, np.float32).tolist())),
+            windows=data.mean_image,
+            test_views=data.test_views,
+        )
 
     def noise_at(self, epoch: int) -> float:
         """The colour noise's strength in `epoch`."""

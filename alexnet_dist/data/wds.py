@@ -26,7 +26,7 @@ from webdataset.tariterators import tarfile_samples
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
-from .loader import BadImage, Batch, parse_label
+from .loader import BadImage, Batch, all_skipped, parse_label
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation, center_crop, colour_shift, crop_box, random_crop_flip, ten_views
 
@@ -76,9 +76,9 @@ class ShardStream(IterableDataset):
         augment: Augmentation,
         *,
         num_classes: int,
-        workers: int = 1,
-        shuffle_buffer: int = 2000,
-        strict: bool = False,
+        workers: int,
+        shuffle_buffer: int,
+        strict: bool,
     ):
         self.plan, self.augment, self.num_classes = plan, augment, num_classes
         self.workers, self.shuffle_buffer, self.strict = max(1, workers), shuffle_buffer, strict
@@ -114,8 +114,8 @@ class ShardStream(IterableDataset):
             try:
                 for sample in tarfile_samples([{"url": shard.tar}]):
                     if count >= piece.stop and piece.stop < shard.count:
-                        break
-                    if count >= piece.start:
+                        break  # read on to the end only to check a shard read whole
+                    if piece.start <= count < piece.stop:
                         yield shard.tar, sample
                     count += 1
             except (tarfile.TarError, OSError, ValueError) as exc:
@@ -136,7 +136,7 @@ class ShardStream(IterableDataset):
         rng.shuffle(order)
         buffer = []
         for item in self.samples(order):
-            if len(buffer) < self.shuffle_buffer:
+            if len(buffer) < max(1, self.shuffle_buffer):
                 buffer.append(item)
                 continue
             i = rng.randrange(len(buffer))
@@ -217,12 +217,11 @@ class ShardStream(IterableDataset):
             yield self.batch(images, labels, shifts, windows, skipped)
 
     def batch(self, images, labels, shifts, windows, skipped) -> Batch:
-        n = len(labels)
-        stacked = (
-            torch.stack(images)
-            if images
-            else torch.zeros(0, 3, self.augment.crop, self.augment.crop, dtype=torch.uint8)
-        )
+        n, crop = len(labels), self.augment.crop
+        if not images and self.plan.train:
+            raise all_skipped(skipped)
+        views = (10,) if self.plan.mode == "test" and self.augment.test_views == 10 else ()
+        stacked = torch.stack(images) if images else torch.zeros(0, *views, 3, crop, crop, dtype=torch.uint8)
         if not self.plan.train:
             return Batch(stacked, torch.tensor(labels, dtype=torch.int64), skipped=tuple(skipped))
         return Batch(
@@ -250,7 +249,7 @@ class EpochLoader(DataLoader):
     so starting a pass draws nothing from the global one (dropout's).
     """
 
-    def __init__(self, dataset: ShardStream, position, seed: int = 0, worker_signals=(signal.SIGUSR1,), **kwargs):
+    def __init__(self, dataset: ShardStream, position, seed: int, worker_signals: tuple[int, ...], **kwargs):
         super().__init__(
             dataset,
             batch_size=None,
@@ -284,7 +283,7 @@ def build(
     num_classes: int,
     position,
     device: torch.device,
-    worker_signals=(signal.SIGUSR1,),
+    worker_signals: tuple[int, ...],
 ) -> EpochLoader:
     """The webdataset loader of `plan`: loader.workers processes (no more than there are batches),
     or the training process itself with loader.workers=0."""

@@ -32,7 +32,7 @@ def signal_number(name: str) -> int:
 
 
 class Preemption(pl.Callback):
-    def __init__(self, saver: LastCheckpoint, signal_name: str = "USR1", requeue: bool = True):
+    def __init__(self, saver: LastCheckpoint, signal_name: str, requeue: bool):
         self.saver, self.requeue_job = saver, requeue
         self.signums = sorted({signal_number(signal_name), submitit_signal()} - {None})
         self.requested = False
