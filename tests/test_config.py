@@ -62,3 +62,14 @@ def test_the_yaml_defaults_and_the_schemas_agree():
     composed, schema = plain(load(cfg)), plain(make(Train, {"data": {"root": "/data/x"}, "run_id": "r"}))
     for group in ("data", "loader", "optim", "logger", "checkpoint", "ddp", "compute", "preemption"):
         assert composed[group] == schema[group], group
+
+
+def test_settings_made_outside_alexnet_train_are_checked_the_same_way():
+    from alexnet_dist.config import Data, Loader, make
+    from alexnet_dist.errors import ConfigError
+
+    assert make(Loader, {"name": "wds"}).workers == 2  # the default, from the one schema
+    with pytest.raises(ConfigError, match=r"data.test_views=5: choose 1 \(centre crop\) or 10"):
+        make(Data, {"root": "/data", "test_views": 5})
+    with pytest.raises(ConfigError, match=r"name: Invalid value 'fast', expected one of \[auto, dali, wds\]"):
+        make(Loader, {"name": "fast"})

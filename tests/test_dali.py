@@ -389,3 +389,11 @@ def test_a_saved_loader_state_that_does_not_fit_is_replaced_by_replaying(coded, 
     assert_resumes_where_it_stopped(full, module(coded, **kw), state)
     if change == "graph":
         assert "does not fit this pipeline; replaying the 2 batches of epoch 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=["dali", "wds"])
+def test_a_training_batch_with_no_decodable_image_stops_in_one_line(tmp_path, loader):
+    write_dataset(sources.synthetic(2, 8, 4, 20), tmp_path, source_name="synthetic", min_shards=1, progress=False)
+    replace_shard(tmp_path, "train", 0, [(f"bad-{i}", b"\xff\xd8\xff\xe0 no JPEG" * 4, b"0") for i in range(8)])
+    with pytest.raises(DataError, match=r"every image of a training batch was undecodable \(.*bad-\d"):
+        list(module(tmp_path, loader=loader, batch_size=4).train_dataloader())

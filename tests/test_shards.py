@@ -169,3 +169,12 @@ def test_manifest_errors_name_the_path(tmp_path):
     (tmp_path / "d" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match="split 'train' has no samples"):
         Manifest.read(tmp_path / "d")
+
+
+def test_a_manifest_whose_split_count_disagrees_with_its_shards_is_refused(tmp_path):
+    from helpers.shards import edit_manifest
+
+    write_dataset(sources.synthetic(3, 10, 4, 16), tmp_path, source_name="synthetic", min_shards=2, progress=False)
+    edit_manifest(tmp_path, lambda m: m["splits"]["val"].update(count=5))
+    with pytest.raises(DataError, match=r"manifest.json: split 'val' counts 5 samples but its shards 4; re-run"):
+        Manifest.read(tmp_path)

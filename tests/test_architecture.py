@@ -1,0 +1,62 @@
+"""The package's layering, as docs/architecture.md draws it: checked on the source, so a change
+that makes data/ reach into training/ or a loader into the data module fails here."""
+
+import ast
+from pathlib import Path
+
+import alexnet_dist
+
+PACKAGE = Path(alexnet_dist.__file__).parent
+
+# data/ from the top: each module may import only modules of earlier layers (or its own).
+LAYERS = [
+    {"transforms", "normalize"},
+    {"manifest", "sources", "shards", "stats"},
+    {"plan"},
+    {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
+    {"datamodule"},
+]
+# Imports within a layer: normalisation uses the geometry, the writer and the statistics read the
+# manifest; the loaders share the contract in loader.py and never import each other.
+WITHIN = {
+    "normalize": {"transforms"},
+    "shards": {"manifest", "sources"},
+    "stats": {"manifest"},
+    "wds": {"loader"},
+    "dali": {"loader", "dali_pipeline"},
+}
+
+
+def imported(path: Path) -> set[str]:
+    """Modules of alexnet_dist that `path` imports, as dotted names below the package."""
+    names = set()
+    package = path.parent.relative_to(PACKAGE).parts
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(package[: len(package) - node.level + 1])
+            parts = base + (node.module.split(".") if node.module else [])
+            if node.module is None:
+                names |= {".".join([*parts, alias.name]) for alias in node.names}
+            else:
+                names.add(".".join(parts))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("alexnet_dist."):
+            names.add(node.module.removeprefix("alexnet_dist."))
+    return names
+
+
+def test_data_modules_import_only_the_layers_above_them_and_never_training():
+    layer_of = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    assert set(layer_of) == {p.stem for p in (PACKAGE / "data").glob("*.py")} - {"__init__"}
+    for name, layer in layer_of.items():
+        for target in imported(PACKAGE / "data" / f"{name}.py"):
+            top, _, rest = target.partition(".")
+            assert top not in ("training", "cli"), f"data/{name}.py imports {target}"
+            if top == "data":
+                assert layer_of[rest] < layer or (layer_of[rest] == layer and rest in WITHIN.get(name, set())), (
+                    f"data/{name}.py imports data/{rest}.py, which is not above it"
+                )
+
+
+def test_models_import_neither_data_nor_training():
+    for path in (PACKAGE / "models").glob("*.py"):
+        assert not {t for t in imported(path) if t.split(".")[0] in ("data", "training", "cli")}, path.name
