@@ -214,7 +214,7 @@ def check_views(views: int, key: str) -> None:
         raise ConfigError(f"{key}={views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
 
 
-def per_rank(global_batch: int | None, world: int, key: str = "data.batch_size") -> int | None:
+def per_rank(global_batch: int | None, world: int, key: str) -> int | None:
     """The share of a global batch each of `world` ranks takes; ConfigError if it does not divide."""
     if global_batch is None:
         return None

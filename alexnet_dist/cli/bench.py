@@ -85,7 +85,7 @@ def torch_device(args) -> torch.device:
 
 def data_module(args, target: torch.device, **loader):
     """The shards of --data with the configured loader, as training would read them; batches go to
-    `device` outside a Trainer."""
+    `target` outside a Trainer."""
     from ..config import Data, make
     from ..config import Loader as LoaderSettings
     from ..data.datamodule import ShardDataModule
@@ -175,9 +175,7 @@ def bench_loader(args) -> dict:
         "augment": args.augment,
         "batch_size": args.batch_size,
         "crop": args.size,
-        "workers" if data.loader_name == "wds" else "threads": args.workers
-        if data.loader_name == "wds"
-        else args.threads,
+        **({"workers": args.workers} if data.loader_name == "wds" else {"threads": args.threads}),
         "steps": args.steps,
         "images": images,
         "seconds": round(seconds, 3),
