@@ -30,7 +30,7 @@ def choice(name: str, values: str) -> type[Choice]:
     return Choice(name, [(v, v) for v in values.split()])
 
 
-OptimName = choice("OptimName", "krizhevsky sgd")
+OptimName = choice("OptimName", "krizhevsky sgd lars")
 ScheduleName = choice("ScheduleName", "step plateau cosine constant")
 NonFinite = choice("NonFinite", "stop skip")
 LoaderName = choice("LoaderName", "auto dali wds")
@@ -110,6 +110,7 @@ class Optim:
     on_nonfinite: NonFinite = NonFinite.stop
     bias_lr_mult: float = 1.0
     impl: OptimImpl = OptimImpl.foreach
+    trust: float = 0.001  # lars: the trust coefficient of each layer's rate (You et al. 2017)
     layer_rates: list[LayerRate] = field(default_factory=list)
     schedule: Schedule = field(default_factory=Schedule)
 

@@ -72,3 +72,28 @@ def test_a_missing_data_folder_is_one_line(tmp_path, cli_env):
         proc.returncode == 2
         and proc.stderr.strip() == "error: train mode needs --data DIR (a folder made by alexnet-prepare)"
     )
+
+
+def test_scale_mode_shows_what_a_rank_reads_fall_as_the_world_grows(tmp_path, cli_env):
+    """Two world sizes, both loaders, on a small data set of tiny images made by the mode itself:
+    a rank of the larger world opens fewer of the shared files and reads less, holds no more
+    memory, and its checkpoint state stays small."""
+    args = ["--samples", "4000", "--val-samples", "400", "--shards", "32", "--num-classes", "10"]
+    args += ["--worlds", "2,16", "--batch-size", "8", "--data", str(tmp_path / "tiny")]
+    rows = lines(run_cli("alexnet-bench", "scale", *args, cwd=tmp_path, env=cli_env, timeout=600))
+    assert [(r["loader"], r["world_size"]) for r in rows] == [("wds", 2), ("wds", 16), ("dali", 2), ("dali", 16)]
+    manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 4000 and len(manifest["splits"]["train"]["shards"]) == 32
+    for loader in ("wds", "dali"):
+        small, large = (r for r in rows if r["loader"] == loader)
+        assert small["batch"] == large["batch"] == 8
+        # a rank's slice of the epoch: 32 shards of 125 samples, 2000 samples of 2 ranks, 250 of 16
+        assert small["epoch_files"] == 16 and large["epoch_files"] == 2
+        assert large["files_opened"] <= small["files_opened"] and large["bytes_read"] <= small["bytes_read"]
+        assert large["rss_mb"] <= 1.2 * small["rss_mb"]
+        assert large["state_bytes_per_rank"] < 16 * 1024
+    dali_small, dali_large = rows[2:]
+    # DALI opens only the tars and index files its slice needs (before: every tar and every index)
+    assert dali_small["tars_opened"] == 16 and dali_large["tars_opened"] == 2
+    assert dali_large["files_opened"] * 3 <= dali_small["files_opened"]
+    assert dali_large["metadata_bytes"] * 3 <= dali_small["metadata_bytes"]

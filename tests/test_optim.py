@@ -2,10 +2,47 @@ import math
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 from torch import nn
 
-from alexnet_dist.training.optim import KrizhevskySGD, param_groups, scaled_lr
+from alexnet_dist.config import load, plain
+from alexnet_dist.training.optim import LARS, KrizhevskySGD, param_groups, scaled_lr
 from alexnet_dist.training.schedules import lr_factor
+
+
+def test_lars_scales_each_weight_tensors_step_by_its_trust_ratio_and_leaves_biases_plain():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=2.0, trust=0.01)
+    g = [0.6, 0.8]  # |g| = 1
+    ref, v = [3.0, 4.0], [0.0, 0.0]
+    for _ in range(2):
+        w.grad, b.grad = torch.tensor([g]), torch.tensor([0.5])
+        opt.step()
+        norm = math.hypot(*ref)
+        local = 0.01 * norm / (1.0 + 0.1 * norm)
+        v = [0.9 * v[i] + 2.0 * local * (g[i] + 0.1 * ref[i]) for i in range(2)]
+        ref = [ref[i] - v[i] for i in range(2)]
+    # first step by hand: local = 0.05 / 1.5, v = 2 * local * (0.9, 1.2) = (0.06, 0.08)
+    assert w.tolist()[0] == pytest.approx(ref, rel=1e-6) and ref[0] < 2.94
+    assert b.item() == pytest.approx(1.0 - 1.0 - (0.9 * 1.0 + 1.0))  # plain: v = 1, then 1.9
+
+
+def test_optim_lars_composes_with_warm_up_and_refuses_a_fused_update():
+    from alexnet_dist.errors import ConfigError
+    from alexnet_dist.training.module import Classifier
+
+    with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["data.root=/data/x", "run_id=r", "optim=lars"])
+    optim = load(cfg).optim
+    assert (str(optim.name), str(optim.impl), optim.trust, optim.schedule.warmup_epochs) == ("lars", "loop", 0.001, 5)
+    module = Classifier({"name": "alexnet_small", "num_classes": 10}, optim, global_batch=1024)
+    opt = module.optimizer_and_schedule(steps_per_epoch=10, total_steps=100)["optimizer"]
+    assert isinstance(opt, LARS) and opt.param_groups[0]["initial_lr"] == pytest.approx(0.01 * 1024 / 128)
+    with pytest.raises(ConfigError, match="optim.impl=fused: LARS updates one tensor at a time; use optim.impl=loop"):
+        Classifier(
+            {"name": "alexnet_small", "num_classes": 10}, {**plain(optim), "impl": "fused"}, 1024
+        ).optimizer_and_schedule(10, 100)
 
 
 def test_krizhevsky_update_matches_a_hand_computation():

@@ -162,8 +162,10 @@ def test_manifest_errors_name_the_path(tmp_path):
         sources.synthetic(3, 10, 4, 16), tmp_path / "d", source_name="synthetic", min_shards=2, progress=False
     )
     (tmp_path / "d" / "val" / "000001.tar").unlink()
+    manifest = Manifest.read(tmp_path / "d")  # reads the manifest only; each rank checks its share of the tars
+    manifest.check_share(0, 2)  # rank 0 of 2: shards 0, 2, ...
     with pytest.raises(DataError, match="val/000001.tar: listed in .* but missing"):
-        Manifest.read(tmp_path / "d")
+        manifest.check_share(1, 2)
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     m["splits"]["train"]["shards"] = []
     (tmp_path / "d" / "manifest.json").write_text(json.dumps(m))

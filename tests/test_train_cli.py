@@ -70,23 +70,35 @@ def test_resume_auto_continues_the_step_count(tmp_path, synthetic_root, cli_env)
     assert max(first_steps) < 62 <= min(second_steps)
 
 
-def test_ddp_with_two_cpu_processes_splits_the_global_batch(tmp_path, synthetic_root, cli_env):
+def test_ddp_with_two_cpu_processes_splits_the_global_batch_with_one_collective_a_step(
+    tmp_path, synthetic_root, cli_env
+):
+    """Also counts the collectives each rank issues per training step besides the gradients':
+    the finite-loss check, the preemption flag and the checkpoint clock travel in one all-reduce."""
+    counts = tmp_path / "counts"
+    counts.mkdir()
     run_cli(
-        "alexnet-train",
+        "python",
+        Path(__file__).parent / "helpers" / "count_collectives.py",
         *SMOKE,
         f"data.root={synthetic_root}",
         "run_id=ddp",
         "trainer.max_epochs=2",
         "trainer.devices=2",
         "trainer.strategy=ddp",
+        "checkpoint.every_n_steps=null",
+        "checkpoint.every_n_minutes=1000",
         cwd=tmp_path,
-        env=cli_env,
+        env={**cli_env, "COUNT_DIR": str(counts)},
     )
     results = json.loads((tmp_path / "runs/smoke/ddp/results.json").read_text())
     assert results["world_size"] == 2
     assert results["global_step"] == 2 * (2000 // 32)  # global batch 32 = 16 per rank
     assert results["val_count"] == 500  # every validation sample counted once over both ranks
     assert results["val_top1"] > 0.6
+    ranks = [json.loads(f.read_text()) for f in counts.glob("*.json")]
+    assert len(ranks) == 2
+    assert [rank["in_steps"] for rank in ranks] == [results["global_step"]] * 2
 
 
 def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, synthetic_root, cli_env):

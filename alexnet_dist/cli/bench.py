@@ -8,6 +8,9 @@ train     the whole framework: the loader, the data module and Lightning's train
 baseline  a plain PyTorch loop over a plain webdataset + PIL DataLoader, same model, optimiser,
           batch and precision: what one would write without this project
 ddp       train with 1 process, then with --devices processes (DDP): the scaling efficiency
+scale     what one rank costs at start-up (time, files, bytes, memory, checkpoint state) as the
+          world grows, one simulated rank at a time on a data set of ImageNet's shape in tiny
+          images, written to --data first (see bench_scale.py)
 """
 
 import argparse
@@ -23,14 +26,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError
 from ..models import create_model
-from . import one_line_errors
+from . import bench_scale, one_line_errors
+from .bench_scale import WORLDS, parse_worlds
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="alexnet-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("mode", choices=["model", "loader", "train", "baseline", "ddp"])
+    p.add_argument("mode", choices=["model", "loader", "train", "baseline", "ddp", "scale"])
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="alexnet2012")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -64,6 +68,12 @@ def parse_args(argv=None):
         default=500,
         help="loader mode: samples mixed in memory (a small set is re-read to fill it every epoch)",
     )
+    scale = p.add_argument_group("scale mode")
+    scale.add_argument("--worlds", type=parse_worlds, default=WORLDS, help="world sizes, e.g. 8,64,512,1024")
+    scale.add_argument("--samples", type=int, default=1_281_167, help="training images (ImageNet's)")
+    scale.add_argument("--val-samples", type=int, default=50_000)
+    scale.add_argument("--shards", type=int, default=1000, help="training shards")
+    scale.add_argument("--image-size", type=int, default=8, help="stored side of the tiny images (also the crop)")
     return p.parse_args(argv)
 
 
@@ -309,6 +319,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.mode == "ddp":
         results = bench_ddp(args, argv)
+    elif args.mode == "scale":
+        results = bench_scale.run(args)
     else:
         run = {"model": bench_model, "loader": bench_loader, "train": bench_train, "baseline": bench_baseline}
         results = [run[args.mode](args)]

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import Train, load
 from ..data.datamodule import ShardDataModule
 from ..errors import ConfigError, TrainingError
+from ..training.agreement import StepAgreement
 from ..training.callbacks import SkippedImages, Throughput
 from ..training.checkpoint import (
     LastCheckpoint,
@@ -157,8 +158,10 @@ def train(cfg: DictConfig) -> dict:
     check_trainer_keys(s.trainer)
     pl.seed_everything(s.seed, workers=True, verbose=False)
     ckpt_dir = run_dir / "checkpoints"
-    saver = LastCheckpoint(ckpt_dir, s.checkpoint.every_n_steps, s.checkpoint.every_n_minutes, s.checkpoint.keep)
-    preemption = Preemption(saver, str(s.preemption.signal), s.preemption.requeue)
+    agreement = StepAgreement()  # the per-step questions of all ranks, in one collective
+    c = s.checkpoint
+    saver = LastCheckpoint(ckpt_dir, agreement, c.every_n_steps, c.every_n_minutes, c.keep)
+    preemption = Preemption(saver, str(s.preemption.signal), s.preemption.requeue, agreement)
     data = ShardDataModule(s.data, s.loader, seed=s.seed, worker_signals=tuple(preemption.signums))
     module = Classifier(
         model={**s.model, "num_classes": data.num_classes},
@@ -167,6 +170,7 @@ def train(cfg: DictConfig) -> dict:
         seed=s.seed,
         channels_last=s.compute.channels_last,
         compile=s.compute.compile,
+        agreement=agreement,
     )
     ckpt_path = resume_checkpoint(s.resume, ckpt_dir)
     if ckpt_path:

@@ -5,6 +5,10 @@ the plan (plan.py), so an epoch is always whole and its shuffle depends only on 
 rank). Training takes the plan's number of batches; evaluation reads this rank's samples once and
 drops the reader's padding.
 
+The reader is given only the tars the rank's samples lie in, each with an index file of just those
+samples, written for the pass into a private temporary folder: what a rank opens and reads at
+start-up then depends on its own slice, not on the world size or the number of shards.
+
 Exact resume: before each batch the pipeline's own checkpoint (reader position, random
 generators) is kept, and `state()` hands the one matching the trained position to the training
 checkpoint; a resumed pass rebuilds the pipeline from it instead of decoding its way forward.
@@ -15,8 +19,11 @@ shard and key named (`bad_images=error`).
 """
 
 import re
+import shutil
 import sys
 import tarfile
+import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +34,12 @@ from ..errors import ConfigError, DataError
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
 from .loader import BadImage, Batch, all_skipped, parse_label
 from .manifest import Shard
-from .plan import EpochPlan
+from .plan import EpochPlan, Piece
 from .transforms import Augmentation
 
-# Saved loader states carry this; a state of the earlier layout (the reader sharding samples over
-# ranks) does not fit the pipelines built now and is replaced by replaying.
-STATE_VERSION = 2
+# Saved loader states carry this; a state of an earlier layout (2: the reader got every tar and
+# cut the rank's samples out itself) does not fit the pipelines built now and is replaced by replaying.
+STATE_VERSION = 3
 
 
 def to_torch(dali_batch, device: torch.device) -> torch.Tensor:
@@ -87,12 +94,35 @@ def check_shards(shards: list[Shard]) -> None:
         with open(index, "rb") as f:  # the last line is enough: samples are in file order
             f.seek(max(0, index.stat().st_size - 4096))
             fields = f.read().decode().strip().splitlines()[-1].split()
-        end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
-        if end > tar.stat().st_size:
-            raise DataError(
-                f"{tar}: {tar.stat().st_size} bytes but its index lists data up to byte {end}; the tar is "
-                "truncated: re-create it with alexnet-prepare"
-            )
+        check_end(tar, fields)
+
+
+def check_end(tar: Path, fields: list[str]) -> None:
+    """The tar holds every byte of the index entries `fields` (ext offset size name ...)."""
+    end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
+    if end > tar.stat().st_size:
+        raise DataError(
+            f"{tar}: {tar.stat().st_size} bytes but its index lists data up to byte {end}; the tar is "
+            "truncated: re-create it with alexnet-prepare"
+        )
+
+
+def slice_index(piece: Piece, path: Path) -> str:
+    """Writes to `path` the DALI index of just samples piece.start..stop-1 of its shard (the
+    offsets stay those of the whole tar) and returns the path."""
+    shard = piece.shard
+    index = Path(shard.index)
+    if not index.exists():
+        raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds")
+    entries = index.read_text().splitlines()[1:]
+    if len(entries) != shard.count:
+        raise DataError(
+            f"{index}: lists {len(entries)} samples but manifest.json says {shard.count}; re-run alexnet-prepare"
+        )
+    part = entries[piece.start : piece.stop]
+    check_end(Path(shard.tar), part[-1].split())
+    path.write_text(f"v1.2 {len(part)}\n" + "\n".join(part) + "\n")
+    return str(path)
 
 
 def dali_reason(exc: Exception) -> str:
@@ -114,8 +144,9 @@ def start_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
             index, line = Path(found[1]), int(found[2])
             entry = index.read_text().splitlines()[line].split()  # DALI counts samples from 1 after the header
             parts = ", ".join(f".{entry[i]}" for i in range(0, len(entry), 4))
+            tar = dict(zip(spec.indexes, spec.tars, strict=True))[str(index)]
             raise DataError(
-                f"{index.with_suffix('.tar')}: sample {Path(entry[3]).stem} has only {parts} (needs .jpg "
+                f"{tar}: sample {Path(entry[3]).stem} has only {parts} (needs .jpg "
                 "and .cls); re-create the shard with alexnet-prepare"
             ) from None
         raise DataError(f"cannot read the shards ({reason}); re-create them with alexnet-prepare") from None
@@ -155,13 +186,13 @@ class DaliLoader:
             "done": done,
             "world": self.plan.world,
             "batch": self.plan.batch,
-            "dali": torch.frombuffer(bytearray(checkpoint), dtype=torch.uint8),
+            "dali": bytes(checkpoint),
         }
 
     def restore(self, state: dict) -> None:
         if state and "version" in state and state["version"] == STATE_VERSION:
             keys = ("epoch", "done", "world", "batch")
-            self.restored = (*(state[k] for k in keys), bytes(state["dali"].numpy().tobytes()))
+            self.restored = (*(state[k] for k in keys), state["dali"])
 
     def __iter__(self):
         epoch, done = self.position()
@@ -278,7 +309,7 @@ def build(
     """The DALI loader of `plan`, decoding on `device`'s GPU (loader.device=auto or gpu) or on the
     CPU. DALI cuts crops out of the stored image (after val_resize in evaluation), so every stored
     image must be at least that large: `min_side` (the manifest's) is checked against the crop."""
-    check_shards(list(plan.shards))
+    check_shards(list(plan.shards[plan.rank :: plan.world]))  # this rank's share (see Manifest.check_share)
     kind = str(settings.device)
     if kind == "auto":
         kind = "gpu" if device.type == "cuda" else "cpu"
@@ -292,13 +323,16 @@ def build(
             "(or use loader=wds, which enlarges small images)"
         )
 
+    folder = Path(tempfile.mkdtemp(prefix="alexnet-dali-"))  # this loader's index files
+
     def spec_for(epoch: int) -> PipelineSpec:
-        order = plan.order(epoch)  # the reader's shard_id/num_shards cut the plan's span out of it
+        pieces = plan.mine(epoch)
+        for old in folder.iterdir():  # the previous pass's
+            old.unlink()
+        indexes = [slice_index(p, folder / f"{plan.mode}-{epoch}-{i}.idx") for i, p in enumerate(pieces)]
         return PipelineSpec(
-            tars=[s.tar for s in order],
-            indexes=[s.index for s in order],
-            shard_id=plan.rank,
-            num_shards=plan.world,
+            tars=[p.shard.tar for p in pieces],
+            indexes=indexes,
             mode=plan.mode if plan.mode == "train" or augment.test_views == 10 else "val",
             batch_size=plan.batch,
             crop=augment.crop,
@@ -319,7 +353,7 @@ def build(
             windows=plan.train and augment.windows,
         )
 
-    return DaliLoader(
+    loader = DaliLoader(
         plan,
         spec_for,
         num_classes=num_classes,
@@ -327,3 +361,5 @@ def build(
         device=device if kind == "gpu" else torch.device("cpu"),
         strict=settings.bad_images == "error",
     )
+    weakref.finalize(loader, shutil.rmtree, folder, True)  # also at exit
+    return loader

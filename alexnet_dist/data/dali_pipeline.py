@@ -34,13 +34,11 @@ class PipelineSpec:
     """Everything that shapes one pipeline (dali.py fills it from the plan, the augmentation and
     the loader settings); `mode` is train, val or test (ten views)."""
 
-    tars: list
-    indexes: list
+    tars: list  # the tars this rank reads in the pass, in the plan's order
+    indexes: list  # for each, an index of just this rank's samples of it
     mode: str
     batch_size: int
     crop: int
-    shard_id: int  # the reader's contiguous slice of all the tars' samples: this rank's
-    num_shards: int
     seed: int
     device: str  # cpu | gpu
     device_id: int | None  # CUDA device for device=gpu
@@ -97,8 +95,6 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
             index_paths=spec.indexes,
             ext=["jpg", "cls"],
             name="Reader",
-            shard_id=spec.shard_id,
-            num_shards=spec.num_shards,
             random_shuffle=train,
             initial_fill=max(1, spec.shuffle_buffer),
             pad_last_batch=not train,

@@ -4,8 +4,8 @@ uint8 batches on the training device."""
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 
+from ..collectives import gather_to_rank_zero
 from ..config import Data, DType
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
@@ -59,6 +59,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.loaders: dict[str, Loader] = {}  # by mode, as last built
         self.loader_states = None  # per-rank loader states from a checkpoint
         self.first_train_images = None
+        self.checked = False  # this rank's share of the shards, before its first loader
 
     def _mean_image(self) -> torch.Tensor:
         """The 2012 code's per-pixel mean (3, S, S), subtracted at each crop's own window."""
@@ -106,6 +107,9 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _loader(self, mode: str) -> Loader:
         plan, train = self.plan(mode), mode == "train"
+        if not self.checked:
+            self.manifest.check_share(plan.rank, plan.world)
+            self.checked = True
         common = dict(
             num_classes=self.num_classes,
             position=self.position if train else (lambda: (0, 0)),
@@ -135,12 +139,7 @@ class ShardDataModule(pl.LightningDataModule):
         """Every rank's training-loader state (what resuming needs beyond the global step)."""
         if "train" not in self.loaders:
             return {}
-        state = self.loaders["train"].state(*self.position())
-        states = [state]
-        if dist.is_available() and dist.is_initialized():
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, state)
-        return {"loader": states}
+        return {"loader": gather_to_rank_zero(self.loaders["train"].state(*self.position()))}
 
     def load_state_dict(self, state: dict) -> None:
         self.loader_states = state["loader"] if "loader" in state else None

@@ -5,6 +5,7 @@ shards takes their paths from here.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,6 @@ class Manifest:
             if not info.get("shards") or not info.get("count"):
                 raise DataError(f"{path}: split '{split}' has no samples; re-run alexnet-prepare on a non-empty source")
             shards = manifest.shards(split)
-            for shard in shards:
-                if not Path(shard.tar).exists():
-                    raise DataError(f"{shard.tar}: listed in {path} but missing; re-run alexnet-prepare")
             if sum(s.count for s in shards) != info["count"]:
                 raise DataError(
                     f"{path}: split '{split}' counts {info['count']} samples but its shards "
@@ -89,6 +87,16 @@ class Manifest:
             )
             for s in self.data["splits"][split]["shards"]
         ]
+
+    def check_share(self, rank: int, world: int) -> None:
+        """The tars of every split's shards rank, rank + world, ... exist. Each rank checks only its
+        share, so at start the job as a whole checks every shard once while no rank's work grows
+        with the number of shards (a thousand ranks each checking every tar would hammer a shared
+        file system's metadata server)."""
+        for split in self.data["splits"]:
+            for shard in self.shards(split)[rank::world]:
+                if not os.path.exists(shard.tar):
+                    raise DataError(f"{shard.tar}: listed in {self.path} but missing; re-run alexnet-prepare")
 
     def stat(self, key: str):
         """A statistic alexnet-prepare records (mean, std, image_size, min_side); None when absent."""

@@ -3,12 +3,11 @@ written once.
 
 The split's shards are laid end to end, in the manifest's order for evaluation and in a new order
 from (seed, epoch) for each training epoch, and rank r of W takes the samples from N*r/W to
-N*(r+1)/W of that sequence (N samples in all; the split DALI's reader makes with shard_id and
-num_shards). So no sample is read twice in an epoch, every rank sees all the data over the
-epochs, and evaluation counts every sample exactly once across ranks (the counts may differ by
-one, as the metrics are summed once at the end). Training takes `steps` batches from every rank,
-the same number (DDP would hang on an unequal count): the samples that do not fill a global batch
-are left out of that epoch.
+N*(r+1)/W of that sequence (N samples in all). So no sample is read twice in an epoch, every
+rank sees all the data over the epochs, and evaluation counts every sample exactly once across
+ranks (the counts may differ by one, as the metrics are summed once at the end). Training takes
+`steps` batches from every rank, the same number (DDP would hang on an unequal count): the
+samples that do not fill a global batch are left out of that epoch.
 """
 
 import random

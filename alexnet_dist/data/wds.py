@@ -12,6 +12,7 @@ key (error); either way it keeps its place in the stream, so resuming stays exac
 """
 
 import io
+import os
 import random
 import signal
 import tarfile
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
@@ -110,14 +111,23 @@ class ShardStream(IterableDataset):
         """(tar path, sample dict) of each piece in turn; a shard read to its end is checked
         against the manifest's count."""
         for piece in pieces:
-            shard, count = piece.shard, 0
+            shard = piece.shard
+            offset, count, key = start_of(piece)
             try:
-                for sample in tarfile_samples([{"url": shard.tar}]):
-                    if count >= piece.stop and piece.stop < shard.count:
-                        break  # read on to the end only to check a shard read whole
-                    if piece.start <= count < piece.stop:
-                        yield shard.tar, sample
-                    count += 1
+                with open(shard.tar, "rb") as f:
+                    f.seek(offset)
+                    for sample in group_by_keys(tar_file_expander([{"url": shard.tar, "stream": f}])):
+                        if key is not None and sample["__key__"] != key:
+                            raise DataError(
+                                f"{shard.tar}: its index file says sample {piece.start} is {key}, the tar "
+                                f"holds {sample['__key__']} there; re-run alexnet-prepare"
+                            )
+                        key = None
+                        if count >= piece.stop and piece.stop < shard.count:
+                            break  # read on to the end only to check a shard read whole
+                        if piece.start <= count < piece.stop:
+                            yield shard.tar, sample
+                        count += 1
             except (tarfile.TarError, OSError, ValueError) as exc:
                 raise DataError(
                     f"{shard.tar}: unreadable after {count} samples ({str(exc).split(' @ ')[0]}); "
@@ -231,6 +241,22 @@ class ShardStream(IterableDataset):
             torch.tensor(windows) if windows else None,
             tuple(skipped),
         )
+
+
+def start_of(piece: Piece) -> tuple[int, int, str | None]:
+    """(byte offset, sample number, its key) to start reading a piece at: from the shard's index
+    file when the piece starts inside the shard, so a rank skips to its slice without reading the
+    samples before it (a whole shard of full-size images, at worst); else the tar's start."""
+    if piece.start == 0 or not os.path.exists(piece.shard.index):
+        return 0, 0, None
+    with open(piece.shard.index) as f:
+        for number, line in enumerate(f):
+            if number == piece.start + 1:  # after the "v1.2 <count>" header
+                fields = line.split()
+                offset = min(int(fields[i]) for i in range(1, len(fields), 4))
+                # the member's header lies one tar block before its data
+                return offset - tarfile.BLOCKSIZE, piece.start, fields[3].rsplit(".", 1)[0]
+    return 0, 0, None
 
 
 def ignore_signals(signums: tuple[int, ...], worker_id: int) -> None:

@@ -12,29 +12,44 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .agreement import StepAgreement
 
 
 def rng_state() -> dict:
-    """Every generator training draws from, as tensors and plain values (loadable with
-    torch.load(weights_only=True))."""
-    np_state = np.random.get_state()
+    """Every generator training draws from, each state as plain bytes: small (every rank's are
+    gathered into each checkpoint) and loadable with torch.load(weights_only=True)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [version, np.array(words, np.uint32).tobytes(), gauss],
+        "torch": torch.get_rng_state().numpy().tobytes(),
+        "numpy": [kind, keys.astype(np.uint32).tobytes(), pos, has_gauss, cached],
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _byte_tensor(value) -> torch.Tensor:
+    """A generator state saved as bytes, or as a tensor by earlier versions."""
+    return torch.frombuffer(bytearray(value), dtype=torch.uint8) if isinstance(value, bytes) else value
+
+
+def _words(value) -> np.ndarray:
+    """32-bit generator words saved as bytes, or by earlier versions as a tuple or an int64 tensor."""
+    if isinstance(value, bytes):
+        return np.frombuffer(value, np.uint32)
+    return np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value).astype(np.uint32)
+
+
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(int(w) for w in _words(words)), gauss))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    np.random.set_state((kind, _words(keys), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
 
 def _fsync(path: Path) -> None:
@@ -76,12 +91,20 @@ class LastCheckpoint(pl.Callback):
     """
 
     def __init__(
-        self, dirpath: str | Path, every_n_steps: int | None = None, every_n_minutes: float | None = None, keep: int = 2
+        self,
+        dirpath: str | Path,
+        agreement: StepAgreement,
+        every_n_steps: int | None = None,
+        every_n_minutes: float | None = None,
+        keep: int = 2,
     ):
         self.dir = Path(dirpath)
         self.every_n_steps, self.every_n_minutes, self.keep = every_n_steps, every_n_minutes, max(1, keep)
         self.saved_step = -1
         self.last_save_time = time.monotonic()
+        self.agreement = agreement
+        if every_n_minutes:  # all ranks must save together: due when any rank's clock says so
+            agreement.ask("save_due", self._time_is_up)
 
     def save(self, trainer: pl.Trainer) -> None:
         if trainer.global_step == self.saved_step or trainer.sanity_checking:
@@ -99,15 +122,12 @@ class LastCheckpoint(pl.Callback):
         self.saved_step = trainer.global_step
         self.last_save_time = time.monotonic()
 
-    def _time_is_up(self, trainer) -> bool:
-        if not self.every_n_minutes:
-            return False
-        due = time.monotonic() - self.last_save_time >= 60 * self.every_n_minutes
-        return trainer.strategy.broadcast(due, src=0)  # all ranks must agree to save (a barrier)
+    def _time_is_up(self) -> bool:
+        return time.monotonic() - self.last_save_time >= 60 * self.every_n_minutes
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         by_steps = self.every_n_steps and trainer.global_step % self.every_n_steps == 0
-        if by_steps or self._time_is_up(trainer):
+        if self.agreement.take("save_due") or by_steps:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):

@@ -9,9 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..collectives import gather_to_rank_zero
 from ..config import NonFinite, Optim, ScheduleName, make, plain
 from ..errors import ConfigError, TrainingError
 from ..models import create_model
+from .agreement import StepAgreement
 from .checkpoint import rng_state, set_rng_state
 from .optim import build_optimizer, param_groups, scaled_lr
 from .schedules import lr_factor
@@ -35,6 +37,7 @@ class Classifier(pl.LightningModule):
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        agreement: StepAgreement | None = None,
     ):
         super().__init__()
         optim = make(Optim, optim)
@@ -56,6 +59,8 @@ class Classifier(pl.LightningModule):
         self.plateau = {"best": -1.0, "bad_epochs": 0, "drops": 0}
         self.skipped_steps = 0  # non-finite losses skipped (optim.on_nonfinite=skip)
         self.rng_to_restore = None
+        # settled in each training step with the loss's finiteness (see agreement.py)
+        self.agreement = agreement or StepAgreement()
 
     def on_train_start(self):
         if self.rng_to_restore is not None:  # resumed: continue the generators where they stopped
@@ -71,7 +76,7 @@ class Classifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        if not self._all_finite(loss):
+        if not self.agreement.settle(loss):  # all ranks skip a step together
             if self.optim.on_nonfinite == NonFinite.skip:
                 self.skipped_steps += 1
                 self.log("skipped_steps", float(self.skipped_steps))
@@ -159,21 +164,10 @@ class Classifier(pl.LightningModule):
             if p["bad_epochs"] > sched.patience and p["drops"] < sched.max_drops:
                 p["drops"], p["bad_epochs"] = p["drops"] + 1, 0
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank: all ranks must skip a step together."""
-        finite = torch.isfinite(loss.detach()).float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
-
     def on_save_checkpoint(self, checkpoint):
         checkpoint["plateau"] = dict(self.plateau)
         checkpoint["skipped_steps"] = self.skipped_steps
-        states = [rng_state()]
-        if dist.is_available() and dist.is_initialized():  # each rank's own dropout generator
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, rng_state())
-        checkpoint["rng"] = states
+        checkpoint["rng"] = gather_to_rank_zero(rng_state())  # each rank's own dropout generator
 
     def on_load_checkpoint(self, checkpoint):
         self.plateau = dict(checkpoint.get("plateau", self.plateau))
@@ -224,7 +218,7 @@ class Classifier(pl.LightningModule):
         lr = scaled_lr(o.lr, self.global_batch, o.reference_batch)
         layers = tuple(dict.fromkeys(r.layer for r in o.layer_rates))
         groups = param_groups(self.model, lr, o.weight_decay, o.bias_lr_mult, layers)
-        optimizer = build_optimizer(str(o.name), groups, lr, o.momentum, str(o.impl))
+        optimizer = build_optimizer(str(o.name), groups, lr, o.momentum, str(o.impl), o.trust)
         rules = [partial(self.layer_multiplier, g["layer"]) if g["layer"] else self.lr_multiplier for g in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

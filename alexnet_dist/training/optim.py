@@ -1,5 +1,6 @@
-"""Optimisers: Krizhevsky's SGD rule from the 2012 code, or torch's SGD, with the 2012 parameter
-groups (weight decay on weights only, a bias learning-rate multiplier)."""
+"""Optimisers: Krizhevsky's SGD rule from the 2012 code, torch's SGD, or LARS for very large
+batches, with the 2012 parameter groups (weight decay on weights only, a bias learning-rate
+multiplier)."""
 
 import torch
 from torch import nn
@@ -45,6 +46,46 @@ class KrizhevskySGD(torch.optim.Optimizer):
                 if wd:
                     v.add_(p, alpha=-lr * wd)
                 p.add_(v)
+        return loss
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (You, Gitman and Ginsburg 2017), the rule behind the
+    large-batch AlexNet records (Jia et al. 2018, global batch 64K). Each weight tensor's step is
+    scaled by its own trust ratio, so no layer's update outgrows its weights at the large rates
+    such batches need:
+
+        local = trust * |w| / (|g| + weight_decay * |w|)
+        v <- momentum * v + lr * local * (g + weight_decay * w);   w <- w - v
+
+    Biases and other 1-d parameters take the plain step (local = 1), as in the LARS papers.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, wd, trust = group["lr"], group["momentum"], group["weight_decay"], group["trust"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                step = p.grad.add(p, alpha=wd) if wd else p.grad.clone()
+                if p.ndim > 1:
+                    w, g = p.norm(), p.grad.norm()
+                    ratio = trust * w / (g + wd * w)
+                    # a fresh (zero) or gradient-free tensor keeps the plain rate
+                    step.mul_(torch.where((w > 0) & (g > 0), ratio, torch.ones_like(ratio)))
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                velocity = state["velocity"].mul_(momentum).add_(step, alpha=lr)
+                p.sub_(velocity)
         return loss
 
 
@@ -94,10 +135,10 @@ IMPLEMENTATIONS = ("foreach", "loop", "fused")
 
 
 def build_optimizer(
-    name: str, groups: list[dict], lr: float, momentum: float, impl: str = "foreach"
+    name: str, groups: list[dict], lr: float, momentum: float, impl: str = "foreach", trust: float = 0.001
 ) -> torch.optim.Optimizer:
     """`impl`: foreach (one kernel per operation over all tensors), loop (one per tensor), or
-    fused (one kernel for the whole update; torch's SGD only)."""
+    fused (one kernel for the whole update; torch's SGD only). `trust`: LARS's coefficient."""
     if impl not in IMPLEMENTATIONS:
         raise ConfigError(f"optim.impl={impl}: choose one of {', '.join(IMPLEMENTATIONS)}")
     if name == "krizhevsky":
@@ -106,4 +147,8 @@ def build_optimizer(
         return KrizhevskySGD(groups, lr=lr, momentum=momentum, foreach=impl == "foreach")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=impl == "foreach", fused=impl == "fused")
-    raise ConfigError(f"optim.name={name}: unknown optimiser; choose krizhevsky or sgd")
+    if name == "lars":
+        if impl != "loop":
+            raise ConfigError(f"optim.impl={impl}: LARS updates one tensor at a time; use optim.impl=loop")
+        return LARS(groups, lr=lr, momentum=momentum, trust=trust)
+    raise ConfigError(f"optim.name={name}: unknown optimiser; choose krizhevsky, sgd or lars")

@@ -14,6 +14,7 @@ import sys
 
 import lightning.pytorch as pl
 
+from .agreement import StepAgreement
 from .checkpoint import LastCheckpoint
 
 
@@ -32,11 +33,13 @@ def signal_number(name: str) -> int:
 
 
 class Preemption(pl.Callback):
-    def __init__(self, saver: LastCheckpoint, signal_name: str, requeue: bool):
-        self.saver, self.requeue_job = saver, requeue
+    def __init__(self, saver: LastCheckpoint, signal_name: str, requeue: bool, agreement: StepAgreement):
+        self.saver, self.requeue_job, self.agreement = saver, requeue, agreement
         self.signums = sorted({signal_number(signal_name), submitit_signal()} - {None})
         self.requested = False
         self.preempted_at = None  # the global step saved before stopping
+        # The signal may reach some ranks only: all stop if any was told to.
+        agreement.ask("preempt", lambda: self.requested)
 
     def setup(self, trainer, pl_module, stage):
         self._listen()
@@ -54,8 +57,7 @@ class Preemption(pl.Callback):
         self.requested = True  # acted on at the next step boundary, never inside a step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # The signal may reach some ranks only: all stop if any was told to.
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if not self.agreement.take("preempt"):
             return
         self.saver.save(trainer)
         self.preempted_at = trainer.global_step
