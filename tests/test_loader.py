@@ -1,4 +1,5 @@
 import random
+import tarfile
 
 import numpy as np
 import pytest
@@ -211,3 +212,24 @@ def test_modern_crops_cover_their_region_and_reduced_decoding_changes_little():
         exact = full.resize((64, 64), Image.BILINEAR, box=(left, top, left + w, top + h))
         assert out.size == (64, 64)
         assert np.abs(np.asarray(out, float) - np.asarray(exact, float)).mean() < 2.0
+
+
+def test_a_rank_starting_inside_a_shard_seeks_there_by_the_index_and_a_stale_index_is_named(tmp_path):
+    """20 samples in shards of 7, 7 and 6: rank 1 of 3 reads samples 6-12, from sample 6 of the
+    first shard on, which it reaches through the index file without reading samples 0-5; an
+    index that no longer fits its tar is named, not followed into the wrong samples."""
+    src = sources.synthetic(num_classes=20, train_count=20, val_count=20, size=16)
+    write_dataset(src, tmp_path, source_name="synthetic", min_shards=3, progress=False)
+    in_order = []
+    for tar in sorted((tmp_path / "val").glob("*.tar")):
+        with tarfile.open(tar) as f:
+            in_order += [int(f.extractfile(m).read()) for m in f if m.name.endswith(".cls")]
+    _, batches = stream(tmp_path, "val", train=False, rank=1, world=3, workers=0, batch=7)
+    assert [int(y) for b in batches for y in b.labels] == in_order[6:13]
+    index = tmp_path / "val" / "000000.idx"
+    header, *lines = index.read_text().splitlines()
+    five, six = lines[5].split(), lines[6].split()
+    lines[6] = " ".join(six[i] if i % 4 == 3 else five[i] for i in range(len(six)))  # 6's names, 5's offsets
+    index.write_text("\n".join([header, *lines]) + "\n")
+    with pytest.raises(DataError, match=r"val/000000.tar: its index file says sample 6 is .*; re-run alexnet-prepare"):
+        stream(tmp_path, "val", train=False, rank=1, world=3, workers=0, batch=7)

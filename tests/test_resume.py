@@ -85,6 +85,37 @@ def test_sigkill_then_resume_gives_bit_identical_weights(
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_run_resumes(tmp_path, synthetic_root, cli_env):
+    """SIGTERM to the whole process group, as a scheduler's stop or `kill -TERM -PGID` sends it,
+    with loader worker processes in that group: a checkpoint at the next step, status 143 (not 0:
+    the run did not finish), one line saying so; the same command then finishes the run."""
+    args = [*ARGS, f"data.root={synthetic_root}", "run_id=termed", "checkpoint.every_n_steps=null"]
+    args += ["loader=wds", "loader.workers=2"]
+    proc = subprocess.Popen(
+        [str(BIN / "alexnet-train"), *args],
+        cwd=tmp_path,
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    run_dir = tmp_path / "runs/smoke/termed"
+    wait_for_step_file(run_dir / "checkpoints", 62, proc)  # epoch 0's checkpoint: epoch 1 is under way
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    saved = weights(run_dir)["global_step"]
+    assert 62 < saved < 186 and f"stopped by SIGTERM: checkpoint saved at step {saved}" in out
+    assert (
+        f"error: stopped by SIGTERM at step {saved}, before the end; the checkpoint is saved: run the same "
+        "command again to resume" in err
+    )
+    assert not (run_dir / "results.json").exists()
+    run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
+    assert weights(run_dir)["global_step"] == 186 and (run_dir / "results.json").exists()
+
+
 def test_only_the_newest_checkpoints_are_kept_and_last_points_at_the_newest(reference):
     ckpt_dir = reference / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.glob("step-*.ckpt")) == ["step-000000185.ckpt", "step-000000186.ckpt"]

@@ -162,7 +162,7 @@ def train(cfg: DictConfig) -> dict:
     c = s.checkpoint
     saver = LastCheckpoint(ckpt_dir, agreement, c.every_n_steps, c.every_n_minutes, c.keep)
     preemption = Preemption(saver, str(s.preemption.signal), s.preemption.requeue, agreement)
-    data = ShardDataModule(s.data, s.loader, seed=s.seed, worker_signals=tuple(preemption.signums))
+    data = ShardDataModule(s.data, s.loader, seed=s.seed, worker_signals=preemption.worker_signals)
     module = Classifier(
         model={**s.model, "num_classes": data.num_classes},
         optim=s.optim,
@@ -225,6 +225,17 @@ def fit_and_report(
                 f"within ddp.timeout_s={s.ddp.timeout_s} (its error is above); stopping too"
             ) from None
         raise
+    if preemption.terminated_at is not None:
+        trainer.strategy.barrier("terminated")
+        finish_loggers(trainer, exit_code=143)
+        if trainer.is_global_zero:
+            print(
+                f"error: stopped by SIGTERM at step {preemption.terminated_at}, before the end; the checkpoint "
+                "is saved: run the same command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(143)  # 128 + SIGTERM, as if the signal had ended the process
     if preemption.preempted_at is not None:
         trainer.strategy.barrier("preempted")
         finish_loggers(trainer)

@@ -33,37 +33,70 @@ def signal_number(name: str) -> int:
 
 
 class Preemption(pl.Callback):
+    """The training process's signals. The preemption signal (preemption.signal, and submitit's):
+    checkpoint at the next step boundary, stop, requeue. SIGTERM, when it is not that signal (a
+    plain `kill`, a scheduler's stop or cancel): checkpoint at the next step boundary, stop, and
+    exit with status 143 (128 + SIGTERM) so that whatever started the run sees it did not finish.
+    A signal may reach some ranks only: all act on it if any got it, through the step's agreement.
+    """
+
     def __init__(self, saver: LastCheckpoint, signal_name: str, requeue: bool, agreement: StepAgreement):
         self.saver, self.requeue_job, self.agreement = saver, requeue, agreement
         self.signums = sorted({signal_number(signal_name), submitit_signal()} - {None})
         self.requested = False
+        self.terminate = signal.SIGTERM not in self.signums
+        self.terminated = False
         self.preempted_at = None  # the global step saved before stopping
-        # The signal may reach some ranks only: all stop if any was told to.
+        self.terminated_at = None  # the same, after a SIGTERM that is not the preemption signal
         agreement.ask("preempt", lambda: self.requested)
+        if self.terminate:
+            agreement.ask("terminate", lambda: self.terminated)
+
+    @property
+    def worker_signals(self) -> tuple[int, ...]:
+        """What loader worker processes ignore: these signals are for the training process, and a
+        worker killed by one (SLURM signals every process of a job step) would break the very
+        step that should save the checkpoint."""
+        return tuple(sorted({*self.signums, signal.SIGTERM}))
 
     def setup(self, trainer, pl_module, stage):
         self._listen()
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_broadcast_sigterm_tensor"):
+            # Lightning (2.6) broadcasts rank zero's SIGTERM flag before every step, a collective
+            # of its own; SIGTERM is handled here instead and travels in the step's agreement.
+            loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_start(self, trainer, pl_module):
-        # Again, now that the Trainer has set its own handlers: with preemption.signal=TERM its
-        # SIGTERM handler would end the fit at once, before the checkpoint (and stall DDP ranks).
+        # Again, now that the Trainer has set its own handlers: its SIGTERM handler would end the
+        # fit at once, before the checkpoint (and stall DDP ranks).
         self._listen()
 
     def _listen(self):
         for signum in self.signums:
             signal.signal(signum, self._on_signal)
+        if self.terminate:
+            signal.signal(signal.SIGTERM, self._on_terminate)
 
     def _on_signal(self, signum, frame):
         self.requested = True  # acted on at the next step boundary, never inside a step
 
+    def _on_terminate(self, signum, frame):
+        self.terminated = True
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.agreement.take("preempt"):
+        preempt, terminate = self.agreement.take("preempt"), self.agreement.take("terminate")
+        if not (preempt or terminate):
             return
         self.saver.save(trainer)
-        self.preempted_at = trainer.global_step
         trainer.should_stop = True
+        if preempt:
+            self.preempted_at = trainer.global_step
+        else:
+            self.terminated_at = trainer.global_step
         if trainer.is_global_zero:
-            print(f"preempted: checkpoint saved at step {trainer.global_step}", flush=True)
+            what = "preempted" if preempt else "stopped by SIGTERM"
+            print(f"{what}: checkpoint saved at step {trainer.global_step}", flush=True)
 
     def requeue(self, trainer) -> None:
         """After fit has returned on every rank and the loggers are closed: requeue the job (rank

@@ -2,7 +2,8 @@
 {"in_steps": calls made while Lightning's training loop ran one batch, "all": every call} to
 $COUNT_DIR/<pid>.json as it exits. The gradients' all-reduce runs inside DDP's C++ reducer and
 is not counted: what is counted is the bookkeeping around it. Lightning starts the other DDP
-ranks by running this same script again, so they count too."""
+ranks by running this same script again, so they count too. With DEBUG_COLLECTIVES=1 the file
+also says where the calls inside steps came from."""
 
 import atexit
 import json
@@ -42,7 +43,12 @@ def in_a_training_step() -> bool:
 def counted(collective):
     def call(*args, **kwargs):
         counts["all"] += 1
-        counts["in_steps"] += in_a_training_step()
+        if in_a_training_step():
+            counts["in_steps"] += 1
+            if os.environ.get("DEBUG_COLLECTIVES"):  # where each one comes from, to find a new one
+                frames = " < ".join(f"{f.filename.split('/')[-1]}:{f.name}" for f in traceback.extract_stack()[-8:-1])
+                where = counts.setdefault("where", {})
+                where[frames] = where.get(frames, 0) + 1
         return collective(*args, **kwargs)
 
     return call
