@@ -79,7 +79,7 @@ def test_scale_mode_shows_what_a_rank_reads_fall_as_the_world_grows(tmp_path, cl
     a rank of the larger world opens fewer of the shared files and reads less, holds no more
     memory, and its checkpoint state stays small."""
     args = ["--samples", "4000", "--val-samples", "400", "--shards", "32", "--num-classes", "10"]
-    args += ["--worlds", "2,16", "--batch-size", "8", "--data", str(tmp_path / "tiny")]
+    args += ["--worlds", "2,16", "--batch-size", "8", "--repeats", "1", "--data", str(tmp_path / "tiny")]
     rows = lines(run_cli("alexnet-bench", "scale", *args, cwd=tmp_path, env=cli_env, timeout=600))
     assert [(r["loader"], r["world_size"]) for r in rows] == [("wds", 2), ("wds", 16), ("dali", 2), ("dali", 16)]
     manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())

@@ -74,6 +74,7 @@ def parse_args(argv=None):
     scale.add_argument("--val-samples", type=int, default=50_000)
     scale.add_argument("--shards", type=int, default=1000, help="training shards")
     scale.add_argument("--image-size", type=int, default=8, help="stored side of the tiny images (also the crop)")
+    scale.add_argument("--repeats", type=int, default=3, help="fresh processes per point; the median start-up is kept")
     return p.parse_args(argv)
 
 

@@ -3,7 +3,8 @@ a time on one machine.
 
 For each loader and world size a fresh process becomes rank `world // 2` of `world` (the data
 module's own rank and world, no other ranks and no process group) on a data set of ImageNet's
-shape made of tiny JPEGs, and reports from its start to its first training batch:
+shape made of tiny JPEGs, and reports from its start to its first training batch (the run with
+the median start-up time of --repeats):
 
 - startup_s: seconds from building the data module to holding the first batch;
 - files_opened / tars_opened / opens: distinct files (tars among them), and opens, in the data
@@ -143,7 +144,8 @@ def one_rank(root: Path, loader: str, world: int, rank: int, batch: int, crop: i
     with tempfile.TemporaryDirectory() as tmp:  # rank zero writes every rank's state in one file
         path = Path(tmp) / "states.pt"
         begin = time.perf_counter()
-        torch.save({"loader": [state["loader"]] * world, "rng": [state["rng"]] * world}, path)
+        states = [pickle.loads(pickle.dumps(state)) for _ in range(world)]  # distinct, as gathered
+        torch.save({"loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states]}, path)
         figures["state_write_s"] = round(time.perf_counter() - begin, 4)
         figures["state_file_mb"] = round(path.stat().st_size / 2**20, 3)
     pieces = data.plan("train").mine(0)
@@ -219,12 +221,16 @@ def run(args) -> list[dict]:
             # the crop is the stored image: DALI cuts crops out of it
             size = str(args.image_size)
             cmd = [sys.executable, "-m", __name__, str(root), loader, str(world), str(args.batch_size), size]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            if done.returncode != 0 or not lines:
-                why = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise ConfigError(f"scale: the {loader} rank of {world} failed: {why}")
-            rows.append({"name": "scale/rank", "loader": loader, "world_size": world, **json.loads(lines[-1])})
+            runs = []
+            for _ in range(args.repeats):
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                if done.returncode != 0 or not lines:
+                    why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                    raise ConfigError(f"scale: the {loader} rank of {world} failed: {why}")
+                runs.append(json.loads(lines[-1]))
+            median = sorted(runs, key=lambda r: r["startup_s"])[len(runs) // 2]  # times vary, counts do not
+            rows.append({"name": "scale/rank", "loader": loader, "world_size": world, **median})
     return rows
 
 

@@ -42,7 +42,8 @@ def parse_args(argv=None):
         "--min-shards",
         type=int,
         default=8,
-        help="at least this many shards per split, so ranks x loader workers each get some (default 8)",
+        help="at least this many shards per split: each epoch reads whole shards in a new order, so more mix better "
+        "(default 8)",
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards (and draws synthetic images)")

@@ -87,12 +87,12 @@ def make_plan(
     shards: list[Shard], mode: str, global_batch: int, rank: int, world: int, seed: int, where: str
 ) -> EpochPlan:
     """The plan of one rank, checked: the global batch divides over the ranks, every rank has a
-    shard, and training has at least one whole batch. `where` names the data for the messages."""
+    sample, and training has at least one whole batch. `where` names the data for the messages.
+    Ranks need no shard of their own: a shard may be split between several."""
     count = sum(s.count for s in shards)
-    if len(shards) < world:
+    if count < world:
         raise DataError(
-            f"{where}: {len(shards)} shards for {world} ranks; every rank needs one: re-run "
-            f"alexnet-prepare with --min-shards {world} (or more)"
+            f"{where}: {count} samples for {world} ranks; every rank needs at least one: use fewer ranks or more data"
         )
     batch = per_rank(global_batch, world, "data.batch_size" if mode == "train" else "data.val_batch_size")
     steps = None
