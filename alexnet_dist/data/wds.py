@@ -111,9 +111,9 @@ class ShardStream(IterableDataset):
         """(tar path, sample dict) of each piece in turn; a shard read to its end is checked
         against the manifest's count."""
         for piece in pieces:
-            shard = piece.shard
-            offset, count, key = start_of(piece)
+            shard, count = piece.shard, 0
             try:
+                offset, count, key = start_of(piece)
                 with open(shard.tar, "rb") as f:
                     f.seek(offset)
                     for sample in group_by_keys(tar_file_expander([{"url": shard.tar, "stream": f}])):
@@ -260,8 +260,8 @@ def start_of(piece: Piece) -> tuple[int, int, str | None]:
 
 
 def ignore_signals(signums: tuple[int, ...], worker_id: int) -> None:
-    """worker_init_fn: SLURM's preemption warning is for the training process; a worker killed by
-    it would break the very step that should save the checkpoint."""
+    """worker_init_fn: the preemption warning and SIGTERM are for the training process (see
+    Preemption.worker_signals)."""
     for signum in signums:
         signal.signal(signum, signal.SIG_IGN)
 
