@@ -20,6 +20,9 @@ the median start-up time of --repeats):
   such states in one file with torch.save, as rank zero does;
 - epoch_files / epoch_mb: the tars and bytes the rank's slice of epoch 0 covers (from the plan).
 
+A last line gives the gradient bytes each step all-reduces for --model, with and without
+ddp.comm_hook=bf16 (from its parameter count).
+
 The wds loader runs in the process itself (loader.workers=0) so that its reads are counted.
 """
 
@@ -231,7 +234,22 @@ def run(args) -> list[dict]:
                 runs.append(json.loads(lines[-1]))
             median = sorted(runs, key=lambda r: r["startup_s"])[len(runs) // 2]  # times vary, counts do not
             rows.append({"name": "scale/rank", "loader": loader, "world_size": world, **median})
-    return rows
+    return rows + [gradient_bytes(args.model, args.num_classes)]
+
+
+def gradient_bytes(model: str, num_classes: int) -> dict:
+    """What DDP all-reduces each step, at any world size: every gradient element once, in fp32 or,
+    with ddp.comm_hook=bf16, in bf16 (counted from the model, not measured on a network)."""
+    from ..models import create_model
+
+    parameters = sum(p.numel() for p in create_model(model, num_classes).parameters() if p.requires_grad)
+    return {
+        "name": "scale/step",
+        "model": model,
+        "parameters": parameters,
+        "allreduce_bytes": 4 * parameters,
+        "allreduce_bytes_bf16": 2 * parameters,
+    }
 
 
 def parse_worlds(text: str) -> tuple[int, ...]:
