@@ -337,6 +337,7 @@ def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, syntheti
         "compute.channels_last=true",
         "loader.layout=NHWC",
         "optim.impl=fused",
+        "trainer.max_epochs=2",
         cwd=tmp_path,
         env=cli_env,
     )

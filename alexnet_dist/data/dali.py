@@ -112,6 +112,8 @@ def slice_index(piece: Piece, path: Path) -> str:
     offsets stay those of the whole tar) and returns the path."""
     shard = piece.shard
     index = Path(shard.index)
+    if not Path(shard.tar).exists():  # checked by another rank's share at start; gone since
+        raise DataError(f"{shard.tar}: listed in manifest.json but missing; re-run alexnet-prepare")
     if not index.exists():
         raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds")
     entries = index.read_text().splitlines()[1:]
