@@ -397,3 +397,16 @@ def test_a_training_batch_with_no_decodable_image_stops_in_one_line(tmp_path, lo
     replace_shard(tmp_path, "train", 0, [(f"bad-{i}", b"\xff\xd8\xff\xe0 no JPEG" * 4, b"0") for i in range(8)])
     with pytest.raises(DataError, match=r"every image of a training batch was undecodable \(.*bad-\d"):
         list(module(tmp_path, loader=loader, batch_size=4).train_dataloader())
+
+
+@pytest.mark.parametrize("loader", [{"name": "dali"}, WDS], ids=["dali", "wds"])
+def test_each_rank_checks_its_share_of_the_shards_and_a_tar_gone_from_its_slice_is_named(tmp_path, loader):
+    """4 validation shards, 2 ranks: rank 0 checks shards 0 and 2 at start, rank 1 shards 1 and 3;
+    rank 0's slice (shards 0 and 1) still names shard 1 in one line when it is missing."""
+    write_dataset(sources.synthetic(2, 16, 16, 20), tmp_path, source_name="synthetic", min_shards=4, progress=False)
+    (tmp_path / "val" / "000001.tar").unlink()
+    with pytest.raises(DataError, match=r"val/000001.tar: listed in .*manifest.json but missing"):
+        module(tmp_path, rank=1, world=2, loader=loader, batch_size=4).val_dataloader()
+    loader_of_rank_0 = module(tmp_path, rank=0, world=2, loader=loader, batch_size=4).val_dataloader()
+    with pytest.raises(DataError, match=r"val/000001.tar: (listed in manifest.json but missing|unreadable after 0)"):
+        list(loader_of_rank_0)
