@@ -11,13 +11,15 @@ batch and named in `Batch.skipped` (loader.bad_images=skip), or stops the run na
 key (error); either way it keeps its place in the stream, so resuming stays exact.
 """
 
+import atexit
+import functools
 import io
+import multiprocessing
 import os
 import random
 import signal
 import tarfile
 import threading
-from functools import partial
 
 import numpy as np
 import torch
@@ -259,6 +261,22 @@ def start_of(piece: Piece) -> tuple[int, int, str | None]:
     return 0, 0, None
 
 
+def kill_daemonic_children() -> None:
+    """Loader workers ignore SIGTERM (Preemption.worker_signals), and SIGTERM is how
+    multiprocessing ends daemonic children when the process exits: a training process leaving on
+    an error, before its DataLoader stopped the workers, would then wait for them for ever (and
+    its DDP peers with it). Run at exit before multiprocessing's own handler (atexit runs the
+    last registered first), this kills them instead."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+@functools.cache
+def kill_workers_at_exit() -> None:
+    atexit.register(kill_daemonic_children)
+
+
 def ignore_signals(signums: tuple[int, ...], worker_id: int) -> None:
     """worker_init_fn: the preemption warning and SIGTERM are for the training process (see
     Preemption.worker_signals)."""
@@ -280,11 +298,13 @@ class EpochLoader(DataLoader):
             dataset,
             batch_size=None,
             generator=torch.Generator().manual_seed(seed),
-            worker_init_fn=partial(ignore_signals, tuple(worker_signals)),
+            worker_init_fn=functools.partial(ignore_signals, tuple(worker_signals)),
             **kwargs,
         )
         self.position = position
         self.skipped = []  # images dropped as undecodable in this process's passes
+        if self.num_workers:
+            kill_workers_at_exit()
 
     def __iter__(self):
         self.dataset.epoch, self.dataset.skip = self.position()
