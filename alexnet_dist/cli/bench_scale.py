@@ -77,12 +77,17 @@ class Opens:
         return self.opened
 
 
-def read_bytes() -> int:
-    """Bytes this process has read through read() and its kin."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
+def proc_value(file: str, key: str) -> int:
+    """The number after `key` in /proc/self/<file> (io: bytes; status: kB)."""
+    for line in Path("/proc/self", file).read_text().splitlines():
+        if line.startswith(key):
             return int(line.split()[1])
     return 0
+
+
+def read_bytes() -> int:
+    """Bytes this process has read through read() and its kin."""
+    return proc_value("io", "rchar:")
 
 
 def mapped_bytes(root: Path) -> int:
@@ -98,10 +103,7 @@ def mapped_bytes(root: Path) -> int:
 
 
 def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_value("status", "VmRSS:") / 1024
 
 
 def one_rank(root: Path, loader: str, world: int, rank: int, batch: int, crop: int) -> dict:

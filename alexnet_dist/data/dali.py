@@ -33,7 +33,7 @@ from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
 from .loader import BadImage, Batch, all_skipped, parse_label
-from .manifest import Shard
+from .manifest import Shard, check_tar
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation
 
@@ -112,8 +112,7 @@ def slice_index(piece: Piece, path: Path) -> str:
     offsets stay those of the whole tar) and returns the path."""
     shard = piece.shard
     index = Path(shard.index)
-    if not Path(shard.tar).exists():  # checked by another rank's share at start; gone since
-        raise DataError(f"{shard.tar}: listed in manifest.json but missing; re-run alexnet-prepare")
+    check_tar(shard)  # checked by another rank's share at start; gone since?
     if not index.exists():
         raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds")
     entries = index.read_text().splitlines()[1:]

@@ -21,6 +21,12 @@ class Shard:
     count: int  # samples it holds
 
 
+def check_tar(shard: Shard, manifest=MANIFEST) -> None:
+    """The shard's tar exists; else one line naming it and the manifest that lists it."""
+    if not os.path.exists(shard.tar):
+        raise DataError(f"{shard.tar}: listed in {manifest} but missing; re-run alexnet-prepare")
+
+
 @dataclass(frozen=True)
 class Manifest:
     root: Path
@@ -95,8 +101,7 @@ class Manifest:
         file system's metadata server)."""
         for split in self.data["splits"]:
             for shard in self.shards(split)[rank::world]:
-                if not os.path.exists(shard.tar):
-                    raise DataError(f"{shard.tar}: listed in {self.path} but missing; re-run alexnet-prepare")
+                check_tar(shard, self.path)
 
     def stat(self, key: str):
         """A statistic alexnet-prepare records (mean, std, image_size, min_side); None when absent."""

@@ -1,7 +1,8 @@
 """The yes-or-no questions all ranks must answer alike at every training step, settled in one
 all-reduce: is the loss finite everywhere (else every rank skips the step, or stops), has any
-rank been told to stop (the preemption signal, SIGTERM), is a checkpoint due by the clock. Asked separately they
-were a collective each per step; together they cost one tiny all-reduce, whatever the world size.
+rank been told to stop (the preemption signal, SIGTERM), is a checkpoint due by the clock.
+Asked separately they were a collective each per step; together they cost one tiny all-reduce,
+whatever the world size.
 """
 
 import torch
