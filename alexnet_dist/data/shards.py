@@ -5,19 +5,27 @@ seek to samples ("v1.2 <count>" then one line per sample: ext offset size name .
 from the offsets we know while writing, so no separate wds2idx pass is needed.
 """
 
+import ctypes
+import dataclasses
 import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import signal
 import tarfile
+import threading
+import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from ..errors import DataError
@@ -26,12 +34,58 @@ from .sources import Sample, Source
 from .transforms import center_crop as crop_center
 from .transforms import resize_short
 
+# The rules of to_8bit and encode. Part of every shard's plan digest: bump it when they change,
+# so that a re-run rewrites shards made by the older rules instead of keeping them.
+STORAGE_RULES = 2
+# A tar (ustar) header holds 100 bytes of name; "<key>.jpg" must fit without a '/' to split at.
+MAX_KEY = 96
+_WHITE = (255, 255, 255, 255)
+
+
+def _to_bytes(a: np.ndarray, mode: str) -> np.ndarray:
+    """8-bit samples from 16-bit or float ones. Integer modes ('I;16*', and 'I', which is how
+    PIL opens 16-bit PGM and older PILs 16-bit PNG) are 16-bit: divided by 257 so that 65535 is
+    255 (PIL's own convert clips them: an all-white picture). Floats ('F') carry no depth, so
+    their range decides: within 0..1 (the float convention) times 255, within 0..255 as they
+    are, within 0..65535 divided by 257. Anything else has no known scale and is refused."""
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"mode {mode} holds NaN or infinite values")
+    lo, hi = a.min(), a.max()
+    if mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif mode == "F" and lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        a = a / 257
+    else:
+        raise ValueError(f"mode {mode} values {lo:g}..{hi:g} have no known scale (0..65535 expected)")
+    return np.round(a).astype(np.uint8)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB, or L when it is grey ('1', 'L', 'LA', 16-bit and float grey).
+    Transparency (RGBA, LA, PA, a palette's or an RGB's transparent colour) is composited onto
+    white, as a viewer shows it: the colour under a fully transparent pixel is arbitrary, so
+    dropping alpha would store whatever the encoder left there. Palette, CMYK (PIL's plain
+    inverse, as decoders use), YCbCr, LAB and HSV go through PIL's conversion. PIL already
+    opens a 16-bit RGB(A) PNG as 8-bit, keeping each sample's high byte."""
+    mode = image.mode
+    if mode == "F" or mode == "I" or mode.startswith("I;16"):
+        return Image.fromarray(_to_bytes(np.asarray(image), mode), "L")
+    grey = mode in ("1", "L", "LA", "La")
+    if image.has_transparency_data:
+        flat = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image.convert("RGBA")).convert("RGB")
+        return flat.convert("L") if grey else flat
+    if mode in ("RGB", "L"):
+        return image
+    return image.convert("L" if grey else "RGB")
+
 
 def to_storage(image: Image.Image, resize: int | None, center_crop: bool) -> Image.Image:
     """RGB (or L for grey sources), short side resized to `resize`, optionally centre-cropped
     square: the paper's storage format is short side 256 then the central 256x256 (section 2)."""
-    if image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")  # CMYK, palette, RGBA, 16-bit grey ...
+    image = to_8bit(image)
     if resize:
         image = resize_short(image, resize, Image.BICUBIC)  # bicubic: stored once, read many times
         if center_crop:
@@ -40,20 +94,27 @@ def to_storage(image: Image.Image, resize: int | None, center_crop: bool) -> Ima
 
 
 def encode(sample: Sample, resize: int | None, center_crop: bool, quality: int) -> tuple[bytes, Image.Image]:
+    where = sample.origin or sample.key
     item = sample.load()
     if isinstance(item, bytes):
         try:
             image = Image.open(io.BytesIO(item))
             image.load()
+            upright = image.getexif().get(0x0112, 1) == 1  # the EXIF orientation tag
         except Exception as exc:
-            raise DataError(f"{sample.key}: cannot decode image ({exc})") from None
-        if image.format == "JPEG" and image.mode in ("RGB", "L") and not resize:
+            raise DataError(f"{where}: cannot decode image ({exc}); skipped") from None
+        if image.format == "JPEG" and image.mode in ("RGB", "L") and upright and not resize:
             return item, image  # already a JPEG we can decode as-is: keep the original bytes
+        if not upright:  # stored upright, without the tag: decoders differ in whether they apply it
+            image = ImageOps.exif_transpose(image)
     else:
         image = item
-    image = to_storage(image, resize, center_crop)
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
+    try:
+        image = to_storage(image, resize, center_crop)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=quality)
+    except (OSError, ValueError) as exc:  # no known scale, no conversion, too large for a JPEG
+        raise DataError(f"{where}: cannot store it as an 8-bit JPEG ({exc}); skipped") from None
     return out.getvalue(), image
 
 
@@ -66,31 +127,77 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
     return offset, info.size
 
 
-def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality, stats: bool):
-    """Writes one tar and its index atomically; returns the count, skipped keys, sizes and the
-    per-channel sum and sum of squares (0-255 scale, RGB) when `stats` is set."""
+_stop = None  # in a pool worker: the main process's "stop now", set on Ctrl-C
+
+
+def _die_with_parent(main: int) -> None:
+    """Ends this pool worker when the main process ends, even by kill -9: nothing else would stop
+    it writing shards that no manifest will list. On Linux the kernel sends SIGKILL when the
+    parent dies (prctl PR_SET_PDEATHSIG); elsewhere a thread watches for a new parent."""
+    parent = os.getppid()
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # not Linux
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    try:
+        os.kill(main, 0)  # the main process died before the request took effect
+    except ProcessLookupError:
+        os._exit(1)
+
+
+def _worker_init(stop, main: int) -> None:
+    global _stop
+    _stop = stop
+    # A terminal sends Ctrl-C to the whole process group; the main process alone decides what
+    # happens (it sets `stop`), so workers neither die mid-write nor print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(main)
+
+
+def write_shard(path: Path, samples: list[Sample], settings: dict, stats: bool) -> dict | None:
+    """Writes one tar and its index atomically; returns the count, skipped samples, sizes and the
+    per-channel sum and sum of squares (0-255 scale, RGB) when `stats` is set. Returns None,
+    leaving nothing of the shard, when the main process asks to stop (Ctrl-C)."""
     tmp = path.with_suffix(".tar.tmp")
     index_lines, skipped, sizes, labels = [], [], set(), {}
     sums, sq, pixels = np.zeros(3), np.zeros(3), 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            try:
-                data, image = encode(sample, resize, center_crop, quality)
-            except DataError as exc:
-                skipped.append(str(exc))
-                continue
-            sizes.add(image.size)
-            labels[sample.label] = labels.get(sample.label, 0) + 1
-            parts = []
-            for ext, payload in (("jpg", data), ("cls", str(sample.label).encode())):
-                offset, size = _add(tar, f"{sample.key}.{ext}", payload)
-                parts.append(f"{ext} {offset} {size} {sample.key}.{ext}")
-            index_lines.append(" ".join(parts))
-            if stats:
-                a = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
-                sums += a.sum(0)
-                sq += (a * a).sum(0)
-                pixels += len(a)
+    stopped = False
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                if _stop is not None and _stop.is_set():
+                    stopped = True
+                    break
+                try:
+                    data, image = encode(sample, settings["resize"], settings["center_crop"], settings["quality"])
+                except DataError as exc:
+                    skipped.append(str(exc))
+                    continue
+                sizes.add(image.size)
+                labels[sample.label] = labels.get(sample.label, 0) + 1
+                parts = []
+                for ext, payload in (("jpg", data), ("cls", str(sample.label).encode())):
+                    offset, size = _add(tar, f"{sample.key}.{ext}", payload)
+                    parts.append(f"{ext} {offset} {size} {sample.key}.{ext}")
+                index_lines.append(" ".join(parts))
+                if stats:
+                    a = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+                    sums += a.sum(0)
+                    sq += (a * a).sum(0)
+                    pixels += len(a)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk that filled up, a bug: no half shard stays behind
+        raise
+    if stopped:
+        tmp.unlink()
+        return None
     os.replace(tmp, path)
     idx = path.with_suffix(".idx")
     idx.write_text(f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
@@ -102,7 +209,7 @@ def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality,
         "squares": sq.tolist(),
         "pixels": pixels,
         "labels": {str(k): v for k, v in labels.items()},
-        "plan": plan_digest(samples),
+        "plan": plan_digest(samples, settings),
     }
     # Written last: a shard with its .json beside it is finished, and a re-run keeps it.
     done = path.with_suffix(".json.tmp")
@@ -111,12 +218,15 @@ def write_shard(path: Path, samples: list[Sample], resize, center_crop, quality,
     return result
 
 
-def plan_digest(samples: list[Sample]) -> str:
-    return hashlib.sha1("\n".join(f"{s.key} {s.label}" for s in samples).encode()).hexdigest()
+def plan_digest(samples: list[Sample], settings: dict) -> str:
+    """What a shard's bytes depend on: its samples' keys and labels, and every setting that
+    changes how they are stored (source, resize, crop, quality, the conversion rules)."""
+    lines = [json.dumps(settings, sort_keys=True)] + [f"{s.key} {s.label}" for s in samples]
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()
 
 
-def finished_shard(path: Path, samples: list[Sample]) -> dict | None:
-    """The record of a shard an earlier run finished with exactly these samples, if any."""
+def finished_shard(path: Path, samples: list[Sample], settings: dict) -> dict | None:
+    """The record of a shard an earlier run finished with exactly these samples and settings."""
     record = path.with_suffix(".json")
     if not (record.exists() and path.exists() and path.with_suffix(".idx").exists()):
         return None
@@ -124,7 +234,7 @@ def finished_shard(path: Path, samples: list[Sample]) -> dict | None:
         result = json.loads(record.read_text())
     except json.JSONDecodeError:
         return None
-    return result if result.get("plan") == plan_digest(samples) else None
+    return result if result.get("plan") == plan_digest(samples, settings) else None
 
 
 def verify_split(out: Path, split: str, shards: list[dict], expected: dict) -> None:
@@ -149,9 +259,53 @@ def verify_split(out: Path, split: str, shards: list[dict], expected: dict) -> N
         )
 
 
-def _clean_key(key: str) -> str:
-    # webdataset splits a file name at its first dot and DALI at its last: keep keys dot-free.
-    return re.sub(r"[^A-Za-z0-9_-]", "_", key)
+def shard_keys(samples: list[Sample], split: str) -> list[Sample]:
+    """The samples under keys a shard can hold: only [A-Za-z0-9_-], so dot-free (webdataset
+    splits a member's name at its first dot, DALI at its last), and short enough for a tar
+    header. Where cleaning makes two keys equal ('café/x' and 'cafe_/x', 'a.b/x' and 'a_b/x')
+    or cuts one short, a hash of the original key is appended: every image keeps its own key,
+    the same on every run."""
+    clean = [re.sub(r"[^A-Za-z0-9_-]", "_", s.key) for s in samples]
+    counts = Counter(clean)
+    keys = [
+        k
+        if counts[k] == 1 and len(k) <= MAX_KEY
+        else f"{k[: MAX_KEY - 9]}_{hashlib.sha1(s.key.encode()).hexdigest()[:8]}"
+        for k, s in zip(clean, samples, strict=True)
+    ]
+    seen = {}
+    for key, s in zip(keys, samples, strict=True):
+        if key in seen:
+            raise DataError(
+                f"{seen[key]} and {s.origin or s.key}: two {split} images with the key {s.key!r}; rename one of them"
+            )
+        seen[key] = s.origin or s.key
+    return [dataclasses.replace(s, key=k) for k, s in zip(keys, samples, strict=True)]
+
+
+def _remove_stale(folder: Path, plan: list) -> None:
+    """Removes the shards of an earlier plan with more of them (another --shard-size) and the
+    .tmp files of a killed run: no manifest lists them, but they mislead whoever looks."""
+    keep = {path.stem for path, _ in plan}
+    for f in folder.iterdir():
+        m = re.fullmatch(r"(\d{6})\.(tar|idx|json)(\.tmp)?", f.name)
+        if m and (m[3] or m[1] not in keep) and f.is_file():
+            f.unlink()
+
+
+def _write_split(pool, split: str, plan: list, settings: dict, progress: bool) -> list[dict]:
+    """Each shard's record, in plan order: kept from an earlier run when it finished that shard
+    with the same samples and settings (so a stopped run resumes), written otherwise."""
+    futures = [
+        finished_shard(path, chunk, settings) or pool.submit(write_shard, path, chunk, settings, split == "train")
+        for path, chunk in plan
+    ]
+    results = []
+    with tqdm(total=sum(len(c) for _, c in plan), desc=f"{split} shards", unit="img", disable=not progress) as bar:
+        for (_, chunk), future in zip(plan, futures, strict=True):
+            results.append(future if isinstance(future, dict) else future.result())
+            bar.update(len(chunk))
+    return results
 
 
 def write_dataset(
@@ -172,6 +326,49 @@ def write_dataset(
     most `shard_size` samples and at least `min_shards` shards (so several ranks and loader
     workers each get some), writes them, then manifest.json."""
     out = Path(out)
+    # Every setting that changes a shard's bytes: a re-run with other ones rewrites its shards.
+    settings = {
+        "source": source_name,
+        "origin": source.origin,
+        "resize": resize,
+        "center_crop": center_crop,
+        "quality": quality,
+        "rules": STORAGE_RULES,
+    }
+    plans = {}
+    for split, samples in source.splits.items():
+        samples = shard_keys(samples, split)
+        random.Random(seed).shuffle(samples)
+        n_shards = max(math.ceil(len(samples) / shard_size), min(min_shards, len(samples)))
+        per = math.ceil(len(samples) / n_shards)
+        plan = [(out / split / f"{i:06d}.tar", samples[i * per : (i + 1) * per]) for i in range(n_shards)]
+        plans[split] = [(p, s) for p, s in plan if s]
+    try:
+        for split in plans:
+            (out / split).mkdir(parents=True, exist_ok=True)
+        # Until the new manifest is written the folder is no data set: an old manifest would
+        # list shards this run may be rewriting with other settings, a mix of both.
+        (out / MANIFEST).unlink(missing_ok=True)
+    except OSError as exc:
+        raise DataError(f"{exc.filename}: cannot write there ({exc.strerror}); pass --out a writable folder") from None
+    context = multiprocessing.get_context()
+    stop = context.Event()
+    results = {}
+    with ProcessPoolExecutor(
+        max(1, workers), mp_context=context, initializer=_worker_init, initargs=(stop, os.getpid())
+    ) as pool:
+        try:
+            for split, plan in plans.items():
+                results[split] = _write_split(pool, split, plan, settings, progress)
+        except KeyboardInterrupt:
+            stop.set()  # each worker drops its shard at its next image; finished shards are kept
+            pool.shutdown(cancel_futures=True)
+            raise
+        except BrokenProcessPool:  # the OOM killer, a kill -9
+            raise DataError(
+                f"{out}: a worker writing shards died (killed, or out of memory?); finished shards are kept: "
+                "run the same command again, with fewer --workers if memory ran out"
+            ) from None
     manifest = {
         "version": 1,
         "source": source_name,
@@ -180,47 +377,26 @@ def write_dataset(
         "splits": {},
     }
     all_sizes = set()
-    for split, samples in source.splits.items():
-        samples = [Sample(_clean_key(s.key), s.load, s.label) for s in samples]
-        if len({s.key for s in samples}) != len(samples):
-            raise DataError(
-                f"{split}: two images map to the same shard key; rename files that differ only in punctuation"
-            )
-        random.Random(seed).shuffle(samples)
-        n_shards = max(math.ceil(len(samples) / shard_size), min(min_shards, len(samples)))
-        per = math.ceil(len(samples) / n_shards)
-        (out / split).mkdir(parents=True, exist_ok=True)
-        plan = [(out / split / f"{i:06d}.tar", samples[i * per : (i + 1) * per]) for i in range(n_shards)]
-        plan = [(p, s) for p, s in plan if s]
-        shards, skipped, total = [], [], 0
+    for split, plan in plans.items():
+        shards, skipped, total = [], list(source.skipped.get(split, [])), 0
         sums, sq, pixels = np.zeros(3), np.zeros(3), 0
-        bar = tqdm(total=len(samples), desc=f"{split} shards", unit="img", disable=not progress)
         class_counts = {}
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            # Resumable: shards an earlier run finished with the same samples are kept.
-            futures = [
-                finished_shard(path, chunk)
-                or pool.submit(write_shard, path, chunk, resize, center_crop, quality, split == "train")
-                for path, chunk in plan
-            ]
-            for (path, chunk), future in zip(plan, futures, strict=True):
-                r = future if isinstance(future, dict) else future.result()
-                bar.update(len(chunk))
-                shards.append(
-                    {
-                        "tar": f"{split}/{path.name}",
-                        "index": f"{split}/{path.with_suffix('.idx').name}",
-                        "count": r["count"],
-                    }
-                )
-                skipped += r["skipped"]
-                total += r["count"]
-                all_sizes |= {tuple(size) for size in r["sizes"]}
-                sums, sq, pixels = sums + r["sums"], sq + r["squares"], pixels + r["pixels"]
-                for label, n in r["labels"].items():
-                    class_counts[label] = class_counts.get(label, 0) + n
-        bar.close()
+        for (path, _), r in zip(plan, results[split], strict=True):
+            shards.append(
+                {
+                    "tar": f"{split}/{path.name}",
+                    "index": f"{split}/{path.with_suffix('.idx').name}",
+                    "count": r["count"],
+                }
+            )
+            skipped += r["skipped"]
+            total += r["count"]
+            all_sizes |= {tuple(size) for size in r["sizes"]}
+            sums, sq, pixels = sums + r["sums"], sq + r["squares"], pixels + r["pixels"]
+            for label, n in r["labels"].items():
+                class_counts[label] = class_counts.get(label, 0) + n
         verify_split(out, split, shards, class_counts)
+        _remove_stale(out / split, plan)
         manifest["splits"][split] = {
             "count": total,
             "shards": shards,

@@ -3,13 +3,20 @@
 Each source gives the class names and, per split, a list of samples. A sample is
 (key, load, label) where load() returns a PIL image or the encoded bytes of a file; the list
 is built without decoding anything so a large folder costs only a directory walk.
+
+Folders are read the same way everywhere (`_scan`): hidden entries ('.ipynb_checkpoints',
+'.DS_Store', macOS's '._x.jpg', '.git') are never classes or images and are left out unnamed;
+what cannot be an image (a dangling symlink, a symlink loop, a FIFO, a stray text file, a folder
+inside a class folder) is left out and named in the source's per-split `skipped` list, which
+ends up in manifest.json; symlinks that lead somewhere are followed.
 """
 
 import gzip
 import os
 import struct
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -42,37 +49,96 @@ class Sample:
     key: str
     load: Callable[[], "Image.Image | bytes"]
     label: int
+    origin: str = ""  # where it came from (a path, tar:member) for messages; the key when empty
 
 
 @dataclass
 class Source:
     classes: list[str]
     splits: dict[str, list[Sample]]
+    # Per split, "path: why; skipped" for each entry left out while listing.
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    # What the images' bytes depend on besides their keys (a folder, a seed): part of each
+    # shard's plan digest, so a re-run into the same --out from another source rebuilds.
+    origin: str = ""
 
 
 def _read_file(path: Path) -> bytes:
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # deleted since the listing, no permission, an I/O error
+        raise DataError(f"{path}: cannot read it ({exc.strerror}); skipped") from None
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[Path], list[str]]:
+    """A folder's visible sub-folders and files, sorted, and "path: why; skipped" for each
+    entry that is neither (see the module's docstring)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list it ({exc.strerror}); check the path and its permissions") from None
+    dirs, files, odd = [], [], []
+    for e in entries:
+        path = Path(e.path)
+        try:  # is_dir() raises on a symlink loop (ELOOP) and says False for a dangling link
+            if e.is_dir():
+                dirs.append(path)
+                continue
+            if e.is_file():
+                files.append(path)
+                continue
+            os.stat(path)  # raises for a link that leads nowhere, and so names why
+            why = "not a regular file (a FIFO, socket or device would block or fail a read)"
+        except OSError as exc:
+            why = f"{'a broken symlink: ' if e.is_symlink() else ''}{exc.strerror}"
+        odd.append(f"{path}: {why}; skipped")
+    return dirs, files, odd
+
+
+def _keys(prefix: str, names: list[str]) -> list[str]:
+    """prefix/<stem> for each name, or prefix/<name> where two names share a stem (x.jpg and
+    x.png in one class are two images)."""
+    stems = Counter(Path(n).stem for n in names)
+    return [f"{prefix}/{Path(n).stem if stems[Path(n).stem] == 1 else n}" for n in names]
+
+
+def _root(src: Path, wants: str) -> Path:
+    """SRC/train, or a one-line error saying what SRC should be."""
+    if src.exists() and not src.is_dir():
+        raise DataError(f"{src}: a file, not a folder; --src wants the folder that holds {wants}")
+    if not (src / "train").is_dir():
+        raise DataError(f"{src}/train: no such folder; {wants}")
+    return src / "train"
 
 
 def imagefolder(src: Path) -> Source:
     """SRC/train/<class>/<image> and SRC/val/<class>/<image>; classes are train's sorted folders."""
     src = Path(src)
-    if not (src / "train").is_dir():
-        raise DataError(
-            f"{src}/train: no such folder; imagefolder wants SRC/train/<class>/*.jpg (and SRC/val/<class>/*.jpg)"
-        )
-    classes = sorted(d.name for d in (src / "train").iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{src}/train: no class sub-folders; put each class's images in SRC/train/<class>/")
-    index = {c: i for i, c in enumerate(classes)}
-    splits = {split: imagefolder_split(src / split, index) for split in ("train", "val") if (src / split).is_dir()}
-    return Source(classes, splits)
+    train = _root(src, "imagefolder wants SRC/train/<class>/*.jpg (and SRC/val/<class>/*.jpg)")
+    dirs, _, _ = _scan(train)
+    if not dirs:
+        raise DataError(f"{train}: no class sub-folders; put each class's images in SRC/train/<class>/")
+    index = {d.name: i for i, d in enumerate(dirs)}
+    skipped = {split: [] for split in ("train", "val") if (src / split).is_dir()}
+    splits = {split: imagefolder_split(src / split, index, skipped[split]) for split in skipped}
+    found = {s.label for s in splits["train"]}
+    for name, label in index.items():
+        if label not in found:  # a class the model would be asked to learn from nothing
+            raise DataError(
+                f"{train / name}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                "add this class's images or remove the folder"
+            )
+    return Source(list(index), splits, skipped, origin=f"imagefolder {src.resolve()}")
 
 
 def _read_member(tar: Path, offset: int, size: int) -> bytes:
-    with open(tar, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+    try:
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    except OSError as exc:
+        raise DataError(f"{tar}: cannot read it ({exc.strerror}); skipped") from None
 
 
 def _class_tar(path: Path, label: int) -> list[Sample]:
@@ -80,12 +146,16 @@ def _class_tar(path: Path, label: int) -> list[Sample]:
     once so that each later read is a single seek."""
     import tarfile
 
-    with tarfile.open(path) as tar:
-        return [
-            Sample(f"{path.stem}/{Path(m.name).stem}", partial(_read_member, path, m.offset_data, m.size), label)
-            for m in tar.getmembers()
-            if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES
-        ]
+    try:
+        with tarfile.open(path) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+    except (OSError, tarfile.TarError) as exc:
+        raise DataError(f"{path}: not a readable tar ({exc}); download it again or unpack it into a folder") from None
+    keys = _keys(path.stem, [m.name for m in members])
+    return [
+        Sample(key, partial(_read_member, path, m.offset_data, m.size), label, f"{path}:{m.name}")
+        for key, m in zip(keys, members, strict=True)
+    ]
 
 
 def _val_labels(path: Path, names: list[str], index: dict) -> dict:
@@ -142,11 +212,14 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
     SRC/LOC_val_solution.csv): the devkit's ground truth (with meta.mat beside it), Kaggle's csv,
     or one synset id per line. Classes are the sorted synset ids (the usual label order)."""
     src = Path(src)
-    train = src / "train"
-    if not train.is_dir():
-        raise DataError(f"{train}: no such folder; imagenet wants SRC/train/<wnid>/*.JPEG or SRC/train/<wnid>.tar")
-    folders = {d.name: d for d in train.iterdir() if d.is_dir()}
-    tars = {t.stem: t for t in train.glob("*.tar")}
+    train = _root(src, "imagenet wants SRC/train/<wnid>/*.JPEG or SRC/train/<wnid>.tar")
+    dirs, files, odd = _scan(train)
+    folders = {d.name: d for d in dirs}
+    tars = {t.stem: t for t in files if t.suffix == ".tar"}
+    skipped = {
+        "train": odd
+        + [f"{f}: neither a class folder nor a per-class tar; skipped" for f in files if f.suffix != ".tar"]
+    }
     classes = sorted(set(folders) | set(tars))
     if not classes:
         raise DataError(f"{train}: neither class folders nor per-class tars")
@@ -154,15 +227,31 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
     samples = []
     for wnid in classes:
         if wnid in folders:
-            samples += class_folder(folders[wnid], index[wnid])
+            found = class_folder(folders[wnid], index[wnid], skipped["train"])
         else:
-            samples += _class_tar(tars[wnid], index[wnid])
+            found = _class_tar(tars[wnid], index[wnid])
+        if not found:  # a class to learn from nothing: a partial download, most likely
+            raise DataError(
+                f"{folders.get(wnid, tars.get(wnid))}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                "add this class's images or remove it"
+            )
+        samples += found
     splits = {"train": samples}
+    origin = f"imagenet {src.resolve()} {Path(val_labels).resolve() if val_labels else ''}"
     val = src / "val"
-    if val.is_dir() and any(d.is_dir() for d in val.iterdir()):
-        splits["val"] = imagefolder_split(val, index)
+    val_dirs, val_files, val_odd = _scan(val) if val.is_dir() else ([], [], [])
+    if val_dirs:
+        skipped["val"] = []
+        splits["val"] = imagefolder_split(val, index, skipped["val"])
     elif val.is_dir():
-        files = sorted(f for f in val.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = [f for f in val_files if f.suffix.lower() in IMAGE_SUFFIXES]
+        skipped["val"] = val_odd + [
+            f"{f}: not an image file (by its suffix); skipped" for f in val_files if f not in files
+        ]
+        if not files:
+            raise DataError(
+                f"{val}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); add them or remove {val}"
+            )
         labels_file = val_labels or src / "LOC_val_solution.csv"
         if not labels_file.exists():
             raise DataError(
@@ -171,28 +260,41 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
                 "or use per-class val folders"
             )
         labels = _val_labels(labels_file, [f.stem for f in files], index)
-        splits["val"] = [Sample(f"val/{f.stem}", partial(_read_file, f), labels[f.stem]) for f in files]
-    return Source(classes, splits)
+        splits["val"] = [
+            Sample(key, partial(_read_file, f), labels[f.stem], str(f))
+            for key, f in zip(_keys("val", [f.name for f in files]), files, strict=True)
+        ]
+    return Source(classes, splits, skipped, origin)
 
 
-def class_folder(folder: Path, label: int) -> list[Sample]:
-    """The images of one class folder, keyed <class>/<file stem>."""
-    return [
-        Sample(f"{folder.name}/{f.stem}", partial(_read_file, f), label)
-        for f in sorted(folder.iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES
+def class_folder(folder: Path, label: int, skipped: list[str]) -> list[Sample]:
+    """The images of one class folder, keyed <class>/<file stem>; what else it holds is named
+    in `skipped`."""
+    dirs, files, odd = _scan(folder)
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    skipped += odd
+    skipped += [
+        f"{d}: a folder inside a class folder (only the class folder's own files are read); skipped" for d in dirs
     ]
+    skipped += [
+        f"{f}: not an image file (by its suffix); skipped" for f in files if f.suffix.lower() not in IMAGE_SUFFIXES
+    ]
+    keys = _keys(folder.name, [f.name for f in images])
+    return [Sample(key, partial(_read_file, f), label, str(f)) for key, f in zip(keys, images, strict=True)]
 
 
-def imagefolder_split(root: Path, index: dict) -> list[Sample]:
+def imagefolder_split(root: Path, index: dict, skipped: list[str]) -> list[Sample]:
+    """The samples of SRC/<split>/<class>/*; what else SRC/<split> holds is named in `skipped`."""
+    dirs, files, odd = _scan(root)
+    skipped += odd + [f"{f}: a file beside the class folders; skipped" for f in files]
     samples = []
-    for cdir in sorted(d for d in root.iterdir() if d.is_dir()):
+    for cdir in dirs:
         if cdir.name not in index:
             raise DataError(
                 f"{cdir}: class '{cdir.name}' is not among the train classes; "
                 "every val class needs a train folder of the same name"
             )
-        samples += class_folder(cdir, index[cdir.name])
+        samples += class_folder(cdir, index[cdir.name], skipped)
     if not samples:
         raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return samples
@@ -238,7 +340,7 @@ def fashion_mnist(src: Path) -> Source:
         splits[split] = [
             Sample(f"{split}-{i:06d}", partial(_gray, images[i]), int(labels[i])) for i in range(len(images))
         ]
-    return Source(FASHION_MNIST_CLASSES, splits)
+    return Source(FASHION_MNIST_CLASSES, splits, origin=f"fashion-mnist {src.resolve()}")
 
 
 def synthetic_image(label: int, num_classes: int, size: int, seed: int) -> Image.Image:
@@ -269,7 +371,8 @@ def synthetic(
             )
             for i in range(count)
         ]
-    return Source([f"class{c:03d}" for c in range(num_classes)], splits)
+    origin = f"synthetic classes={num_classes} size={size} seed={seed}"  # the images depend on all three
+    return Source([f"class{c:03d}" for c in range(num_classes)], splits, origin=origin)
 
 
 def default_fashion_mnist_dir() -> Path | None:
