@@ -17,7 +17,7 @@ if [ -z "${RUN_ID:-}" ]; then
         echo "error: set RUN_ID (the same on every node) so all ranks share one run directory" >&2
         exit 2
     fi
-    RUN_ID=$(date +%Y%m%d-%H%M%S)
+    RUN_ID=$(date +%Y%m%d-%H%M%S)-$$  # the pid: two launches in one second get two runs
 fi
 if [ -n "${ALEXNET_VENV:-}" ]; then
     export PATH="$ALEXNET_VENV/bin:$PATH"

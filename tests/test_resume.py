@@ -85,12 +85,29 @@ def test_sigkill_then_resume_gives_bit_identical_weights(
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
-def test_sigterm_saves_a_checkpoint_exits_143_and_the_run_resumes(tmp_path, synthetic_root, cli_env):
-    """SIGTERM to the whole process group, as a scheduler's stop or `kill -TERM -PGID` sends it,
-    with loader worker processes in that group: a checkpoint at the next step, status 143 (not 0:
-    the run did not finish), one line saying so; the same command then finishes the run."""
-    args = [*ARGS, f"data.root={synthetic_root}", "run_id=termed", "checkpoint.every_n_steps=null"]
-    args += ["loader=wds", "loader.workers=2"]
+def logged_val_top1(run_dir: Path) -> dict:
+    """{global step: val_top1} of every validation logged by every start of the run."""
+    import csv
+
+    scores = {}
+    for path in (run_dir / "logs").glob("version_*/metrics.csv"):
+        for row in csv.DictReader(path.open()):
+            if row.get("val_top1"):
+                scores[int(row["step"])] = float(row["val_top1"])
+    return scores
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_a_checkpoint_exits_non_zero_and_the_run_resumes(
+    tmp_path, synthetic_root, cli_env, sig, code
+):
+    """SIGTERM (a scheduler's stop, `kill -TERM -PGID`) or SIGINT (Ctrl-C, which a terminal sends
+    to the whole foreground group) reaching the run and its loader worker processes: a checkpoint
+    at the next step, status 128 + signal (not 0: the run did not finish), one line saying so; the
+    same command then finishes the run, and best.ckpt is still the best model of the whole run."""
+    name = sig.name
+    args = [*ARGS, f"data.root={synthetic_root}", f"run_id={name}", "checkpoint.every_n_steps=null"]
+    args += ["loader=wds", "loader.workers=2", "data.batch_size=64"]  # 31 steps an epoch
     proc = subprocess.Popen(
         [str(BIN / "alexnet-train"), *args],
         cwd=tmp_path,
@@ -100,20 +117,28 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_run_resumes(tmp_path, synt
         text=True,
         start_new_session=True,
     )
-    run_dir = tmp_path / "runs/smoke/termed"
-    wait_for_step_file(run_dir / "checkpoints", 62, proc)  # epoch 0's checkpoint: epoch 1 is under way
-    os.killpg(proc.pid, signal.SIGTERM)
+    run_dir = tmp_path / f"runs/smoke/{name}"
+    wait_for_step_file(run_dir / "checkpoints", 31, proc)  # epoch 0's checkpoint: epoch 1 is under way
+    os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     saved = weights(run_dir)["global_step"]
-    assert 62 < saved < 186 and f"stopped by SIGTERM: checkpoint saved at step {saved}" in out
+    assert 31 < saved < 93 and f"stopped by {name}: checkpoint saved at step {saved}" in out
     assert (
-        f"error: stopped by SIGTERM at step {saved}, before the end; the checkpoint is saved: run the same "
+        f"error: stopped by {name} at step {saved}, before the end; the checkpoint is saved: run the same "
         "command again to resume" in err
     )
     assert not (run_dir / "results.json").exists()
     run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
-    assert weights(run_dir)["global_step"] == 186 and (run_dir / "results.json").exists()
+    assert weights(run_dir)["global_step"] == 93 and (run_dir / "results.json").exists()
+    # best.ckpt: one file, holding the model of the best validation before and after the resume
+    scores = logged_val_top1(run_dir)  # no validation of the cut epoch; 93: the final one, after fit
+    assert sorted(scores) == [30, 61, 92, 93], scores
+    top = max(scores[step] for step in (30, 61, 92))
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["global_step"] == 1 + min(step for step in (30, 61, 92) if scores[step] == top)
+    assert best["callbacks"]["BestCheckpoint"]["best"] == top
+    assert [p.name for p in (run_dir / "checkpoints").glob("best*")] == ["best.ckpt"]
 
 
 def test_only_the_newest_checkpoints_are_kept_and_last_points_at_the_newest(reference):

@@ -1,9 +1,13 @@
 """Thin command-line entry points: each parses arguments and wires library parts together."""
 
+import errno
 import sys
 from functools import wraps
 
 from ..errors import UserError
+
+# A disk that filled up, a quota reached, a read-only mount: the user's to fix, not a bug.
+STORAGE_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def one_line_errors(main):
@@ -29,5 +33,18 @@ def one_line_errors(main):
                 message = message.removeprefix(prefix)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
+        except OSError as exc:
+            if exc.errno not in STORAGE_FULL_OR_READ_ONLY:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(
+                f"error: {where}{exc.strerror}; free space there or point the output elsewhere, then run the same "
+                "command again (what was saved before is kept)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C); what was saved before is kept", file=sys.stderr)
+            sys.exit(130)  # 128 + SIGINT, as the shell reports a process Ctrl-C ended
 
     return run

@@ -14,7 +14,6 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
@@ -26,6 +25,7 @@ from ..errors import ConfigError, TrainingError
 from ..training.agreement import StepAgreement
 from ..training.callbacks import SkippedImages, Throughput
 from ..training.checkpoint import (
+    BestCheckpoint,
     LastCheckpoint,
     check_compatible,
     load_weights,
@@ -35,6 +35,7 @@ from ..training.checkpoint import (
 from ..training.module import Classifier
 from ..training.pictures import Pictures
 from ..training.preemption import Preemption
+from ..training.run_lock import RunDirectory
 from . import one_line_errors
 
 # conf/ of the repository, installed as the package alexnet_dist.conf; a user's own folder adds to
@@ -178,26 +179,18 @@ def train(cfg: DictConfig) -> dict:
     elif s.init_from:
         load_weights(module, Path(s.init_from))
     throughput, skipped_images = Throughput(), SkippedImages()
+    run_directory = RunDirectory(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
     callbacks = [
+        run_directory,  # first: nothing is written into the run directory before it is claimed
         # before the saver: the epoch-end checkpoint holds its curves
         Pictures(run_dir / "pictures", augmented=data.augmented_images),
         saver,
         preemption,
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="best",
-            monitor="val_top1",
-            mode="max",
-            save_top_k=1,
-            auto_insert_metric_name=False,
-        ),
+        BestCheckpoint(ckpt_dir, monitor="val_top1"),
         throughput,
         skipped_images,
     ]
     trainer = make_trainer(cfg, s, run_dir, run_id, slurm, callbacks)
-    if trainer.is_global_zero:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        print(f"run directory: {run_dir}", flush=True)
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}", flush=True)
         set_aside_damaged_last(ckpt_path)
@@ -208,6 +201,8 @@ def train(cfg: DictConfig) -> dict:
     except BaseException:
         finish_loggers(trainer, exit_code=1)  # the next job of a sweep must start a W&B run of its own
         raise
+    finally:
+        run_directory.release()
     finish_loggers(trainer)
     return results
 
@@ -227,15 +222,16 @@ def fit_and_report(
         raise
     if preemption.terminated_at is not None:
         trainer.strategy.barrier("terminated")
-        finish_loggers(trainer, exit_code=143)
+        code = 128 + preemption.terminated_by  # as if the signal had ended the process: 143, 130
+        finish_loggers(trainer, exit_code=code)
         if trainer.is_global_zero:
             print(
-                f"error: stopped by SIGTERM at step {preemption.terminated_at}, before the end; the checkpoint "
-                "is saved: run the same command again to resume",
+                f"error: stopped by {preemption.terminated_by.name} at step {preemption.terminated_at}, before the "
+                "end; the checkpoint is saved: run the same command again to resume",
                 file=sys.stderr,
                 flush=True,
             )
-        raise SystemExit(143)  # 128 + SIGTERM, as if the signal had ended the process
+        raise SystemExit(code)
     if preemption.preempted_at is not None:
         trainer.strategy.barrier("preempted")
         finish_loggers(trainer)

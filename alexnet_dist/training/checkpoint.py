@@ -10,8 +10,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .agreement import StepAgreement
 
 
@@ -80,6 +81,26 @@ def set_aside_damaged_last(good: Path) -> None:
         point_last_at(good)
 
 
+def save_atomically(trainer: pl.Trainer, final: Path) -> None:
+    """trainer.save_checkpoint to a temporary name, flushed, then renamed to `final` (every rank
+    calls; rank zero writes). A full disk or a read-only folder is one line, the partial file is
+    removed and every earlier checkpoint stays as it was."""
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            _fsync(tmp)
+            os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        kept = final.with_name("last.ckpt")
+        raise TrainingError(
+            f"{final}: cannot be written ({exc.strerror or exc}); free space on that disk or make "
+            f"{final.parent} writable, then run the same command again to resume from "
+            + (f"{kept}" if kept.exists() else "the start (no checkpoint was saved yet)")
+        ) from None
+
+
 class LastCheckpoint(pl.Callback):
     """Saves `step-<global step>.ckpt` every `every_n_steps` steps and/or `every_n_minutes`
     minutes and at the end of every training epoch (after its validation), keeps the newest
@@ -110,11 +131,8 @@ class LastCheckpoint(pl.Callback):
         if trainer.global_step == self.saved_step or trainer.sanity_checking:
             return
         final = self.dir / f"step-{trainer.global_step:09d}.ckpt"
-        tmp = final.with_name(final.name + ".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls; rank zero writes
+        save_atomically(trainer, final)
         if trainer.is_global_zero:
-            _fsync(tmp)
-            os.replace(tmp, final)
             point_last_at(final)
             for old in sorted(self.dir.glob("step-*.ckpt"))[: -self.keep]:
                 old.unlink()
@@ -132,6 +150,45 @@ class LastCheckpoint(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.save(trainer)
+
+
+class BestCheckpoint(Checkpoint):
+    """best.ckpt: the model of the best `monitor` (higher is better) seen by any validation of the
+    run, written atomically like the others. The best score so far travels in every checkpoint, so
+    that after a resume (a crash, a preemption) best.ckpt is still replaced only by a better model,
+    under the same name. (A Checkpoint subclass, so Lightning adds no checkpointing of its own.)"""
+
+    def __init__(self, dirpath: str | Path, monitor: str = "val_top1"):
+        self.dir, self.monitor = Path(dirpath), monitor
+        self.best = None
+
+    def on_validation_end(self, trainer, pl_module):
+        score = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or trainer.state.fn != "fit" or score is None:
+            return
+        if self.best is None:
+            self.best = self.score_on_disk()
+        if self.best is None or float(score) > self.best:
+            self.best = float(score)  # before saving: best.ckpt holds its own score
+            save_atomically(trainer, self.dir / "best.ckpt")
+
+    def score_on_disk(self) -> float | None:
+        """The score of an existing best.ckpt, for a run resumed from a checkpoint without this
+        callback's state (written by an earlier version, whose ModelCheckpoint kept it too)."""
+        path = self.dir / "best.ckpt"
+        ckpt = read_checkpoint(path, mmap=True)[0] if path.exists() else None
+        for state in (ckpt or {}).get("callbacks", {}).values():
+            if isinstance(state, dict) and state.get("monitor") == self.monitor:
+                score = state.get("best", state.get("best_model_score"))
+                return None if score is None else float(score)
+        return None
+
+    def state_dict(self) -> dict:
+        return {"monitor": self.monitor, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("monitor") == self.monitor:
+            self.best = state_dict.get("best")
 
 
 def read_checkpoint(path: Path, mmap: bool = False):

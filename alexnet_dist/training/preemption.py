@@ -35,29 +35,30 @@ def signal_number(name: str) -> int:
 class Preemption(pl.Callback):
     """The training process's signals. The preemption signal (preemption.signal, and submitit's):
     checkpoint at the next step boundary, stop, requeue. SIGTERM, when it is not that signal (a
-    plain `kill`, a scheduler's stop or cancel): checkpoint at the next step boundary, stop, and
-    exit with status 143 (128 + SIGTERM) so that whatever started the run sees it did not finish.
-    A signal may reach some ranks only: all act on it if any got it, through the step's agreement.
+    plain `kill`, a scheduler's stop or cancel), and SIGINT (Ctrl-C): checkpoint at the next step
+    boundary, stop, and exit with status 128 + the signal (143, 130) so that whatever started the
+    run sees it did not finish; a second Ctrl-C stops at once, without a checkpoint. A signal may
+    reach some ranks only: all act on it if any got it, through the step's agreement.
     """
 
     def __init__(self, saver: LastCheckpoint, signal_name: str, requeue: bool, agreement: StepAgreement):
         self.saver, self.requeue_job, self.agreement = saver, requeue, agreement
         self.signums = sorted({signal_number(signal_name), submitit_signal()} - {None})
         self.requested = False
-        self.terminate = signal.SIGTERM not in self.signums
-        self.terminated = False
+        self.stop_signals = [s for s in (signal.SIGINT, signal.SIGTERM) if s not in self.signums]
+        self.terminated = 0  # the stop signal this rank got, if any
         self.preempted_at = None  # the global step saved before stopping
-        self.terminated_at = None  # the same, after a SIGTERM that is not the preemption signal
+        self.terminated_at = None  # the same, after a stop signal
+        self.terminated_by = None  # that signal's name (SIGTERM, SIGINT)
         agreement.ask("preempt", lambda: self.requested)
-        if self.terminate:
-            agreement.ask("terminate", lambda: self.terminated)
+        agreement.ask("terminate", lambda: self.terminated)
 
     @property
     def worker_signals(self) -> tuple[int, ...]:
         """What loader worker processes ignore: these signals are for the training process, and a
         worker killed by one (SLURM signals every process of a job step) would break the very
         step that should save the checkpoint."""
-        return tuple(sorted({*self.signums, signal.SIGTERM}))
+        return tuple(sorted({*self.signums, signal.SIGTERM, signal.SIGINT}))
 
     def setup(self, trainer, pl_module, stage):
         self._listen()
@@ -75,14 +76,20 @@ class Preemption(pl.Callback):
     def _listen(self):
         for signum in self.signums:
             signal.signal(signum, self._on_signal)
-        if self.terminate:
-            signal.signal(signal.SIGTERM, self._on_terminate)
+        for signum in self.stop_signals:
+            signal.signal(signum, self._on_terminate)
 
     def _on_signal(self, signum, frame):
         self.requested = True  # acted on at the next step boundary, never inside a step
 
     def _on_terminate(self, signum, frame):
-        self.terminated = True
+        if signum == signal.SIGINT and self.terminated:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user will not wait for the checkpoint
+        self.terminated = int(signum)
+
+    def on_train_end(self, trainer, pl_module):
+        # Training is over: Ctrl-C during the final validation interrupts it as usual.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         preempt, terminate = self.agreement.take("preempt"), self.agreement.take("terminate")
@@ -90,12 +97,16 @@ class Preemption(pl.Callback):
             return
         self.saver.save(trainer)
         trainer.should_stop = True
+        # Leave now: Lightning would validate the cut epoch before stopping (as for early stopping),
+        # a whole pass over the val set inside the scheduler's grace period.
+        trainer.limit_val_batches = 0
         if preempt:
             self.preempted_at = trainer.global_step
         else:
             self.terminated_at = trainer.global_step
+            self.terminated_by = signal.Signals(terminate)
         if trainer.is_global_zero:
-            what = "preempted" if preempt else "stopped by SIGTERM"
+            what = "preempted" if preempt else f"stopped by {self.terminated_by.name}"
             print(f"{what}: checkpoint saved at step {trainer.global_step}", flush=True)
 
     def requeue(self, trainer) -> None:

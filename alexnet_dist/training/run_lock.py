@@ -1,0 +1,99 @@
+"""One run per run directory: the run's first process holds an exclusive lock on RUN_DIR/run.lock
+while it lives, so that a second run given the same directory (the same run_id, or a sweep
+started twice) stops at once instead of training into it beside the first. The lock is the
+kernel's (flock): it goes with the process, however that ends (kill -9 included), so a stale
+run.lock file never blocks anything; the file only tells who holds it.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from ..errors import ConfigError
+
+LOCK = "run.lock"
+
+
+def _holder(file) -> dict:
+    file.seek(0)
+    try:
+        return json.loads(file.read() or "{}")
+    except json.JSONDecodeError:
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{job}, since {holder.get('since')}"
+
+
+def take_lock(run_dir: Path, requeue_wait_s: float):
+    """The open, locked RUN_DIR/run.lock (keep it open to hold the lock), or a one-line refusal
+    naming the holder. A requeued SLURM job (the same job id) waits up to `requeue_wait_s` for its
+    previous incarnation to finish exiting."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = os.environ.get("SLURM_JOB_ID")
+    file = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held open for the run's life
+    deadline = time.monotonic() + requeue_wait_s
+    while True:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _holder(file)
+            if job and holder.get("slurm_job") == job and time.monotonic() < deadline:
+                time.sleep(0.5)  # our own job before its requeue, still exiting
+                continue
+            file.close()
+            return (
+                f"{run_dir}: in use by another run ({_describe(holder)}); one run per run directory: give "
+                "this one its own run_id=NAME, or wait for that one to end and run again to resume it"
+            )
+        except OSError as exc:  # a file system without locks: say so, and go on unguarded
+            print(
+                f"warning: {run_dir / LOCK}: cannot be locked ({exc.strerror}); nothing stops a second "
+                "run from using this run directory at the same time",
+                file=sys.stderr,
+            )
+            break
+    file.seek(0)
+    file.truncate()
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": job, "since": since}))
+    file.flush()
+    return file
+
+
+class RunDirectory(pl.Callback):
+    """Claims the run directory when the run starts, before anything is written into it: rank zero
+    takes the lock and tells every rank whether it got it (one collective, once), so that all ranks
+    of a refused run stop together with the same line. Then rank zero writes config.yaml."""
+
+    def __init__(self, run_dir: Path, config_yaml: str, requeue_wait_s: float = 120.0):
+        self.run_dir, self.config_yaml, self.requeue_wait_s = Path(run_dir), config_yaml, requeue_wait_s
+        self.lock, self.claimed = None, False
+
+    def setup(self, trainer, pl_module, stage):
+        if self.claimed:
+            return  # since fit: the final validation runs under the same claim
+        taken = take_lock(self.run_dir, self.requeue_wait_s) if trainer.is_global_zero else None
+        refusal = trainer.strategy.broadcast(taken if isinstance(taken, str) else None, src=0)
+        if refusal:
+            raise ConfigError(refusal)
+        self.lock, self.claimed = taken, True
+        if trainer.is_global_zero:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            print(f"run directory: {self.run_dir}", flush=True)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()  # closing the file drops the lock
+        self.lock, self.claimed = None, False
