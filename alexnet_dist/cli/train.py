@@ -35,7 +35,7 @@ from ..training.checkpoint import (
 from ..training.module import Classifier
 from ..training.pictures import Pictures
 from ..training.preemption import Preemption
-from ..training.run_lock import RunDirectory
+from ..training.run_dir import RunDirectory
 from . import one_line_errors
 
 # conf/ of the repository, installed as the package alexnet_dist.conf; a user's own folder adds to

@@ -1,8 +1,12 @@
-"""One run per run directory: the run's first process holds an exclusive lock on RUN_DIR/run.lock
-while it lives, so that a second run given the same directory (the same run_id, or a sweep
-started twice) stops at once instead of training into it beside the first. The lock is the
-kernel's (flock): it goes with the process, however that ends (kill -9 included), so a stale
-run.lock file never blocks anything; the file only tells who holds it.
+"""The run directory: writable before anything is written into it, and one run per directory.
+
+Hydra writes its own files there (.hydra/, the log) before alexnet-train's code runs, so the first
+check is a Hydra callback (conf/train.yaml's hydra.callbacks). Then the run's first process holds
+an exclusive lock on RUN_DIR/run.lock while it lives, so that a second run given the same
+directory (the same run_id, or a sweep started twice) stops at once instead of training into it
+beside the first. The lock is the kernel's (flock): it goes with the process, however that ends
+(kill -9 included), so a stale run.lock file never blocks anything; the file only tells who holds
+it.
 """
 
 import fcntl
@@ -14,6 +18,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+from hydra.experimental.callback import Callback as HydraCallback
 
 from ..errors import ConfigError
 
@@ -97,3 +102,39 @@ class RunDirectory(pl.Callback):
         if self.lock is not None:
             self.lock.close()  # closing the file drops the lock
         self.lock, self.claimed = None, False
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be made in `folder` (or in its nearest existing parent, which would hold
+    it), else None."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if os.access(existing, os.W_OK):
+        return None
+    try:  # how the file system itself answers: read-only, or no permission
+        os.close(os.open(existing / ".alexnet-write-check", os.O_CREAT | os.O_WRONLY))
+        os.unlink(existing / ".alexnet-write-check")
+        return None
+    except OSError as exc:
+        return f"{existing}: {exc.strerror.lower()}"
+
+
+class WritableRunDir(HydraCallback):
+    """Stops a command whose run (or sweep) directory cannot be written, in one line, before
+    Hydra's own first write there would end in a traceback."""
+
+    def _check(self, folder: str) -> None:
+        if problem := unwritable(Path(folder)):
+            print(
+                f"error: run directory {folder}: cannot be written ({problem}); make it writable or point "
+                "paths.runs=DIR at a writable folder (to resume, copy the run directory there)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)

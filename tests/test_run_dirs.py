@@ -1,0 +1,149 @@
+"""Run directories: one run per directory, default run ids that cannot collide, and storage that
+fills up or turns read-only (a real tmpfs) ending in one line with every checkpoint kept."""
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, run_cli
+
+pytestmark = pytest.mark.slow
+SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
+SHORT = ["trainer.max_steps=4", "trainer.limit_val_batches=2"]
+
+
+def start(args, cwd, env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "alexnet-train"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended early:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_second_run_on_a_live_run_directory_stops_at_once_on_every_rank(tmp_path, synthetic_root, cli_env):
+    """The same run_id given twice at the same moment: the second (two DDP ranks) stops in one line
+    naming the first's pid, and leaves the first's config.yaml and training alone."""
+    first = start([*SMOKE, f"data.root={synthetic_root}", "run_id=same", "optim.lr=0.01"], tmp_path, cli_env)
+    run_dir = tmp_path / "runs/smoke/same"
+    try:
+        wait_for(run_dir / "checkpoints" / "last.ckpt", first)
+        second = run_cli(
+            "alexnet-train",
+            *SMOKE,
+            f"data.root={synthetic_root}",
+            "run_id=same",
+            "optim.lr=0.02",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            cwd=tmp_path,
+            env=cli_env,
+            check=False,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = error_lines(second.stderr)
+        assert lines and all(line == lines[0] for line in lines), lines  # each rank says the same
+        assert lines[0].startswith(f"error: {run_dir}: in use by another run (pid {first.pid} on ")
+        assert "give this one its own run_id=NAME" in lines[0]
+        assert "lr: 0.01" in (run_dir / "config.yaml").read_text()
+        assert first.poll() is None  # the first goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_runs_started_together_without_a_run_id_get_directories_of_their_own(tmp_path, synthetic_root, cli_env):
+    runs = [
+        start([*SMOKE, *SHORT, f"data.root={synthetic_root}", f"optim.lr={lr}"], tmp_path, cli_env) for lr in (1, 2)
+    ]
+    for proc in runs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+    dirs = sorted((tmp_path / "runs/smoke").iterdir())
+    assert len(dirs) == 2 and all((d / "results.json").exists() for d in dirs)
+    assert sorted((d / "config.yaml").read_text().count("lr: 1\n") for d in dirs) == [0, 1]
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    """A real, small file system (root only: CI and the SLURM tests run as root)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Writes zeros into `folder` until its file system is full."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_disk_that_fills_during_training_is_one_line_and_the_run_resumes(tmp_path, synthetic_root, cli_env):
+    args = [*SMOKE, f"data.root={synthetic_root}", "run_id=full", "trainer.max_epochs=2", "checkpoint.keep=1"]
+    with tmpfs(tmp_path / "disk", "64m") as disk:
+        args.append(f"paths.runs={disk}")
+        proc = start(args, tmp_path, cli_env)
+        ckpt_dir = disk / "smoke/full/checkpoints"
+        wait_for(ckpt_dir / "last.ckpt", proc)
+        filler = fill(disk)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err[-3000:]
+        lines = error_lines(err)
+        assert len(lines) == 1 and "No space left on device" in lines[0], err[-3000:]
+        assert not list(ckpt_dir.glob("*.tmp"))  # no partial file left behind
+        saved = torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"]  # still loads
+        filler.unlink()
+        out = run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
+        assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout and saved > 0
+        assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 2 * 62
+
+
+def test_a_read_only_run_directory_is_one_line_before_anything_runs(tmp_path, synthetic_root, cli_env):
+    args = [*SMOKE, *SHORT, f"data.root={synthetic_root}", "run_id=ro"]
+    with tmpfs(tmp_path / "disk", "64m") as disk:
+        run_cli("alexnet-train", *args, f"paths.runs={disk}", cwd=tmp_path, env=cli_env)
+        before = sorted(p.relative_to(disk) for p in disk.rglob("*"))
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        for extra in ([], ["-m"]):  # a single run, and a sweep
+            proc = run_cli("alexnet-train", *extra, *args, f"paths.runs={disk}", cwd=tmp_path, env=cli_env, check=False)
+            assert proc.returncode == 2
+            assert error_lines(proc.stderr) == [
+                f"error: run directory {disk}/smoke/ro: cannot be written ({disk}/smoke/ro: read-only file system); "
+                "make it writable or point paths.runs=DIR at a writable folder "
+                "(to resume, copy the run directory there)"
+            ]
+        assert sorted(p.relative_to(disk) for p in disk.rglob("*")) == before
