@@ -17,11 +17,15 @@ runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the
 import inspect
 import json
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ..config import Data, check_views, make
 from ..config import Loader as LoaderSettings
@@ -77,6 +81,36 @@ def metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
+def run_settings(config: Path) -> tuple[dict, dict]:
+    """The data and loader settings of a run's config.yaml (alexnet-train writes it), checked.
+    OmegaConf reads YAML with a safe loader: a python tag (!!python/object...) is refused there,
+    before anything is built; here every refusal becomes one line naming the file."""
+    fix = "restore the config.yaml alexnet-train wrote, or move it away and pass data.root=DIR"
+    try:
+        run = OmegaConf.load(config)
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+        raise ConfigError(f"{config}: cannot be read ({getattr(exc, 'strerror', None) or exc}); {fix}") from None
+    except yaml.YAMLError as exc:  # not YAML, or a tag the safe loader does not construct
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{config}: not a run's config ({reason}); {fix}") from None
+    if not isinstance(run, DictConfig):
+        raise ConfigError(f"{config}: not a mapping of settings; {fix}")
+    if not isinstance(run.get("data"), DictConfig) or not isinstance(run.get("loader"), DictConfig):
+        raise ConfigError(f"{config}: no data and loader settings; {fix}")
+    try:
+        data = OmegaConf.to_container(run.data, resolve=True)
+        loader = {"name": run.loader.name}
+    except OmegaConfBaseException as exc:  # no loader.name, an interpolation that does not resolve
+        raise ConfigError(f"{config}: {str(exc).splitlines()[0]}; {fix}") from None
+    for section, schema, values in (("data", Data, {"root": "-", **data}), ("loader", LoaderSettings, loader)):
+        try:
+            make(schema, values)  # the keys and types
+        except ConfigError as exc:
+            reason = str(exc).split("; fix the override")[0]  # that advice is for alexnet-train's overrides
+            raise ConfigError(f"{config}: {section}.{reason}; {fix}") from None
+    return data, loader
+
+
 def evaluate(args: dict) -> dict:
     from lightning.pytorch.utilities import move_data_to_device
 
@@ -98,10 +132,9 @@ def evaluate(args: dict) -> dict:
     check_views(views, "views")
     config = path.resolve().parent.parent / "config.yaml"
     # The run's data and loader settings; without a run directory, the defaults.
-    data, loader = {}, {}
-    if config.exists():
-        run = OmegaConf.load(config)
-        data, loader = OmegaConf.to_container(run.data, resolve=True), {"name": run.loader.name}
+    data, loader = run_settings(config) if config.exists() else ({}, {})
+    if args["probs"] is not None and not Path(args["probs"]).resolve().parent.is_dir():
+        raise ConfigError(f"probs={args['probs']}: no folder {Path(args['probs']).parent} to write it in; create it")
     if args["data.root"] is not None:
         data["root"] = args["data.root"]
     if "root" not in data:
@@ -143,6 +176,33 @@ def evaluate(args: dict) -> dict:
     return result
 
 
+def read_probs(f: str) -> dict:
+    """The probabilities (N, C) and labels (N,) of a file `alexnet-eval probs=...` wrote, checked to
+    be just that. Loaded without pickle (object arrays would run code), and everything read here,
+    since numpy reads an archive's arrays only when asked and fails with many kinds of error."""
+    fix = f"write it again with alexnet-eval ckpt_path=... probs={f}"
+    try:
+        archive = np.load(f, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ConfigError(f"probs: {f} is a single array, not an .npz of probs and labels; {fix}")
+        with archive:
+            if missing := sorted({"probs", "labels"} - set(archive.files)):
+                raise ConfigError(f"probs: {f} holds no '{missing[0]}' array; {fix}")
+            probs, labels = archive["probs"], archive["labels"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ConfigError(f"probs: {f} is not an .npz of alexnet-eval ({str(exc).splitlines()[0]}); {fix}") from None
+    if probs.dtype.kind != "f" or probs.ndim != 2 or labels.dtype.kind not in "iu" or labels.shape != probs.shape[:1]:
+        raise ConfigError(
+            f"probs: {f} holds probs {probs.dtype} {probs.shape} and labels {labels.dtype} {labels.shape}, not "
+            f"(N, classes) floats and N whole numbers; {fix}"
+        )
+    if labels.size and not (0 <= labels.min() and labels.max() < probs.shape[1]):
+        raise ConfigError(f"probs: {f} has labels outside 0..{probs.shape[1] - 1}; {fix}")
+    if not np.isfinite(probs).all():
+        raise ConfigError(f"probs: {f} holds NaN or infinite probabilities; {fix}")
+    return {"probs": probs, "labels": labels}
+
+
 def ensemble(args: dict) -> dict:
     files = [f for f in (args["probs"] or "").split(",") if f]
     if len(files) < 2:
@@ -150,7 +210,7 @@ def ensemble(args: dict) -> dict:
     for f in files:
         if not Path(f).exists():
             raise ConfigError(f"probs: {f} does not exist; write it with alexnet-eval ckpt_path=... probs={f}")
-    loaded = [np.load(f) for f in files]
+    loaded = [read_probs(f) for f in files]
     labels = loaded[0]["labels"]
     for f, item in zip(files[1:], loaded[1:], strict=True):
         if item["probs"].shape != loaded[0]["probs"].shape or not np.array_equal(item["labels"], labels):

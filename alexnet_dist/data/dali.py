@@ -54,10 +54,16 @@ def to_torch(dali_batch, device: torch.device) -> torch.Tensor:
 def read_member(where: str) -> bytes:
     """The bytes of a tar member from DALI's source info "<tar>:<data offset>:<name>"."""
     tar, offset, _ = where.rsplit(":", 2)
-    with open(tar, "rb") as f:
-        f.seek(int(offset) - tarfile.BLOCKSIZE)
-        header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
-        return f.read(header.size)
+    try:
+        with open(tar, "rb") as f:
+            f.seek(int(offset) - tarfile.BLOCKSIZE)
+            header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+            return f.read(header.size)
+    except (OSError, tarfile.HeaderError) as exc:  # overwritten or replaced since the index was written
+        raise DataError(
+            f"{tar}: no tar member at byte {offset} where its index file says one starts ({exc}); the tar is "
+            "damaged: re-create it with alexnet-prepare"
+        ) from None
 
 
 def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
@@ -83,8 +89,10 @@ def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
 
 
 def check_shards(shards: list[Shard]) -> None:
-    """Each tar has its DALI index and holds every byte the index points at: a truncated tar
-    would otherwise stop the reader with a message about the index file."""
+    """Each tar holds exactly what its index lists. DALI reads only what the index points at: a
+    truncated tar would stop the reader with a message about the index file, and a tar holding
+    more samples than its index (and the manifest) would be read short without a word.
+    Manifest.check_share has checked the index's count against the manifest's."""
     for shard in shards:
         tar, index = Path(shard.tar), Path(shard.index)
         if not index.exists():
@@ -93,18 +101,40 @@ def check_shards(shards: list[Shard]) -> None:
             )
         with open(index, "rb") as f:  # the last line is enough: samples are in file order
             f.seek(max(0, index.stat().st_size - 4096))
-            fields = f.read().decode().strip().splitlines()[-1].split()
-        check_end(tar, fields)
+            last = f.read().decode(errors="replace").strip().splitlines()[-1]
+        end = check_end(tar, last.split(), index)
+        with open(tar, "rb") as f:  # after the last sample's data, padded to a block, the tar ends
+            f.seek(-(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+            after = f.read(tarfile.BLOCKSIZE)
+        try:
+            tarfile.TarInfo.frombuf(after, "utf-8", "surrogateescape")
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+            continue  # zeros (the end-of-archive blocks) or the end of the file
+        except tarfile.HeaderError:
+            raise DataError(
+                f"{tar}: damaged after its last sample (not a tar's end); re-create it with alexnet-prepare"
+            ) from None
+        raise DataError(
+            f"{tar}: holds more samples than the {shard.count} its index file and manifest.json list; "
+            "re-run alexnet-prepare so shards and manifest agree"
+        )
 
 
-def check_end(tar: Path, fields: list[str]) -> None:
-    """The tar holds every byte of the index entries `fields` (ext offset size name ...)."""
-    end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
+def check_end(tar: Path, fields: list[str], index: Path) -> int:
+    """The tar holds every byte of the index entries `fields` (ext offset size name ...); returns
+    the end of the last."""
+    try:
+        end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
+    except ValueError:
+        raise DataError(
+            f"{index}: not a DALI index file (a line reads {' '.join(fields)[:80]!r}); re-run alexnet-prepare"
+        ) from None
     if end > tar.stat().st_size:
         raise DataError(
             f"{tar}: {tar.stat().st_size} bytes but its index lists data up to byte {end}; the tar is "
             "truncated: re-create it with alexnet-prepare"
         )
+    return end
 
 
 def slice_index(piece: Piece, path: Path) -> str:
@@ -121,7 +151,7 @@ def slice_index(piece: Piece, path: Path) -> str:
             f"{index}: lists {len(entries)} samples but manifest.json says {shard.count}; re-run alexnet-prepare"
         )
     part = entries[piece.start : piece.stop]
-    check_end(Path(shard.tar), part[-1].split())
+    check_end(Path(shard.tar), part[-1].split(), index)
     path.write_text(f"v1.2 {len(part)}\n" + "\n".join(part) + "\n")
     return str(path)
 

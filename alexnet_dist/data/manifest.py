@@ -6,6 +6,7 @@ shards takes their paths from here.
 
 import json
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,73 @@ def check_tar(shard: Shard, manifest=MANIFEST) -> None:
     """The shard's tar exists; else one line naming it and the manifest that lists it."""
     if not os.path.exists(shard.tar):
         raise DataError(f"{shard.tar}: listed in {manifest} but missing; re-run alexnet-prepare")
+
+
+def check_shard(shard: Shard, manifest=MANIFEST) -> None:
+    """What a glance shows of a shard, before any loader reads it: its tar exists, can be opened and
+    starts with a tar header (not zeros, random bytes or a directory), and its DALI index file
+    exists and counts as many samples as the manifest. The index's first line says "v1.2 <count>",
+    so this reads a few hundred bytes per shard. Damage further inside a tar is found by the loaders
+    as they read (and a tar holding more or fewer samples than counted, see dali.check_end and
+    wds.ShardStream.samples)."""
+    check_tar(shard, manifest)
+    try:
+        with open(shard.tar, "rb") as f:
+            tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise DataError(
+            f"{shard.tar}: cannot be read ({exc.strerror or exc}); fix its permissions or re-create it with "
+            "alexnet-prepare"
+        ) from None
+    except tarfile.HeaderError as exc:  # zeros, an empty file, random bytes
+        if isinstance(exc, tarfile.EmptyHeaderError):
+            why = "empty"
+        elif isinstance(exc, tarfile.EOFHeaderError):  # a block of zeros reads as the end of a tar
+            why = "zeros where its first header should be"
+        else:
+            why = f"{exc} at its start"
+        raise DataError(
+            f"{shard.tar}: not a tar ({why}); the shard is damaged: re-create it with alexnet-prepare"
+        ) from None
+    index = shard.index
+    if not os.path.exists(index):
+        raise DataError(f"{index}: DALI index file of {shard.tar} missing; re-run alexnet-prepare (it writes them)")
+    try:
+        with open(index, "rb") as f:
+            header = f.readline(100).split()
+    except OSError as exc:
+        raise DataError(
+            f"{index}: cannot be read ({exc.strerror or exc}); fix its permissions or re-run alexnet-prepare"
+        ) from None
+    if len(header) != 2 or not header[1].isdigit():
+        raise DataError(f"{index}: not a DALI index file (no 'v1.2 <count>' first line); re-run alexnet-prepare")
+    if int(header[1]) != shard.count:
+        raise DataError(
+            f"{shard.tar}: holds {int(header[1])} samples but {MANIFEST} says {shard.count} (counted by its "
+            "index file); re-run alexnet-prepare so shards and manifest agree"
+        )
+
+
+def malformed(data: dict) -> str | None:
+    """What in a manifest's classes, splits and shards is not of the type alexnet-prepare writes
+    (a hand edit, say), so that a wrong one stops here in one line rather than deep in a loader."""
+    if not isinstance(data["classes"], list) or not all(isinstance(c, str) for c in data["classes"]):
+        return "'classes' is not a list of names"
+    for split, info in data["splits"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            return f"split '{split}' has no list of shards"
+        if not is_count(info.get("count")):
+            return f"split '{split}' has no sample count"
+        for number, shard in enumerate(info["shards"]):
+            if not isinstance(shard, dict) or not isinstance(shard.get("tar"), str) or not is_count(shard.get("count")):
+                return f"shard {number} of split '{split}' lacks a tar name or a sample count"
+            if not isinstance(shard.get("index", ""), str):
+                return f"shard {number} of split '{split}' names no index file"
+    return None
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -48,13 +116,19 @@ class Manifest:
             )
         try:
             data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+            raise DataError(
+                f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); re-run alexnet-prepare"
+            ) from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc}); re-run alexnet-prepare") from None
         if not isinstance(data, dict) or not isinstance(data.get("splits"), dict) or "classes" not in data:
             raise DataError(f"{path}: not a manifest of alexnet-prepare (no classes or splits); re-run it")
+        if problem := malformed(data):
+            raise DataError(f"{path}: {problem}; not as alexnet-prepare writes it: re-run alexnet-prepare")
         manifest = cls(root, data)
         for split, info in data["splits"].items():
-            if not info.get("shards") or not info.get("count"):
+            if not info["shards"] or not info["count"]:
                 raise DataError(f"{path}: split '{split}' has no samples; re-run alexnet-prepare on a non-empty source")
             shards = manifest.shards(split)
             if sum(s.count for s in shards) != info["count"]:
@@ -95,13 +169,13 @@ class Manifest:
         ]
 
     def check_share(self, rank: int, world: int) -> None:
-        """The tars of every split's shards rank, rank + world, ... exist. Each rank checks only its
+        """Every split's shards rank, rank + world, ... pass check_shard. Each rank checks only its
         share, so at start the job as a whole checks every shard once while no rank's work grows
         with the number of shards (a thousand ranks each checking every tar would hammer a shared
         file system's metadata server)."""
         for split in self.data["splits"]:
             for shard in self.shards(split)[rank::world]:
-                check_tar(shard, self.path)
+                check_shard(shard, self.path)
 
     def stat(self, key: str):
         """A statistic alexnet-prepare records (mean, std, image_size, min_side); None when absent."""

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
-from .manifest import Manifest
+from .manifest import Manifest, check_shard
 
 STATS = "stats.json"
 
@@ -23,18 +23,25 @@ def sample_images(manifest: Manifest, count: int):
     shards = manifest.shards("train")
     per_shard = max(1, -(-count // len(shards)))
     for shard in shards:
+        check_shard(shard, manifest.path)  # a tar of zeros would otherwise read as an empty one
         taken = 0
-        with tarfile.open(shard.tar) as tar:
-            for member in tar:
-                if taken == per_shard:
-                    break
-                if member.name.endswith(".jpg"):
-                    data = tar.extractfile(member).read()
-                    try:
-                        yield Image.open(io.BytesIO(data)).convert("RGB")
-                    except Exception as exc:
-                        raise DataError(f"{shard.tar}:{member.name}: cannot decode image ({exc})") from None
-                    taken += 1
+        try:
+            with tarfile.open(shard.tar) as tar:
+                for member in tar:
+                    if taken == per_shard:
+                        break
+                    if member.name.endswith(".jpg"):
+                        data = tar.extractfile(member).read()
+                        try:
+                            yield Image.open(io.BytesIO(data)).convert("RGB")
+                        except Exception as exc:
+                            raise DataError(f"{shard.tar}:{member.name}: cannot decode image ({exc})") from None
+                        taken += 1
+        except (tarfile.TarError, OSError, EOFError) as exc:  # damaged inside, past the first header
+            raise DataError(
+                f"{shard.tar}: unreadable after {taken} images ({exc}); the tar is damaged: re-create it with "
+                "alexnet-prepare"
+            ) from None
 
 
 def compute_stats(root: Path, count: int = 10000, size: int = 256) -> dict:
@@ -75,26 +82,51 @@ def compute_stats(root: Path, count: int = 10000, size: int = 256) -> dict:
 
 
 def read_stats(root: Path) -> dict | None:
+    """stats.json as `compute_stats` wrote it, with the colour axes the loaders use checked: three
+    standard deviations and a 3 x 3 matrix of finite numbers."""
     path = Path(root) / STATS
     if not path.exists():
         return None
+    fix = "re-run alexnet-prepare stats (or delete it to use the paper's colour axes)"
     try:
-        return json.loads(path.read_text())
+        stats = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); {fix}") from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); re-run alexnet-prepare stats") from None
+        raise DataError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: not the statistics alexnet-prepare stats writes; {fix}")
+    for key, shape in (("pca_std", (3,)), ("pca_vectors", (3, 3))):
+        try:
+            value = np.asarray(stats[key], dtype=np.float64)
+        except (KeyError, TypeError, ValueError):
+            value = None  # missing, or not numbers
+        if value is None or value.shape != shape or not np.isfinite(value).all():
+            raise DataError(f"{path}: '{key}' is not {' x '.join(map(str, shape))} finite numbers; {fix}")
+    return stats
 
 
 def read_mean_image(manifest: Manifest) -> np.ndarray:
     """The mean image (S, S, 3) that `alexnet-prepare stats` saved beside the manifest, checked
-    against the shards' image size."""
+    against the shards' image size. Loaded without pickle (a .npy can hold pickled objects, which
+    would run code), and checked to be what compute_stats writes: float numbers, finite."""
     path, size = manifest.root / "mean_image.npy", manifest.stat("image_size")
+    fix = f"re-run alexnet-prepare stats --out {manifest.root}"
     if not path.exists():
         raise ConfigError(
             f"data.mean_image=true but {path} is missing; run alexnet-prepare stats --out {manifest.root}"
         )
-    image = np.load(path)
+    try:
+        image = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # truncated, not a .npy, object arrays (pickle)
+        raise ConfigError(f"{path}: not a mean image .npy ({str(exc).splitlines()[0]}); {fix}") from None
+    if not isinstance(image, np.ndarray) or image.dtype.kind not in "fiu" or image.ndim != 3 or image.shape[2] != 3:
+        what = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else "an .npz archive"
+        raise ConfigError(f"{path}: {what}, not an S x S x 3 array of numbers; {fix}")
     if image.shape[:2] != (size[1], size[0]):
         raise ConfigError(
             f"{path}: {tuple(image.shape[:2])} but the shards hold {size} images; re-run alexnet-prepare stats"
         )
-    return image
+    if not np.isfinite(image).all():
+        raise ConfigError(f"{path}: holds NaN or infinite values; {fix}")
+    return image.astype(np.float32)

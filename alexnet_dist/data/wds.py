@@ -132,7 +132,7 @@ class ShardStream(IterableDataset):
                         count += 1
             except (tarfile.TarError, OSError, ValueError) as exc:
                 raise DataError(
-                    f"{shard.tar}: unreadable after {count} samples ({str(exc).split(' @ ')[0]}); "
+                    f"{shard.tar}: unreadable after {count} samples ({reason(exc)}); "
                     "the tar is damaged: re-create it with alexnet-prepare"
                 ) from None
             if count < piece.stop or (piece.stop == shard.count and count != shard.count):
@@ -243,6 +243,14 @@ class ShardStream(IterableDataset):
             torch.tensor(windows) if windows else None,
             tuple(skipped),
         )
+
+
+def reason(exc: Exception) -> str:
+    """What went wrong, without what webdataset appends to an error's arguments (the stream
+    object, the url, " @ <file object>")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc.args[0] if exc.args else exc).split(" @ ")[0]
 
 
 def start_of(piece: Piece) -> tuple[int, int, str | None]:
