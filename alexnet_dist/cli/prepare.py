@@ -2,11 +2,12 @@
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..data import sources
 from ..data.shards import write_dataset
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import one_line_errors
 
 
@@ -56,9 +57,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Settings that cannot work, or would be silently ignored, in one line each."""
+    for name in ("shard_size", "min_shards", "workers", "resize", "size", "classes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be 1 or more")
+    if not 1 <= args.quality <= 100:
+        raise ConfigError(f"--quality {args.quality}: JPEG quality goes from 1 to 100 (default 90)")
+    if args.center_crop and not args.resize:
+        raise ConfigError("--center-crop crops to the --resize side: pass --resize N too (the paper: 256)")
+
+
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
+    try:
+        prepare(args)
+    except KeyboardInterrupt:  # Ctrl-C: write_dataset has stopped its workers and dropped their half shards
+        print("error: interrupted; finished shards are kept, run the same command again to continue", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+
+
+def prepare(args) -> None:
     if args.source == "stats":
         from ..data.stats import compute_stats
 

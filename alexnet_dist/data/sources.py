@@ -150,7 +150,8 @@ def _class_tar(path: Path, label: int) -> list[Sample]:
         with tarfile.open(path) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
     except (OSError, tarfile.TarError) as exc:
-        raise DataError(f"{path}: not a readable tar ({exc}); download it again or unpack it into a folder") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "damaged or cut short"
+        raise DataError(f"{path}: not a readable tar ({why}); download it again or unpack it into a folder") from None
     keys = _keys(path.stem, [m.name for m in members])
     return [
         Sample(key, partial(_read_member, path, m.offset_data, m.size), label, f"{path}:{m.name}")
