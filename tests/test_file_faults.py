@@ -229,7 +229,10 @@ def test_a_tar_holding_more_or_fewer_samples_than_its_index_and_the_manifest_is_
         (lambda m: m["splits"]["train"].update(count=None), "split 'train' has no sample count"),
         (lambda m: m["splits"].update(val=[]), "split 'val' has no list of shards"),
         (lambda m: m.update(classes="cat dog"), "'classes' is not a list of names"),
+        (lambda m: m.update(mean=["128", 128, 128]), "'mean' is not 3 numbers"),
+        (lambda m: m.update(image_size=32), "'image_size' is not 2 numbers"),
     ],
+    ids=["count as text", "no tar", "no split count", "shards not a list", "classes as text", "mean", "image size"],
 )
 def test_a_manifest_with_fields_of_the_wrong_type_is_named(data, change, expected):
     edit_manifest(data, change)

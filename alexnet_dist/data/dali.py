@@ -145,7 +145,7 @@ def slice_index(piece: Piece, path: Path) -> str:
     check_tar(shard)  # checked by another rank's share at start; gone since?
     if not index.exists():
         raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds")
-    entries = index.read_text().splitlines()[1:]
+    entries = index.read_text(errors="replace").splitlines()[1:]  # a garbled line is named by check_end
     if len(entries) != shard.count:
         raise DataError(
             f"{index}: lists {len(entries)} samples but manifest.json says {shard.count}; re-run alexnet-prepare"

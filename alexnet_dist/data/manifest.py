@@ -88,11 +88,23 @@ def malformed(data: dict) -> str | None:
                 return f"shard {number} of split '{split}' lacks a tar name or a sample count"
             if not isinstance(shard.get("index", ""), str):
                 return f"shard {number} of split '{split}' names no index file"
+    for key, length in (("mean", 3), ("std", 3), ("image_size", 2)):  # what normalisation and crops use
+        value = data.get(key)
+        if value is not None and not (
+            isinstance(value, list) and len(value) == length and all(is_number(v) for v in value)
+        ):
+            return f"'{key}' is not {length} numbers"
+    if data.get("min_side") is not None and not is_count(data["min_side"]):
+        return "'min_side' is not a whole number"
     return None
 
 
 def is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
