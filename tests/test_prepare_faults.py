@@ -23,6 +23,7 @@ from PIL import Image
 from alexnet_dist.data import sources
 from alexnet_dist.data.manifest import Manifest
 from alexnet_dist.data.shards import write_dataset
+from alexnet_dist.data.stats import compute_stats
 from alexnet_dist.errors import DataError
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -66,6 +67,8 @@ def test_names_that_clean_to_one_key_keep_every_image_with_its_label(tmp_path, k
         ("a_b", "x.jpg"): (250, 250, 0),
         ("a_b", "x.png"): (0, 250, 250),  # x.jpg beside x.png: two images
         ("a_b", "y" * 150 + ".jpg"): (250, 0, 250),  # too long for a tar header as it is
+        ("cafe_", os.fsdecode(b"caf\xe9.jpg")): (120, 120, 250),  # names that are not UTF-8 (Latin-1)
+        ("cafe_", os.fsdecode(b"caf\xe8.jpg")): (250, 120, 120),
     }
     for (cls, name), colour in images.items():
         flat(train / cls / name, colour)
@@ -366,8 +369,12 @@ def test_a_rerun_with_other_settings_rewrites_its_shards_and_drops_stale_ones(tm
         )
 
     prepare(shard_size=10)
+    compute_stats(out, 100)
+    prepare(shard_size=10)  # nothing changes: the statistics still describe the shards
+    assert (out / "stats.json").exists() and (out / "mean_image.npy").exists()
     manifest = prepare(shard_size=10, resize=24, center_crop=True)  # the same keys in the same shards
     assert manifest["image_size"] == [24, 24]
+    assert not list(out.glob("stats.json")) and not list(out.glob("mean_image.*"))  # they described 32 px
     assert len(manifest["splits"]["train"]["shards"]) == 6
     assert all(image.size == (24, 24) for _, image in read_shards(out).values())
     before = {key: np.asarray(image, dtype=float) for key, (_, image) in read_shards(out).items()}

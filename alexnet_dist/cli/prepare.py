@@ -106,6 +106,8 @@ def prepare(args) -> None:
             if args.source == "imagefolder"
             else sources.imagenet(args.src, args.val_labels)
         )
+    stats = [args.out / name for name in ("stats.json", "mean_image.npy")]
+    had_stats = any(path.exists() for path in stats)
     manifest = write_dataset(
         source,
         args.out,
@@ -124,6 +126,11 @@ def prepare(args) -> None:
             + (f", {len(info['skipped'])} skipped (see manifest.json)" if info["skipped"] else "")
         )
     print(f"wrote {args.out / 'manifest.json'}")
+    if had_stats and not any(path.exists() for path in stats):
+        print(
+            "removed stats.json and mean_image.* (they described the earlier shards): "
+            f"run alexnet-prepare stats --out {args.out} again"
+        )
 
 
 if __name__ == "__main__":

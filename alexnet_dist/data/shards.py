@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from .manifest import MANIFEST
 from .sources import Sample, Source
+from .stats import STATS
 from .transforms import center_crop as crop_center
 from .transforms import resize_short
 
@@ -270,7 +271,7 @@ def shard_keys(samples: list[Sample], split: str) -> list[Sample]:
     keys = [
         k
         if counts[k] == 1 and len(k) <= MAX_KEY
-        else f"{k[: MAX_KEY - 9]}_{hashlib.sha1(s.key.encode()).hexdigest()[:8]}"
+        else f"{k[: MAX_KEY - 9]}_{hashlib.sha1(s.key.encode(errors='surrogateescape')).hexdigest()[:8]}"
         for k, s in zip(clean, samples, strict=True)
     ]
     seen = {}
@@ -293,12 +294,10 @@ def _remove_stale(folder: Path, plan: list) -> None:
             f.unlink()
 
 
-def _write_split(pool, split: str, plan: list, settings: dict, progress: bool) -> list[dict]:
-    """Each shard's record, in plan order: kept from an earlier run when it finished that shard
-    with the same samples and settings (so a stopped run resumes), written otherwise."""
+def _write_split(pool, split: str, plan: list, settings: dict, finished: dict, progress: bool) -> list[dict]:
+    """Each shard's record, in plan order: the `finished` one an earlier run left, written otherwise."""
     futures = [
-        finished_shard(path, chunk, settings) or pool.submit(write_shard, path, chunk, settings, split == "train")
-        for path, chunk in plan
+        finished[path] or pool.submit(write_shard, path, chunk, settings, split == "train") for path, chunk in plan
     ]
     results = []
     with tqdm(total=sum(len(c) for _, c in plan), desc=f"{split} shards", unit="img", disable=not progress) as bar:
@@ -343,12 +342,17 @@ def write_dataset(
         per = math.ceil(len(samples) / n_shards)
         plan = [(out / split / f"{i:06d}.tar", samples[i * per : (i + 1) * per]) for i in range(n_shards)]
         plans[split] = [(p, s) for p, s in plan if s]
+    # Resumable: shards an earlier run finished with the same samples and settings are kept.
+    finished = {path: finished_shard(path, chunk, settings) for plan in plans.values() for path, chunk in plan}
     try:
         for split in plans:
             (out / split).mkdir(parents=True, exist_ok=True)
         # Until the new manifest is written the folder is no data set: an old manifest would
         # list shards this run may be rewriting with other settings, a mix of both.
         (out / MANIFEST).unlink(missing_ok=True)
+        if not all(finished.values()):  # `alexnet-prepare stats` of shards that are about to change
+            for name in (STATS, "mean_image.npy", "mean_image.png"):
+                (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise DataError(f"{exc.filename}: cannot write there ({exc.strerror}); pass --out a writable folder") from None
     context = multiprocessing.get_context()
@@ -359,7 +363,7 @@ def write_dataset(
     ) as pool:
         try:
             for split, plan in plans.items():
-                results[split] = _write_split(pool, split, plan, settings, progress)
+                results[split] = _write_split(pool, split, plan, settings, finished, progress)
         except KeyboardInterrupt:
             stop.set()  # each worker drops its shard at its next image; finished shards are kept
             pool.shutdown(cancel_futures=True)
