@@ -469,7 +469,8 @@ def test_kill_9_of_prepare_leaves_no_worker_running(tmp_path, cli_env):
 def test_ctrl_c_stops_prepare_in_one_line_and_the_same_command_finishes_the_job(tmp_path, cli_env, to):
     out = tmp_path / "out"
     # Small shards, so some finish before the signal and a re-run has something to keep.
-    args = ["synthetic", "--workers", 2, "--train-count", 1000, "--val-count", 40, "--shard-size", 50, "--out", out]
+    args = ["synthetic", "--workers", 2, "--train-count", 600, "--val-count", 40, "--shard-size", 30, "--size", 64]
+    args += ["--out", out]
     proc = start_prepare(tmp_path, cli_env, *args)
     try:
         assert wait_for(lambda: list(out.glob("train/*.json")), 60), "no shard was finished"
@@ -490,9 +491,9 @@ def test_ctrl_c_stops_prepare_in_one_line_and_the_same_command_finishes_the_job(
     proc = run_cli("alexnet-prepare", *args, cwd=tmp_path, env=cli_env)
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished shards are not written again
     manifest = Manifest.read(out)
-    assert [manifest.count(s) for s in ("train", "val")] == [1000, 40]
+    assert [manifest.count(s) for s in ("train", "val")] == [600, 40]
     labels = sorted(label for label, _ in read_shards(out).values())
-    assert labels == sorted(i % 10 for i in range(1000))
+    assert labels == sorted(i % 10 for i in range(600))
 
 
 @linux_only

@@ -69,12 +69,12 @@ def to_8bit(image: Image.Image) -> Image.Image:
     Transparency (RGBA, LA, PA, a palette's or an RGB's transparent colour) is composited onto
     white, as a viewer shows it: the colour under a fully transparent pixel is arbitrary, so
     dropping alpha would store whatever the encoder left there. Palette, CMYK (PIL's plain
-    inverse, as decoders use), YCbCr, LAB and HSV go through PIL's conversion. PIL already
-    opens a 16-bit RGB(A) PNG as 8-bit, keeping each sample's high byte."""
+    inverse), YCbCr, LAB and HSV go through PIL's conversion. PIL already opens a 16-bit
+    RGB(A) PNG as 8-bit, keeping each sample's high byte."""
     mode = image.mode
     if mode == "F" or mode == "I" or mode.startswith("I;16"):
         return Image.fromarray(_to_bytes(np.asarray(image), mode), "L")
-    grey = mode in ("1", "L", "LA", "La")
+    grey = mode in ("1", "L", "LA")
     if image.has_transparency_data:
         flat = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image.convert("RGBA")).convert("RGB")
         return flat.convert("L") if grey else flat
@@ -106,11 +106,11 @@ def encode(sample: Sample, resize: int | None, center_crop: bool, quality: int) 
             raise DataError(f"{where}: cannot decode image ({exc}); skipped") from None
         if image.format == "JPEG" and image.mode in ("RGB", "L") and upright and not resize:
             return item, image  # already a JPEG we can decode as-is: keep the original bytes
+    else:
+        image, upright = item, True
+    try:
         if not upright:  # stored upright, without the tag: decoders differ in whether they apply it
             image = ImageOps.exif_transpose(image)
-    else:
-        image = item
-    try:
         image = to_storage(image, resize, center_crop)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=quality)
@@ -139,7 +139,7 @@ def _die_with_parent(main: int) -> None:
     try:
         if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG
             raise OSError(ctypes.get_errno(), "prctl")
-    except (OSError, AttributeError):  # not Linux
+    except (OSError, AttributeError):  # not Linux (no prctl), or refused
 
         def watch():
             while os.getppid() == parent:
