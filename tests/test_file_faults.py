@@ -101,12 +101,15 @@ if os.geteuid() != 0:  # root reads any file whatever its permissions
 
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("kind", DAMAGES)
-def test_a_damaged_tar_is_named_before_any_loader_reads(data, kind, loader):
-    tar = data / "train" / "000001.tar"
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_damaged_tar_is_named_in_one_line_by_either_loader(data, kind, loader, split):
+    """Found at start where a look at the file is enough (a directory, no permission, too short
+    for its index), else where the loader starts reading the tar."""
+    tar = data / split / "000001.tar"
     damage(tar, kind)
-    for split in ("train", "val"):  # whichever loader comes first checks this rank's share
-        with pytest.raises(UserError, match=rf"{tar}: (not a tar|cannot be read) .*re-create it with alexnet-prepare"):
-            getattr(module(data, loader), f"{split}_dataloader")()
+    found = r"no tar header at its start|not a file|not readable|\d+ bytes but its index lists data up to byte"
+    with pytest.raises(UserError, match=rf"{tar}: ({found}).*re-create it with alexnet-prepare"):
+        list(getattr(module(data, loader), f"{split}_dataloader")())
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -115,7 +118,7 @@ def test_a_tar_damaged_inside_is_named_by_the_loader(data, loader):
     tar = data / "val" / "000000.tar"
     whole = tar.read_bytes()
     tar.write_bytes(whole[: len(whole) // 2] + b"\0" * (len(whole) - len(whole) // 2))
-    found = r": no tar member at byte|: holds \d+ samples but manifest.json|:[^ ]+: sample has no .cls label"
+    found = r": no tar header at byte|: holds \d+ samples but manifest.json|:[^ ]+: sample has no .cls label"
     with pytest.raises(UserError, match=rf"{tar}({found})"):
         list(module(data, loader).val_dataloader())
 
@@ -127,7 +130,7 @@ def test_training_with_dali_on_a_tar_of_zeros_stops_in_one_line(data, tmp_path, 
         "alexnet-train", *SMOKE, f"data.root={data}", "loader=dali", "run_id=z", cwd=tmp_path, env=cli_env, check=False
     )
     assert proc.returncode == 2
-    assert one_error_line(proc.stderr).startswith(f"error: {tar}: not a tar (zeros where its first header should be)")
+    assert one_error_line(proc.stderr).startswith(f"error: {tar}: no tar header at ")
 
 
 def test_evaluating_with_webdataset_on_a_tar_of_zeros_stops_in_one_line(data, weights, tmp_path, cli_env):
@@ -144,7 +147,7 @@ def test_evaluating_with_webdataset_on_a_tar_of_zeros_stops_in_one_line(data, we
         check=False,
     )
     assert proc.returncode == 2
-    assert one_error_line(proc.stderr).startswith(f"error: {tar}: not a tar")
+    assert one_error_line(proc.stderr).startswith(f"error: {tar}: no tar header at its start")
 
 
 @pytest.mark.parametrize("kind", ["zeros", "random"])
@@ -154,7 +157,7 @@ def test_prepare_stats_on_a_damaged_tar_stops_in_one_line(data, tmp_path, cli_en
     damage(tar, kind)
     proc = run_cli("alexnet-prepare", "stats", "--out", data, cwd=tmp_path, env=cli_env, check=False)
     assert proc.returncode == 2 and not (data / "stats.json").exists()
-    assert one_error_line(proc.stderr).startswith(f"error: {tar}: not a tar")
+    assert one_error_line(proc.stderr).startswith(f"error: {tar}: no tar header at its start")
 
 
 def scale_counts(root: Path, factor: float, splits=("train", "val")) -> None:
@@ -216,7 +219,7 @@ def test_a_tar_holding_more_or_fewer_samples_than_its_index_and_the_manifest_is_
     if factor > 1:  # the tar holds fewer than counted
         expected = r"holds \d+ samples but manifest.json says \d+|\d+ bytes but its index lists data up to byte"
     else:
-        expected = r"holds \d+ samples but manifest.json says \d+|holds more samples than the \d+ its index file"
+        expected = r"holds \d+ samples but manifest.json says \d+|holds more samples than its index file"
     with pytest.raises(UserError, match=rf"{tar}: ({expected})"):
         list(getattr(module(data, loader), f"{split}_dataloader")())
 

@@ -33,7 +33,7 @@ from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
 from .loader import BadImage, Batch, all_skipped, parse_label
-from .manifest import Shard, check_tar
+from .manifest import Shard, check_tar, tar_header
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation
 
@@ -54,16 +54,9 @@ def to_torch(dali_batch, device: torch.device) -> torch.Tensor:
 def read_member(where: str) -> bytes:
     """The bytes of a tar member from DALI's source info "<tar>:<data offset>:<name>"."""
     tar, offset, _ = where.rsplit(":", 2)
-    try:
-        with open(tar, "rb") as f:
-            f.seek(int(offset) - tarfile.BLOCKSIZE)
-            header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
-            return f.read(header.size)
-    except (OSError, tarfile.HeaderError) as exc:  # overwritten or replaced since the index was written
-        raise DataError(
-            f"{tar}: no tar member at byte {offset} where its index file says one starts ({exc}); the tar is "
-            "damaged: re-create it with alexnet-prepare"
-        ) from None
+    with open(tar, "rb") as f:
+        header = tar_header(f, tar, int(offset) - tarfile.BLOCKSIZE)  # damaged since slice_index looked?
+        return f.read(header.size)
 
 
 def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
@@ -89,10 +82,8 @@ def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
 
 
 def check_shards(shards: list[Shard]) -> None:
-    """Each tar holds exactly what its index lists. DALI reads only what the index points at: a
-    truncated tar would stop the reader with a message about the index file, and a tar holding
-    more samples than its index (and the manifest) would be read short without a word.
-    Manifest.check_share has checked the index's count against the manifest's."""
+    """Each tar holds every byte its index points at: a truncated tar would otherwise stop the
+    reader with a message about the index file. (The size is enough: the tar is not opened.)"""
     for shard in shards:
         tar, index = Path(shard.tar), Path(shard.index)
         if not index.exists():
@@ -102,22 +93,7 @@ def check_shards(shards: list[Shard]) -> None:
         with open(index, "rb") as f:  # the last line is enough: samples are in file order
             f.seek(max(0, index.stat().st_size - 4096))
             last = f.read().decode(errors="replace").strip().splitlines()[-1]
-        end = check_end(tar, last.split(), index)
-        with open(tar, "rb") as f:  # after the last sample's data, padded to a block, the tar ends
-            f.seek(-(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
-            after = f.read(tarfile.BLOCKSIZE)
-        try:
-            tarfile.TarInfo.frombuf(after, "utf-8", "surrogateescape")
-        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
-            continue  # zeros (the end-of-archive blocks) or the end of the file
-        except tarfile.HeaderError:
-            raise DataError(
-                f"{tar}: damaged after its last sample (not a tar's end); re-create it with alexnet-prepare"
-            ) from None
-        raise DataError(
-            f"{tar}: holds more samples than the {shard.count} its index file and manifest.json list; "
-            "re-run alexnet-prepare so shards and manifest agree"
-        )
+        check_end(tar, last.split(), index)
 
 
 def check_end(tar: Path, fields: list[str], index: Path) -> int:
@@ -137,6 +113,33 @@ def check_end(tar: Path, fields: list[str], index: Path) -> int:
     return end
 
 
+def check_contents(tar: Path, first: list[str], end: int | None) -> None:
+    """DALI reads what the index points at, whatever it is. So before a pass, a tar header must
+    stand where the pass's slice of the tar starts (the index entry `first`; not zeros or other
+    bytes), and where the tar ends (`end`, when the slice reaches it) no further member may follow:
+    a tar holding more samples than its index and the manifest count would be read short without a
+    word. A block or two per tar of the slice, which DALI opens anyway."""
+    offset = min(int(first[i]) for i in range(1, len(first), 4))  # check_end has parsed the entries
+    with open(tar, "rb") as f:
+        tar_header(f, str(tar), offset - tarfile.BLOCKSIZE)
+        if end is None:
+            return
+        f.seek(-(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)  # after the last data, padded to a block
+        after = f.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(after, "utf-8", "surrogateescape")
+    except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+        return  # zeros (the end-of-archive blocks) or the end of the file
+    except tarfile.HeaderError:
+        raise DataError(
+            f"{tar}: damaged after its last sample (not a tar's end); re-create it with alexnet-prepare"
+        ) from None
+    raise DataError(
+        f"{tar}: holds more samples than its index file and manifest.json count; "
+        "re-run alexnet-prepare so shards and manifest agree"
+    )
+
+
 def slice_index(piece: Piece, path: Path) -> str:
     """Writes to `path` the DALI index of just samples piece.start..stop-1 of its shard (the
     offsets stay those of the whole tar) and returns the path."""
@@ -151,7 +154,9 @@ def slice_index(piece: Piece, path: Path) -> str:
             f"{index}: lists {len(entries)} samples but manifest.json says {shard.count}; re-run alexnet-prepare"
         )
     part = entries[piece.start : piece.stop]
-    check_end(Path(shard.tar), part[-1].split(), index)
+    check_end(Path(shard.tar), part[0].split(), index)
+    end = check_end(Path(shard.tar), part[-1].split(), index)
+    check_contents(Path(shard.tar), part[0].split(), end if piece.stop == shard.count else None)
     path.write_text(f"v1.2 {len(part)}\n" + "\n".join(part) + "\n")
     return str(path)
 

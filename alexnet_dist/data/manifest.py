@@ -6,6 +6,7 @@ shards takes their paths from here.
 
 import json
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,31 +30,16 @@ def check_tar(shard: Shard, manifest=MANIFEST) -> None:
 
 
 def check_shard(shard: Shard, manifest=MANIFEST) -> None:
-    """What a glance shows of a shard, before any loader reads it: its tar exists, can be opened and
-    starts with a tar header (not zeros, random bytes or a directory), and its DALI index file
-    exists and counts as many samples as the manifest. The index's first line says "v1.2 <count>",
-    so this reads a few hundred bytes per shard. Damage further inside a tar is found by the loaders
-    as they read (and a tar holding more or fewer samples than counted, see dali.check_end and
-    wds.ShardStream.samples)."""
+    """What a glance shows of a shard, before any loader reads it: its tar is a readable file, and
+    its DALI index file exists and counts as many samples as the manifest (its first line says
+    "v1.2 <count>"). The tar itself is not opened here: a rank opens only the tars of its own slice
+    of an epoch (see dali.py), and each loader checks the tar's headers as it starts reading one
+    (tar_header)."""
     check_tar(shard, manifest)
-    try:
-        with open(shard.tar, "rb") as f:
-            tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
-    except OSError as exc:  # a directory, no permission, an I/O error
-        raise DataError(
-            f"{shard.tar}: cannot be read ({exc.strerror or exc}); fix its permissions or re-create it with "
-            "alexnet-prepare"
-        ) from None
-    except tarfile.HeaderError as exc:  # zeros, an empty file, random bytes
-        if isinstance(exc, tarfile.EmptyHeaderError):
-            why = "empty"
-        elif isinstance(exc, tarfile.EOFHeaderError):  # a block of zeros reads as the end of a tar
-            why = "zeros where its first header should be"
-        else:
-            why = f"{exc} at its start"
-        raise DataError(
-            f"{shard.tar}: not a tar ({why}); the shard is damaged: re-create it with alexnet-prepare"
-        ) from None
+    if not stat.S_ISREG(os.stat(shard.tar).st_mode):
+        raise DataError(f"{shard.tar}: not a file (a directory?); re-create it with alexnet-prepare")
+    if not os.access(shard.tar, os.R_OK):
+        raise DataError(f"{shard.tar}: not readable (permissions); fix them or re-create it with alexnet-prepare")
     index = shard.index
     if not os.path.exists(index):
         raise DataError(f"{index}: DALI index file of {shard.tar} missing; re-run alexnet-prepare (it writes them)")
@@ -71,6 +57,25 @@ def check_shard(shard: Shard, manifest=MANIFEST) -> None:
             f"{shard.tar}: holds {int(header[1])} samples but {MANIFEST} says {shard.count} (counted by its "
             "index file); re-run alexnet-prepare so shards and manifest agree"
         )
+
+
+def tar_header(f, tar: str, at: int) -> tarfile.TarInfo:
+    """The member header at byte `at` of the tar open as `f`. Where there is none, one line naming
+    the tar: a tar overwritten with zeros or other bytes, an empty or cut file."""
+    f.seek(at)
+    try:
+        return tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        if isinstance(exc, tarfile.EOFHeaderError):  # a block of zeros reads as the end of a tar
+            why = "zeros"
+        elif isinstance(exc, tarfile.EmptyHeaderError | tarfile.TruncatedHeaderError):
+            why = "the file ends there"
+        else:
+            why = str(exc)
+        where = "at its start" if at == 0 else f"at byte {at}"
+        raise DataError(
+            f"{tar}: no tar header {where} ({why}); the tar is damaged: re-create it with alexnet-prepare"
+        ) from None
 
 
 def malformed(data: dict) -> str | None:

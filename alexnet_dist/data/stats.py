@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
-from .manifest import Manifest, check_shard
+from .manifest import Manifest, check_shard, tar_header
 
 STATS = "stats.json"
 
@@ -23,9 +23,11 @@ def sample_images(manifest: Manifest, count: int):
     shards = manifest.shards("train")
     per_shard = max(1, -(-count // len(shards)))
     for shard in shards:
-        check_shard(shard, manifest.path)  # a tar of zeros would otherwise read as an empty one
+        check_shard(shard, manifest.path)
         taken = 0
         try:
+            with open(shard.tar, "rb") as f:
+                tar_header(f, shard.tar, 0)  # a tar of zeros would read as an empty one
             with tarfile.open(shard.tar) as tar:
                 for member in tar:
                     if taken == per_shard:

@@ -30,6 +30,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
 from .loader import BadImage, Batch, all_skipped, parse_label
+from .manifest import tar_header
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation, center_crop, colour_shift, crop_box, random_crop_flip, ten_views
 
@@ -117,6 +118,7 @@ class ShardStream(IterableDataset):
             try:
                 offset, count, key = start_of(piece)
                 with open(shard.tar, "rb") as f:
+                    tar_header(f, shard.tar, offset)  # zeros would read as an empty tar
                     f.seek(offset)
                     for sample in group_by_keys(tar_file_expander([{"url": shard.tar, "stream": f}])):
                         if key is not None and sample["__key__"] != key:
@@ -274,7 +276,11 @@ def kill_daemonic_children() -> None:
     multiprocessing ends daemonic children when the process exits: a training process leaving on
     an error, before its DataLoader stopped the workers, would then wait for them for ever (and
     its DDP peers with it). Run at exit before multiprocessing's own handler (atexit runs the
-    last registered first), this kills them instead."""
+    last registered first), this kills them instead. The DataLoader's SIGCHLD handler would take
+    those deaths for a worker failure and print a traceback after the run's own one-line error,
+    so it is set aside first."""
+    if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
