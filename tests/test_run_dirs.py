@@ -113,7 +113,7 @@ def fill(folder: Path) -> Path:
 
 
 def test_a_disk_that_fills_during_training_is_one_line_and_the_run_resumes(tmp_path, synthetic_root, cli_env):
-    args = [*SMOKE, f"data.root={synthetic_root}", "run_id=full", "trainer.max_epochs=2", "checkpoint.keep=1"]
+    args = [*SMOKE, f"data.root={synthetic_root}", "run_id=full", "trainer.max_epochs=1", "checkpoint.keep=1"]
     with tmpfs(tmp_path / "disk", "64m") as disk:
         args.append(f"paths.runs={disk}")
         proc = start(args, tmp_path, cli_env)
@@ -129,13 +129,22 @@ def test_a_disk_that_fills_during_training_is_one_line_and_the_run_resumes(tmp_p
         filler.unlink()
         out = run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
         assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout and saved > 0
-        assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 2 * 62
+        assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 62
 
 
-def test_a_read_only_run_directory_is_one_line_before_anything_runs(tmp_path, synthetic_root, cli_env):
+def test_a_reused_run_directory_says_what_changed_and_a_read_only_one_is_one_line_before_anything_runs(
+    tmp_path, synthetic_root, cli_env
+):
     args = [*SMOKE, *SHORT, f"data.root={synthetic_root}", "run_id=ro"]
     with tmpfs(tmp_path / "disk", "64m") as disk:
         run_cli("alexnet-train", *args, f"paths.runs={disk}", cwd=tmp_path, env=cli_env)
+        # the same run directory again with another setting: it resumes, and says what differs
+        again = run_cli("alexnet-train", *args, f"paths.runs={disk}", "optim.lr=0.5", cwd=tmp_path, env=cli_env)
+        warning = [line for line in again.stderr.splitlines() if line.startswith("warning:")]
+        assert (
+            len(warning) == 1 and f"warning: {disk}/smoke/ro was started with other settings (optim.lr: " in warning[0]
+        )
+        assert "-> 0.5); this run continues it with the new ones" in warning[0]
         before = sorted(p.relative_to(disk) for p in disk.rglob("*"))
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         for extra in ([], ["-m"]):  # a single run, and a sweep

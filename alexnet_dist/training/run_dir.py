@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import yaml
 from hydra.experimental.callback import Callback as HydraCallback
 
 from ..errors import ConfigError
@@ -77,6 +78,26 @@ def take_lock(run_dir: Path, requeue_wait_s: float):
     return file
 
 
+def changed_settings(old_file: Path, new_yaml: str, show: int = 3) -> str:
+    """The settings in which an earlier start's config.yaml differs from this one ('' if none or
+    if there is no readable earlier one): a run directory reused by another experiment (two runs
+    of one SLURM job share its id) would otherwise continue it silently."""
+    try:
+        old = _flat(yaml.safe_load(old_file.read_text()))
+    except (OSError, yaml.YAMLError):
+        return ""
+    new = _flat(yaml.safe_load(new_yaml))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys[:show]]
+    return "; ".join(shown) + (f"; {len(keys) - show} more" if len(keys) > show else "")
+
+
+def _flat(tree, prefix="") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
 class RunDirectory(pl.Callback):
     """Claims the run directory when the run starts, before anything is written into it: rank zero
     takes the lock and tells every rank whether it got it (one collective, once), so that all ranks
@@ -95,6 +116,13 @@ class RunDirectory(pl.Callback):
             raise ConfigError(refusal)
         self.lock, self.claimed = taken, True
         if trainer.is_global_zero:
+            if changed := changed_settings(self.run_dir / "config.yaml", self.config_yaml):
+                print(
+                    f"warning: {self.run_dir} was started with other settings ({changed}); this run continues "
+                    "it with the new ones (give it its own run_id=NAME if it is another experiment)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             print(f"run directory: {self.run_dir}", flush=True)
 
