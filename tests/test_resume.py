@@ -141,6 +141,31 @@ def test_a_stop_signal_saves_a_checkpoint_exits_non_zero_and_the_run_resumes(
     assert [p.name for p in (run_dir / "checkpoints").glob("best*")] == ["best.ckpt"]
 
 
+def test_ctrl_c_twice_stops_at_once_in_one_line(tmp_path, synthetic_root, cli_env):
+    """The second Ctrl-C does not wait for the step boundary: status 130 and one line, and the
+    checkpoints saved before are intact."""
+    args = [*ARGS, f"data.root={synthetic_root}", "run_id=twice"]
+    proc = subprocess.Popen(
+        [str(BIN / "alexnet-train"), *args],
+        cwd=tmp_path,
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    run_dir = tmp_path / "runs/smoke/twice"
+    wait_for_step_file(run_dir / "checkpoints", 5, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)  # two signals sent together arrive as one
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == ["error: stopped by SIGINT at once, without a new checkpoint; the last saved one is kept"], err
+    assert weights(run_dir)["global_step"] >= 5 and not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
 def test_only_the_newest_checkpoints_are_kept_and_last_points_at_the_newest(reference):
     ckpt_dir = reference / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.glob("step-*.ckpt")) == ["step-000000185.ckpt", "step-000000186.ckpt"]

@@ -55,6 +55,7 @@ def test_a_second_run_on_a_live_run_directory_stops_at_once_on_every_rank(tmp_pa
             f"data.root={synthetic_root}",
             "run_id=same",
             "optim.lr=0.02",
+            "logger=wandb",
             "trainer.devices=2",
             "trainer.strategy=ddp",
             cwd=tmp_path,
@@ -68,6 +69,8 @@ def test_a_second_run_on_a_live_run_directory_stops_at_once_on_every_rank(tmp_pa
         assert lines[0].startswith(f"error: {run_dir}: in use by another run (pid {first.pid} on ")
         assert "give this one its own run_id=NAME" in lines[0]
         assert "lr: 0.01" in (run_dir / "config.yaml").read_text()
+        # nothing of the refused run beside the live one: no W&B run, no log of its own
+        assert not (run_dir / "wandb").exists() and [p.name for p in (run_dir / "logs").iterdir()] == ["version_0"]
         assert first.poll() is None  # the first goes on
     finally:
         os.killpg(first.pid, signal.SIGKILL)

@@ -35,7 +35,7 @@ from ..training.checkpoint import (
 from ..training.module import Classifier
 from ..training.pictures import Pictures
 from ..training.preemption import Preemption
-from ..training.run_dir import RunDirectory
+from ..training.run_dir import RunDirectory, first_process
 from . import one_line_errors
 
 # conf/ of the repository, installed as the package alexnet_dist.conf; a user's own folder adds to
@@ -179,7 +179,7 @@ def train(cfg: DictConfig) -> dict:
     elif s.init_from:
         load_weights(module, Path(s.init_from))
     throughput, skipped_images = Throughput(), SkippedImages()
-    run_directory = RunDirectory(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    run_directory = RunDirectory(run_dir, OmegaConf.to_yaml(cfg, resolve=True), first_process())
     callbacks = [
         run_directory,  # first: nothing is written into the run directory before it is claimed
         # before the saver: the epoch-end checkpoint holds its curves
@@ -190,8 +190,10 @@ def train(cfg: DictConfig) -> dict:
         throughput,
         skipped_images,
     ]
-    trainer = make_trainer(cfg, s, run_dir, run_id, slurm, callbacks)
-    if ckpt_path and trainer.is_global_zero:
+    # a refused run (the directory is another live run's) writes no log or W&B run beside that one
+    loggers = [] if run_directory.refused else make_loggers(cfg, s, run_dir, run_id)
+    trainer = make_trainer(s, run_dir, slurm, callbacks, loggers)
+    if ckpt_path and trainer.is_global_zero and not run_directory.refused:
         print(f"resuming from {ckpt_path}", flush=True)
         set_aside_damaged_last(ckpt_path)
     try:
@@ -220,6 +222,7 @@ def fit_and_report(
                 f"within ddp.timeout_s={s.ddp.timeout_s} (its error is above); stopping too"
             ) from None
         raise
+    preemption.after_fit(trainer)
     if preemption.terminated_at is not None:
         trainer.strategy.barrier("terminated")
         code = 128 + preemption.terminated_by  # as if the signal had ended the process: 143, 130
@@ -254,7 +257,7 @@ def comm_hook(name: str):
     return {"none": None, "bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}[name]
 
 
-def make_trainer(cfg: DictConfig, s: Train, run_dir: Path, run_id: str, slurm, callbacks: list) -> pl.Trainer:
+def make_trainer(s: Train, run_dir: Path, slurm, callbacks: list, loggers: list) -> pl.Trainer:
     args = dict(s.trainer)
     if args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
         args["strategy"] = DDPStrategy(
@@ -268,7 +271,7 @@ def make_trainer(cfg: DictConfig, s: Train, run_dir: Path, run_id: str, slurm, c
         **args,
         default_root_dir=str(run_dir),
         callbacks=callbacks,
-        logger=make_loggers(cfg, s, run_dir, run_id),
+        logger=loggers or False,
         use_distributed_sampler=False,
     )
 

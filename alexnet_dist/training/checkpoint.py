@@ -154,27 +154,31 @@ class LastCheckpoint(pl.Callback):
 
 class BestCheckpoint(Checkpoint):
     """best.ckpt: the model of the best `monitor` (higher is better) seen by any validation of the
-    run, written atomically like the others. The best score so far travels in every checkpoint, so
-    that after a resume (a crash, a preemption) best.ckpt is still replaced only by a better model,
-    under the same name. (A Checkpoint subclass, so Lightning adds no checkpointing of its own.)"""
+    run, written atomically like the others. best.ckpt holds its own score, and that file, not the
+    checkpoint a run resumes from (which may predate the last best), is what a new score is
+    compared with: after any resume, best.ckpt is replaced only by a better model, under the same
+    name. (A Checkpoint subclass, so Lightning adds no checkpointing of its own.)"""
 
     def __init__(self, dirpath: str | Path, monitor: str = "val_top1"):
         self.dir, self.monitor = Path(dirpath), monitor
-        self.best = None
+        self.best = None  # read from best.ckpt at this process's first validation
 
     def on_validation_end(self, trainer, pl_module):
         score = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or trainer.state.fn != "fit" or score is None:
             return
-        if self.best is None:
-            self.best = self.score_on_disk()
-        if self.best is None or float(score) > self.best:
+        better = None
+        if trainer.is_global_zero:  # one reader of best.ckpt, one decision for every rank
+            if self.best is None:
+                self.best = self.score_on_disk()
+            better = self.best is None or float(score) > self.best
+        if trainer.strategy.broadcast(better, src=0):
             self.best = float(score)  # before saving: best.ckpt holds its own score
             save_atomically(trainer, self.dir / "best.ckpt")
 
     def score_on_disk(self) -> float | None:
-        """The score of an existing best.ckpt, for a run resumed from a checkpoint without this
-        callback's state (written by an earlier version, whose ModelCheckpoint kept it too)."""
+        """The score an existing best.ckpt holds (this callback's state in it, or the
+        ModelCheckpoint's of earlier versions)."""
         path = self.dir / "best.ckpt"
         ckpt = read_checkpoint(path, mmap=True)[0] if path.exists() else None
         for state in (ckpt or {}).get("callbacks", {}).values():
@@ -185,10 +189,6 @@ class BestCheckpoint(Checkpoint):
 
     def state_dict(self) -> dict:
         return {"monitor": self.monitor, "best": self.best}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("monitor") == self.monitor:
-            self.best = state_dict.get("best")
 
 
 def read_checkpoint(path: Path, mmap: bool = False):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import lightning.pytorch as pl
+import torch
 
 from .agreement import StepAgreement
 from .checkpoint import LastCheckpoint
@@ -26,6 +27,14 @@ def submitit_signal() -> int | None:
     from submitit import JobEnvironment
 
     return signal_number(JobEnvironment.USR_SIG)
+
+
+def stop_now(signum, frame):
+    """Ends the process at once with 128 + the signal and one line (Lightning would turn a
+    KeyboardInterrupt into its own message and status 1)."""
+    name = signal.Signals(signum).name
+    print(f"error: stopped by {name} at once, without a new checkpoint; the last saved one is kept", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def signal_number(name: str) -> int:
@@ -61,6 +70,8 @@ class Preemption(pl.Callback):
         return tuple(sorted({*self.signums, signal.SIGTERM, signal.SIGINT}))
 
     def setup(self, trainer, pl_module, stage):
+        if stage != "fit":
+            return  # the final validation: a signal there stops at once (on_train_end)
         self._listen()
         loop = trainer.fit_loop.epoch_loop
         if hasattr(loop, "_broadcast_sigterm_tensor"):
@@ -84,12 +95,24 @@ class Preemption(pl.Callback):
 
     def _on_terminate(self, signum, frame):
         if signum == signal.SIGINT and self.terminated:
-            raise KeyboardInterrupt  # Ctrl-C twice: the user will not wait for the checkpoint
+            stop_now(signum, frame)  # Ctrl-C twice: the user will not wait for the checkpoint
         self.terminated = int(signum)
 
     def on_train_end(self, trainer, pl_module):
-        # Training is over: Ctrl-C during the final validation interrupts it as usual.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Training is over and its last checkpoint saved: a stop signal during the final
+        # validation ends the run at once.
+        for signum in self.stop_signals:
+            signal.signal(signum, stop_now)
+
+    def after_fit(self, trainer) -> None:
+        """A stop signal that came after the last training step (during the last validation) had
+        no step left to act at: all ranks agree on it once here, and the run ends as if stopped at
+        its last step, whose epoch-end checkpoint is saved."""
+        if self.terminated_at is not None or self.preempted_at is not None:
+            return
+        got = trainer.strategy.reduce(torch.tensor(float(self.terminated), device=trainer.strategy.root_device), "max")
+        if got > 0:
+            self.terminated_at, self.terminated_by = trainer.global_step, signal.Signals(int(got))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         preempt, terminate = self.agreement.take("preempt"), self.agreement.take("terminate")

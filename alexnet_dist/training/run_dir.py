@@ -98,23 +98,35 @@ def _flat(tree, prefix="") -> dict:
     return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
-class RunDirectory(pl.Callback):
-    """Claims the run directory when the run starts, before anything is written into it: rank zero
-    takes the lock and tells every rank whether it got it (one collective, once), so that all ranks
-    of a refused run stop together with the same line. Then rank zero writes config.yaml."""
+def first_process() -> bool:
+    """Whether this process is the run's global rank zero, read from what launchers set before
+    any process group exists: torchrun (RANK, GROUP_RANK), srun (SLURM_PROCID), Lightning's own
+    DDP processes (LOCAL_RANK, NODE_RANK)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "GROUP_RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
-    def __init__(self, run_dir: Path, config_yaml: str, requeue_wait_s: float = 120.0):
-        self.run_dir, self.config_yaml, self.requeue_wait_s = Path(run_dir), config_yaml, requeue_wait_s
-        self.lock, self.claimed = None, False
+
+class RunDirectory(pl.Callback):
+    """Claims the run directory before anything is written into it: the run's first process takes
+    the lock when this is made, before the Trainer and its loggers exist (a refused run must not
+    open a W&B run or a log beside the live one: build the Trainer without loggers when
+    `refused`). When the run starts, every rank learns whether the claim held (one collective,
+    once), so that all ranks of a refused run stop together with the same line; then rank zero
+    writes config.yaml."""
+
+    def __init__(self, run_dir: Path, config_yaml: str, first: bool, requeue_wait_s: float = 120.0):
+        self.run_dir, self.config_yaml = Path(run_dir), config_yaml
+        claim = take_lock(self.run_dir, requeue_wait_s) if first else None
+        self.refused = claim if isinstance(claim, str) else None
+        self.lock = None if self.refused else claim
+        self.checked = False
 
     def setup(self, trainer, pl_module, stage):
-        if self.claimed:
+        if self.checked:
             return  # since fit: the final validation runs under the same claim
-        taken = take_lock(self.run_dir, self.requeue_wait_s) if trainer.is_global_zero else None
-        refusal = trainer.strategy.broadcast(taken if isinstance(taken, str) else None, src=0)
+        refusal = trainer.strategy.broadcast(self.refused, src=0)
         if refusal:
             raise ConfigError(refusal)
-        self.lock, self.claimed = taken, True
+        self.checked = True
         if trainer.is_global_zero:
             if changed := changed_settings(self.run_dir / "config.yaml", self.config_yaml):
                 print(
@@ -129,7 +141,7 @@ class RunDirectory(pl.Callback):
     def release(self) -> None:
         if self.lock is not None:
             self.lock.close()  # closing the file drops the lock
-        self.lock, self.claimed = None, False
+            self.lock = None
 
 
 def unwritable(folder: Path) -> str | None:
