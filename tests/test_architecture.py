@@ -11,16 +11,18 @@ PACKAGE = Path(alexnet_dist.__file__).parent
 # data/ from the top: each module may import only modules of earlier layers (or its own).
 LAYERS = [
     {"transforms", "normalize"},
-    {"manifest", "sources", "shards", "stats"},
+    {"manifest", "sources", "images", "shards", "stats"},
     {"plan"},
     {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
     {"datamodule"},
 ]
-# Imports within a layer: normalisation uses the geometry, the writer and the statistics read the
-# manifest; the loaders share the contract in loader.py and never import each other.
+# Imports within a layer: normalisation uses the geometry; the image conversion takes the sources'
+# samples; the writer uses both, reads the manifest and clears stale statistics; the statistics read
+# the manifest; the loaders share the contract in loader.py and never import each other.
 WITHIN = {
     "normalize": {"transforms"},
-    "shards": {"manifest", "sources"},
+    "images": {"sources"},
+    "shards": {"manifest", "sources", "images", "stats"},
     "stats": {"manifest"},
     "wds": {"loader"},
     "dali": {"loader", "dali_pipeline"},
