@@ -253,6 +253,43 @@ def test_a_missing_index_or_one_that_is_not_an_index_is_named(data):
         module(data, WDS).val_dataloader()
 
 
+def garble_index(index: Path, number: int, change) -> None:
+    """Replaces sample `number`'s line of an index file (-1: the last) with change(its fields)."""
+    header, *lines = index.read_text().splitlines()
+    lines[number] = change(lines[number].split())
+    index.write_text("\n".join([header, *lines]) + "\n")
+
+
+GARBLED = {
+    "cut to 3 fields": lambda f: " ".join(f[:3]),
+    "5 fields": lambda f: " ".join(f[:5]),
+    "not a number": lambda f: " ".join(["jpg", "abc", *f[2:]]),
+    "offset inside the first header": lambda f: " ".join(["jpg", "10", *f[2:]]),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("change", GARBLED.values(), ids=GARBLED.keys())
+def test_a_garbled_last_index_line_is_named_at_start_by_either_loader(data, loader, change):
+    """Once a 3-field line passed as an empty entry and DALI blamed the tar for holding more samples."""
+    index = data / "val" / "000001.idx"
+    garble_index(index, -1, change)
+    with pytest.raises(
+        UserError, match=rf"^{index}: not a DALI index file \(a sample's line reads .*re-run alexnet-prepare$"
+    ):
+        module(data, loader).val_dataloader()
+
+
+@pytest.mark.parametrize("change", [GARBLED["not a number"], lambda f: ""], ids=["not a number", "blank"])
+def test_a_garbled_first_index_line_is_named_by_dali(data, change):
+    """DALI starts reading a tar where its slice's first index line points: once a ValueError or
+    "min() arg is an empty sequence" traceback."""
+    index = data / "val" / "000000.idx"
+    garble_index(index, 0, change)
+    with pytest.raises(UserError, match=rf"^{index}: not a DALI index file \(a sample's line reads "):
+        list(module(data, DALI).val_dataloader())
+
+
 # --- Other files users pass ------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
 from .loader import BadImage, Batch, all_skipped, parse_label
-from .manifest import Shard, check_tar, tar_header
+from .manifest import check_end, check_tar, index_entry, tar_header
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation
 
@@ -81,45 +81,12 @@ def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
     return None
 
 
-def check_shards(shards: list[Shard]) -> None:
-    """Each tar holds every byte its index points at: a truncated tar would otherwise stop the
-    reader with a message about the index file. (The size is enough: the tar is not opened.)"""
-    for shard in shards:
-        tar, index = Path(shard.tar), Path(shard.index)
-        if not index.exists():
-            raise DataError(
-                f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds"
-            )
-        with open(index, "rb") as f:  # the last line is enough: samples are in file order
-            f.seek(max(0, index.stat().st_size - 4096))
-            last = f.read().decode(errors="replace").strip().splitlines()[-1]
-        check_end(tar, last.split(), index)
-
-
-def check_end(tar: Path, fields: list[str], index: Path) -> int:
-    """The tar holds every byte of the index entries `fields` (ext offset size name ...); returns
-    the end of the last."""
-    try:
-        end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
-    except ValueError:
-        raise DataError(
-            f"{index}: not a DALI index file (a line reads {' '.join(fields)[:80]!r}); re-run alexnet-prepare"
-        ) from None
-    if end > tar.stat().st_size:
-        raise DataError(
-            f"{tar}: {tar.stat().st_size} bytes but its index lists data up to byte {end}; the tar is "
-            "truncated: re-create it with alexnet-prepare"
-        )
-    return end
-
-
-def check_contents(tar: Path, first: list[str], end: int | None) -> None:
+def check_contents(tar: Path, offset: int, end: int | None) -> None:
     """DALI reads what the index points at, whatever it is. So before a pass, a tar header must
-    stand where the pass's slice of the tar starts (the index entry `first`; not zeros or other
-    bytes), and where the tar ends (`end`, when the slice reaches it) no further member may follow:
-    a tar holding more samples than its index and the manifest count would be read short without a
+    stand before `offset`, where the pass's slice of the tar starts (not zeros or other bytes),
+    and where the tar ends (`end`, when the slice reaches it) no further member may follow: a tar
+    holding more samples than its index and the manifest count would be read short without a
     word. A block or two per tar of the slice, which DALI opens anyway."""
-    offset = min(int(first[i]) for i in range(1, len(first), 4))  # check_end has parsed the entries
     with open(tar, "rb") as f:
         tar_header(f, str(tar), offset - tarfile.BLOCKSIZE)
         if end is None:
@@ -147,16 +114,16 @@ def slice_index(piece: Piece, path: Path) -> str:
     index = Path(shard.index)
     check_tar(shard)  # checked by another rank's share at start; gone since?
     if not index.exists():
-        raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them) or use loader=wds")
-    entries = index.read_text(errors="replace").splitlines()[1:]  # a garbled line is named by check_end
+        raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them)")
+    entries = index.read_text(errors="replace").splitlines()[1:]  # a garbled line is named by index_entry
     if len(entries) != shard.count:
         raise DataError(
             f"{index}: lists {len(entries)} samples but manifest.json says {shard.count}; re-run alexnet-prepare"
         )
     part = entries[piece.start : piece.stop]
-    check_end(Path(shard.tar), part[0].split(), index)
-    end = check_end(Path(shard.tar), part[-1].split(), index)
-    check_contents(Path(shard.tar), part[0].split(), end if piece.stop == shard.count else None)
+    (offset, _, _), (_, end, _) = index_entry(part[0], index), index_entry(part[-1], index)
+    check_end(shard.tar, end)  # samples lie in index order: the slice's last one ends last
+    check_contents(Path(shard.tar), offset, end if piece.stop == shard.count else None)
     path.write_text(f"v1.2 {len(part)}\n" + "\n".join(part) + "\n")
     return str(path)
 
@@ -345,7 +312,6 @@ def build(
     """The DALI loader of `plan`, decoding on `device`'s GPU (loader.device=auto or gpu) or on the
     CPU. DALI cuts crops out of the stored image (after val_resize in evaluation), so every stored
     image must be at least that large: `min_side` (the manifest's) is checked against the crop."""
-    check_shards(list(plan.shards[plan.rank :: plan.world]))  # this rank's share (see Manifest.check_share)
     kind = str(settings.device)
     if kind == "auto":
         kind = "gpu" if device.type == "cuda" else "cpu"

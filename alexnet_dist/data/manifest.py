@@ -31,10 +31,11 @@ def check_tar(shard: Shard, manifest=MANIFEST) -> None:
 
 def check_shard(shard: Shard, manifest=MANIFEST) -> None:
     """What a glance shows of a shard, before any loader reads it: its tar is a readable file, and
-    its DALI index file exists and counts as many samples as the manifest (its first line says
-    "v1.2 <count>"). The tar itself is not opened here: a rank opens only the tars of its own slice
-    of an epoch (see dali.py), and each loader checks the tar's headers as it starts reading one
-    (tar_header)."""
+    its DALI index file exists, counts as many samples as the manifest (its first line says
+    "v1.2 <count>") and points at no byte past the tar's end (its last line: a truncated tar).
+    Both loaders need the index file (wds seeks through it to a rank's first sample). The tar
+    itself is not opened here: a rank opens only the tars of its own slice of an epoch (see
+    dali.py), and each loader checks the tar's headers as it starts reading one (tar_header)."""
     check_tar(shard, manifest)
     if not stat.S_ISREG(os.stat(shard.tar).st_mode):
         raise DataError(f"{shard.tar}: not a file (a directory?); re-create it with alexnet-prepare")
@@ -46,6 +47,9 @@ def check_shard(shard: Shard, manifest=MANIFEST) -> None:
     try:
         with open(index, "rb") as f:
             header = f.readline(100).split()
+            # The last line is enough for the end: samples lie in the tar in the index's order.
+            f.seek(max(f.tell(), os.fstat(f.fileno()).st_size - 4096))
+            entries = f.read().decode(errors="replace").strip().splitlines()
     except OSError as exc:
         raise DataError(
             f"{index}: cannot be read ({exc.strerror or exc}); fix its permissions or re-run alexnet-prepare"
@@ -56,6 +60,36 @@ def check_shard(shard: Shard, manifest=MANIFEST) -> None:
         raise DataError(
             f"{shard.tar}: holds {int(header[1])} samples but {MANIFEST} says {shard.count} (counted by its "
             "index file); re-run alexnet-prepare so shards and manifest agree"
+        )
+    if shard.count:  # a shard whose every image was skipped lists none
+        check_end(shard.tar, index_entry(entries[-1] if entries else "", index)[1])
+
+
+def index_entry(line: str, index) -> tuple[int, int, str]:
+    """(data offset, end, key) of a sample's line in a DALI index file, "ext offset size name" per
+    member (.jpg, .cls): where its first member's data starts, where its last one's ends, and its
+    key. Anything else (a hand edit, a cut or garbled file) is one line naming the index file."""
+    fields = line.split()
+    try:
+        offsets, sizes = [int(f) for f in fields[1::4]], [int(f) for f in fields[2::4]]
+        # every member's data follows its own tar header, so no offset is below one block
+        if len(fields) < 4 or len(fields) % 4 or min(offsets) < tarfile.BLOCKSIZE or min(sizes) < 0:
+            raise ValueError
+    except ValueError:
+        raise DataError(
+            f"{index}: not a DALI index file (a sample's line reads {line.strip()[:80]!r}); re-run alexnet-prepare"
+        ) from None
+    return min(offsets), max(o + s for o, s in zip(offsets, sizes, strict=True)), fields[3].rsplit(".", 1)[0]
+
+
+def check_end(tar: str, end: int) -> None:
+    """The tar holds every byte up to `end`, where its index says a sample's data ends: DALI would
+    otherwise stop a truncated tar with a message about the index file."""
+    size = os.path.getsize(tar)
+    if end > size:
+        raise DataError(
+            f"{tar}: {size} bytes but its index lists data up to byte {end}; the tar is "
+            "truncated: re-create it with alexnet-prepare"
         )
 
 

@@ -14,8 +14,8 @@ key (error); either way it keeps its place in the stream, so resuming stays exac
 import atexit
 import functools
 import io
+import itertools
 import multiprocessing
-import os
 import random
 import signal
 import tarfile
@@ -30,7 +30,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
 from .loader import BadImage, Batch, all_skipped, parse_label
-from .manifest import tar_header
+from .manifest import index_entry, tar_header
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation, center_crop, colour_shift, crop_box, random_crop_flip, ten_views
 
@@ -114,9 +114,9 @@ class ShardStream(IterableDataset):
         """(tar path, sample dict) of each piece in turn; a shard read to its end is checked
         against the manifest's count."""
         for piece in pieces:
-            shard, count = piece.shard, 0
+            shard = piece.shard
+            offset, count, key = start_of(piece)  # outside the try: its errors name the index, not the tar
             try:
-                offset, count, key = start_of(piece)
                 with open(shard.tar, "rb") as f:
                     tar_header(f, shard.tar, offset)  # zeros would read as an empty tar
                     f.seek(offset)
@@ -258,17 +258,18 @@ def reason(exc: Exception) -> str:
 def start_of(piece: Piece) -> tuple[int, int, str | None]:
     """(byte offset, sample number, its key) to start reading a piece at: from the shard's index
     file when the piece starts inside the shard, so a rank skips to its slice without reading the
-    samples before it (a whole shard of full-size images, at worst); else the tar's start."""
-    if piece.start == 0 or not os.path.exists(piece.shard.index):
+    samples before it (a whole shard of full-size images, at worst); else the tar's start. (Every
+    shard has its index file: the start-up check, Manifest.check_share, requires it.)"""
+    if piece.start == 0:
         return 0, 0, None
-    with open(piece.shard.index) as f:
-        for number, line in enumerate(f):
-            if number == piece.start + 1:  # after the "v1.2 <count>" header
-                fields = line.split()
-                offset = min(int(fields[i]) for i in range(1, len(fields), 4))
-                # the member's header lies one tar block before its data
-                return offset - tarfile.BLOCKSIZE, piece.start, fields[3].rsplit(".", 1)[0]
-    return 0, 0, None
+    index = piece.shard.index
+    try:
+        with open(index, errors="replace") as f:
+            line = next(itertools.islice(f, piece.start + 1, None), "")  # after the "v1.2 <count>" header
+    except OSError as exc:  # removed or made unreadable since the start-up check
+        raise DataError(f"{index}: cannot be read ({exc.strerror or exc}); re-run alexnet-prepare") from None
+    offset, _, key = index_entry(line, index)
+    return offset - tarfile.BLOCKSIZE, piece.start, key  # the member's header lies one block before its data
 
 
 def kill_daemonic_children() -> None:
