@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BIN, run_cli
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from alexnet_dist.data import sources
+from alexnet_dist.data import shards, sources
+from alexnet_dist.data.images import encode
 from alexnet_dist.data.manifest import Manifest
 from alexnet_dist.data.shards import write_dataset
 from alexnet_dist.data.stats import compute_stats
@@ -180,6 +181,7 @@ def test_broken_and_stray_entries_are_named_and_counted_and_links_that_work_are_
         ("damaged per-class tar", "src/train/n02.tar: not a readable tar"),
         ("center crop without resize", "--center-crop crops to the --resize side: pass --resize N too"),
         ("shard size 0", "--shard-size 0: must be 1 or more"),
+        ("synthetic val count 0", "--val-count 0: must be 1 or more"),
     ],
 )
 def test_unusable_sources_and_settings_are_one_line(tmp_path, cli_env, case, message):
@@ -203,6 +205,8 @@ def test_unusable_sources_and_settings_are_one_line(tmp_path, cli_env, case, mes
         extra = ["--center-crop"]
     elif case == "shard size 0":
         extra = ["--shard-size", "0"]
+    elif case == "synthetic val count 0":  # was a manifest that Manifest.read refused at training
+        kind, extra = "synthetic", ["--val-count", "0"]
     proc = run_cli(
         "alexnet-prepare", kind, "--src", src, "--out", tmp_path / "out", *extra, cwd=tmp_path, env=cli_env, check=False
     )
@@ -352,6 +356,18 @@ def test_an_exif_rotated_jpeg_is_stored_upright(tmp_path):
     assert np.abs(halves_only(np.asarray(image, dtype=float) - np.rot90(picture, -1), axis=0)).mean() < 3  # red on top
 
 
+def test_an_image_whose_exif_cannot_be_read_is_stored_as_it_is(tmp_path):
+    """ImageMagick keeps EXIF in a PNG text chunk as hex; garbled there, PIL's getexif raises. The
+    pixels decode, so the image is stored unrotated, not skipped."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", "\nexif\n      8\nnot hex at all\n")
+    picture = halves(RED, BLUE)
+    item = saved(Image.fromarray(picture.astype(np.uint8)), "PNG", pnginfo=info)
+    data, image = encode(sources.Sample("x", partial(given, item), 0), None, False, 95)
+    stored = np.asarray(Image.open(io.BytesIO(data)), dtype=float)
+    assert image.size == (32, 32) and np.abs(halves_only(stored - picture)).mean() < 3
+
+
 # ---------------------------------------------------------------- repeated preparation
 
 
@@ -388,6 +404,52 @@ def test_a_rerun_with_other_settings_rewrites_its_shards_and_drops_stale_ones(tm
     assert len(left) == 3 * len(listed)  # each tar with its .idx and .json, nothing else
 
 
+REWRITING = "shards (made with other settings, from another source or source path, or by an older alexnet-prepare)"
+
+
+def test_a_rerun_that_rewrites_shards_says_so_in_one_line_per_split(tmp_path, capsys):
+    """Once every folder made by an earlier version was rewritten in silence (hours for ImageNet)."""
+    out = tmp_path / "out"
+
+    def prepare(**settings) -> list[str]:
+        source = sources.synthetic(3, 30, 6, 32)
+        write_dataset(source, out, source_name="synthetic", min_shards=2, progress=False, **settings)
+        return capsys.readouterr().out.splitlines()
+
+    assert prepare() == []  # a new folder
+    assert prepare() == []  # nothing changed: every shard kept
+    assert prepare(quality=80) == [f"train: rewriting 2 of 2 {REWRITING}", f"val: rewriting 2 of 2 {REWRITING}"]
+
+
+def test_naming_the_default_validation_labels_file_rewrites_no_shard(tmp_path):
+    """The labels are in each sample's digest line; the file's path once went into every split's."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    flat(src / "train" / "n01" / "a.JPEG", (200, 0, 0), fmt="JPEG")
+    flat(src / "train" / "n02" / "b.JPEG", (0, 0, 200), fmt="JPEG")
+    flat(src / "val" / "v1.JPEG", (200, 0, 0), fmt="JPEG")
+    (src / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nv1,n01 1 2 3 4\n")
+    write_dataset(sources.imagenet(src), out, source_name="imagenet", min_shards=1, progress=False)
+    written = {p: p.stat().st_mtime_ns for p in out.glob("*/*.tar")}
+    labels = src / "LOC_val_solution.csv"
+    write_dataset(sources.imagenet(src, labels), out, source_name="imagenet", min_shards=1, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+
+
+def test_a_rerun_stopped_while_checking_kept_shards_leaves_the_data_set_whole(tmp_path, monkeypatch):
+    """Nothing to rewrite, so the old manifest.json stays until the new one replaces it: a Ctrl-C
+    while the shards are read back once left finished shards without one."""
+    out = tmp_path / "out"
+    write_dataset(sources.synthetic(3, 30, 6, 32), out, source_name="synthetic", min_shards=2, progress=False)
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "verify_split", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(sources.synthetic(3, 30, 6, 32), out, source_name="synthetic", min_shards=2, progress=False)
+    assert [Manifest.read(out).count(split) for split in ("train", "val")] == [30, 6]
+
+
 def boom():
     raise RuntimeError("a crash in the middle of writing shards")
 
@@ -420,10 +482,10 @@ def group_processes(pgid: int) -> list[int]:
     return pids
 
 
-def wait_for(condition, timeout: float):
+def wait_for(condition, timeout: float, every: float = 0.02):
     end = time.monotonic() + timeout
     while not (result := condition()) and time.monotonic() < end:
-        time.sleep(0.02)
+        time.sleep(every)
     return result
 
 
@@ -468,12 +530,14 @@ def test_kill_9_of_prepare_leaves_no_worker_running(tmp_path, cli_env):
 @pytest.mark.parametrize("to", ["the process group", "the main process"])
 def test_ctrl_c_stops_prepare_in_one_line_and_the_same_command_finishes_the_job(tmp_path, cli_env, to):
     out = tmp_path / "out"
-    # Small shards, so some finish before the signal and a re-run has something to keep.
-    args = ["synthetic", "--workers", 2, "--train-count", 600, "--val-count", 40, "--shard-size", 30, "--size", 64]
+    # Small shards, so that one is soon finished and the signal goes out then (a re-run has
+    # something to keep); a hundred of them, so that even a machine many times faster than ours
+    # is far from done when it lands (the run would then exit 0, not 130).
+    args = ["synthetic", "--workers", 2, "--train-count", 3000, "--val-count", 40, "--shard-size", 30, "--size", 64]
     args += ["--out", out]
     proc = start_prepare(tmp_path, cli_env, *args)
     try:
-        assert wait_for(lambda: list(out.glob("train/*.json")), 60), "no shard was finished"
+        assert wait_for(lambda: list(out.glob("train/*.json")), 60, every=0.005), "no shard was finished"
         (os.killpg if to == "the process group" else os.kill)(proc.pid, signal.SIGINT)
         proc.wait(timeout=10)
         assert wait_for(lambda: not group_processes(proc.pid), 5), group_processes(proc.pid)
@@ -483,17 +547,20 @@ def test_ctrl_c_stops_prepare_in_one_line_and_the_same_command_finishes_the_job(
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     last = stderr.strip().splitlines()[-1].split("\r")[-1]  # after the progress bar
     assert last == "error: interrupted; finished shards are kept, run the same command again to continue"
+    files = sorted(out.rglob("*"))
+    time.sleep(0.3)  # a worker still running would write on
+    assert sorted(out.rglob("*")) == files
     assert not list(out.glob("*/*.tmp")) and not (out / "manifest.json").exists()
     kept = {p: p.stat().st_mtime_ns for p in out.glob("train/*.tar") if p.with_suffix(".json").exists()}
-    assert 0 < len(kept) < 20
+    assert kept
     if to == "the main process":
         return  # the same re-run as the other case
     proc = run_cli("alexnet-prepare", *args, cwd=tmp_path, env=cli_env)
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished shards are not written again
     manifest = Manifest.read(out)
-    assert [manifest.count(s) for s in ("train", "val")] == [600, 40]
+    assert [manifest.count(s) for s in ("train", "val")] == [3000, 40]
     labels = sorted(label for label, _ in read_shards(out).values())
-    assert labels == sorted(i % 10 for i in range(600))
+    assert labels == sorted(i % 10 for i in range(3000))
 
 
 @linux_only

@@ -59,7 +59,8 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Settings that cannot work, or would be silently ignored, in one line each."""
-    for name in ("shard_size", "min_shards", "workers", "resize", "size", "classes"):
+    # (a synthetic split of no images would make a manifest that training refuses later)
+    for name in ("shard_size", "min_shards", "workers", "resize", "size", "classes", "train_count", "val_count"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: must be 1 or more")

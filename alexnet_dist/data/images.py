@@ -68,6 +68,15 @@ def to_storage(image: Image.Image, resize: int | None, center_crop: bool) -> Ima
     return image
 
 
+def is_upright(image: Image.Image) -> bool:
+    """Whether the image needs no EXIF rotation. EXIF that cannot be parsed counts as upright:
+    the pixels decoded, and a viewer that cannot read the tag shows them as they are."""
+    try:
+        return image.getexif().get(0x0112, 1) == 1  # the EXIF orientation tag
+    except Exception:
+        return True
+
+
 def encode(sample: Sample, resize: int | None, center_crop: bool, quality: int) -> tuple[bytes, Image.Image]:
     where = sample.origin or sample.key
     item = sample.load()
@@ -75,9 +84,9 @@ def encode(sample: Sample, resize: int | None, center_crop: bool, quality: int) 
         try:
             image = Image.open(io.BytesIO(item))
             image.load()
-            upright = image.getexif().get(0x0112, 1) == 1  # the EXIF orientation tag
         except Exception as exc:
             raise DataError(f"{where}: cannot decode image ({exc}); skipped") from None
+        upright = is_upright(image)
         if image.format == "JPEG" and image.mode in ("RGB", "L") and upright and not resize:
             return item, image  # already a JPEG we can decode as-is: keep the original bytes
     else:

@@ -262,14 +262,24 @@ def write_dataset(
         plans[split] = [(p, s) for p, s in plan if s]
     # Resumable: shards an earlier run finished with the same samples and settings are kept.
     finished = {path: finished_shard(path, chunk, settings) for plan in plans.values() for path, chunk in plan}
+    for split, plan in plans.items():
+        # An earlier run's shard that these settings do not keep: say why the run takes so long.
+        redo = sum(1 for path, _ in plan if path.exists() and not finished[path])
+        if redo:
+            print(
+                f"{split}: rewriting {redo} of {len(plan)} shards (made with other settings, from another source "
+                "or source path, or by an older alexnet-prepare)",
+                flush=True,
+            )
     try:
         for split in plans:
             (out / split).mkdir(parents=True, exist_ok=True)
-        # Until the new manifest is written the folder is no data set: an old manifest would
-        # list shards this run may be rewriting with other settings, a mix of both.
-        (out / MANIFEST).unlink(missing_ok=True)
-        if not all(finished.values()):  # `alexnet-prepare stats` of shards that are about to change
-            for name in (STATS, "mean_image.npy", "mean_image.png"):
+        if not all(finished.values()):
+            # Until the new manifest is written the folder is no data set: an old manifest would
+            # list shards this run is rewriting, a mix of both. (When every shard is kept, the old
+            # one stays until the new one replaces it: a Ctrl-C now leaves a whole data set.) The
+            # statistics (`alexnet-prepare stats`) describe shards that are about to change.
+            for name in (MANIFEST, STATS, "mean_image.npy", "mean_image.png"):
                 (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise DataError(f"{exc.filename}: cannot write there ({exc.strerror}); pass --out a writable folder") from None

@@ -63,6 +63,11 @@ class Source:
     origin: str = ""
 
 
+def no_images(where: Path, fix: str) -> DataError:
+    """The one-line error of a folder (or tar) where an image was expected and none was found."""
+    return DataError(f"{where}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); {fix}")
+
+
 def _read_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -125,10 +130,7 @@ def imagefolder(src: Path) -> Source:
     found = {s.label for s in splits["train"]}
     for name, label in index.items():
         if label not in found:  # a class the model would be asked to learn from nothing
-            raise DataError(
-                f"{train / name}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
-                "add this class's images or remove the folder"
-            )
+            raise no_images(train / name, "add this class's images or remove the folder")
     return Source(list(index), splits, skipped, origin=f"imagefolder {src.resolve()}")
 
 
@@ -232,13 +234,12 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
         else:
             found = _class_tar(tars[wnid], index[wnid])
         if not found:  # a class to learn from nothing: a partial download, most likely
-            raise DataError(
-                f"{folders.get(wnid, tars.get(wnid))}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
-                "add this class's images or remove it"
-            )
+            raise no_images(folders.get(wnid, tars.get(wnid)), "add this class's images or remove it")
         samples += found
     splits = {"train": samples}
-    origin = f"imagenet {src.resolve()} {Path(val_labels).resolve() if val_labels else ''}"
+    # Not the labels file's path: the labels themselves are in each sample's digest line, and
+    # naming the default file explicitly must not rewrite every shard.
+    origin = f"imagenet {src.resolve()}"
     val = src / "val"
     val_dirs, val_files, val_odd = _scan(val) if val.is_dir() else ([], [], [])
     if val_dirs:
@@ -250,9 +251,7 @@ def imagenet(src: Path, val_labels: Path | None = None) -> Source:
             f"{f}: not an image file (by its suffix); skipped" for f in val_files if f not in files
         ]
         if not files:
-            raise DataError(
-                f"{val}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); add them or remove {val}"
-            )
+            raise no_images(val, f"add them or remove {val}")
         labels_file = val_labels or src / "LOC_val_solution.csv"
         if not labels_file.exists():
             raise DataError(
@@ -297,7 +296,7 @@ def imagefolder_split(root: Path, index: dict, skipped: list[str]) -> list[Sampl
             )
         samples += class_folder(cdir, index[cdir.name], skipped)
     if not samples:
-        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise no_images(root, f"put each class's images in {root}/<class>/")
     return samples
 
 

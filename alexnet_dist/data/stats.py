@@ -119,7 +119,8 @@ def read_mean_image(manifest: Manifest) -> np.ndarray:
             f"data.mean_image=true but {path} is missing; run alexnet-prepare stats --out {manifest.root}"
         )
     try:
-        image = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:  # closed also when it holds an .npz archive, opened only to be refused
+            image = np.load(f, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:  # truncated, not a .npy, object arrays (pickle)
         raise ConfigError(f"{path}: not a mean image .npy ({str(exc).splitlines()[0]}); {fix}") from None
     if not isinstance(image, np.ndarray) or image.dtype.kind not in "fiu" or image.ndim != 3 or image.shape[2] != 3:
