@@ -110,7 +110,8 @@ class Preemption(pl.Callback):
         its last step, whose epoch-end checkpoint is saved."""
         if self.terminated_at is not None or self.preempted_at is not None:
             return
-        got = trainer.strategy.reduce(torch.tensor(float(self.terminated), device=trainer.strategy.root_device), "max")
+        mine = torch.tensor(float(self.terminated), device=trainer.strategy.root_device)
+        got = trainer.strategy.reduce(mine, reduce_op="max")
         if got > 0:
             self.terminated_at, self.terminated_by = trainer.global_step, signal.Signals(int(got))
 
