@@ -78,6 +78,11 @@ def take_lock(run_dir: Path, requeue_wait_s: float):
     return file
 
 
+# Settings that say where a run lives or how it starts, not what it does: a run directory copied or
+# moved elsewhere, or resumed from a named checkpoint, is the same experiment.
+WHERE_NOT_WHAT = ("run_id", "paths.", "resume")
+
+
 def changed_settings(old_file: Path, new_yaml: str, show: int = 3) -> str:
     """The settings in which an earlier start's config.yaml differs from this one ('' if none or
     if there is no readable earlier one): a run directory reused by another experiment (two runs
@@ -87,7 +92,7 @@ def changed_settings(old_file: Path, new_yaml: str, show: int = 3) -> str:
     except (OSError, yaml.YAMLError):
         return ""
     new = _flat(yaml.safe_load(new_yaml))
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(WHERE_NOT_WHAT))
     shown = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys[:show]]
     return "; ".join(shown) + (f"; {len(keys) - show} more" if len(keys) > show else "")
 
