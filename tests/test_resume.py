@@ -141,9 +141,10 @@ def test_a_stop_signal_saves_a_checkpoint_exits_non_zero_and_the_run_resumes(
     assert [p.name for p in (run_dir / "checkpoints").glob("best*")] == ["best.ckpt"]
 
 
-def test_ctrl_c_twice_stops_at_once_in_one_line(tmp_path, synthetic_root, cli_env):
-    """The second Ctrl-C does not wait for the step boundary: status 130 and one line, and the
-    checkpoints saved before are intact."""
+def test_ctrl_c_twice_stops_in_one_line(tmp_path, synthetic_root, cli_env):
+    """A second Ctrl-C: before the step boundary it stops at once, after it (the checkpoint saved,
+    the run leaving) it changes nothing; either way status 130, one line, no traceback, and the
+    checkpoints are intact. (Which of the two happens depends on where the steps are.)"""
     args = [*ARGS, f"data.root={synthetic_root}", "run_id=twice"]
     proc = subprocess.Popen(
         [str(BIN / "alexnet-train"), *args],
@@ -162,7 +163,10 @@ def test_ctrl_c_twice_stops_at_once_in_one_line(tmp_path, synthetic_root, cli_en
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert lines == ["error: stopped by SIGINT at once, without a new checkpoint; the last saved one is kept"], err
+    at_once = "error: stopped by SIGINT at once, without a new checkpoint; the last saved one is kept"
+    saved = weights(run_dir)["global_step"]
+    at_step = f"error: stopped by SIGINT at step {saved}, before the end; the checkpoint is saved: run the same"
+    assert len(lines) == 1 and (lines[0] == at_once or lines[0].startswith(at_step)), err
     assert weights(run_dir)["global_step"] >= 5 and not list((run_dir / "checkpoints").glob("*.tmp"))
 
 

@@ -274,7 +274,7 @@ def test_a_data_error_on_one_ddp_rank_stops_both_ranks_in_one_line_each(tmp_path
     assert proc.returncode == 2 and time.time() - start < 120 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2, proc.stderr[-3000:]
-    data_error = [e for e in errors if f"{tar}: " in e and "re-run alexnet-prepare" in e]
+    data_error = [e for e in errors if f"{tar}: " in e and "alexnet-prepare" in e]  # names the fix
     peer_error = [e for e in errors if "another rank of this run failed or stopped answering" in e]
     assert len(data_error) == 1 and len(peer_error) == 1, errors
 

@@ -224,6 +224,7 @@ def fit_and_report(
         raise
     preemption.after_fit(trainer)
     if preemption.terminated_at is not None:
+        preemption.leaving()
         trainer.strategy.barrier("terminated")
         code = 128 + preemption.terminated_by  # as if the signal had ended the process: 143, 130
         finish_loggers(trainer, exit_code=code)

@@ -98,22 +98,25 @@ class Preemption(pl.Callback):
             stop_now(signum, frame)  # Ctrl-C twice: the user will not wait for the checkpoint
         self.terminated = int(signum)
 
-    def on_train_end(self, trainer, pl_module):
-        # Training is over and its last checkpoint saved: a stop signal during the final
-        # validation ends the run at once.
+    def leaving(self) -> None:
+        """The run is stopping and its checkpoint is saved: a further Ctrl-C or SIGTERM while it
+        closes its loggers and exits has nothing left to save and must not cut the exit short."""
         for signum in self.stop_signals:
-            signal.signal(signum, stop_now)
+            signal.signal(signum, signal.SIG_IGN)
 
     def after_fit(self, trainer) -> None:
         """A stop signal that came after the last training step (during the last validation) had
         no step left to act at: all ranks agree on it once here, and the run ends as if stopped at
-        its last step, whose epoch-end checkpoint is saved."""
+        its last step, whose epoch-end checkpoint is saved. Training is over: from here a stop
+        signal (during the final validation) ends the run at once."""
         if self.terminated_at is not None or self.preempted_at is not None:
             return
         mine = torch.tensor(float(self.terminated), device=trainer.strategy.root_device)
         got = trainer.strategy.reduce(mine, reduce_op="max")
         if got > 0:
             self.terminated_at, self.terminated_by = trainer.global_step, signal.Signals(int(got))
+        for signum in self.stop_signals:
+            signal.signal(signum, stop_now)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         preempt, terminate = self.agreement.take("preempt"), self.agreement.take("terminate")
