@@ -55,6 +55,20 @@ def wandb_records(path: Path):
             yield record
 
 
+def start_cli(name: str, *args, cwd: Path, env: dict) -> subprocess.Popen:
+    """A command started in a session of its own (so a test can signal its whole process group,
+    loader workers included), its output piped as text."""
+    return subprocess.Popen(
+        [str(BIN / name), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def run_cli(
     name: str, *args, cwd: Path, env: dict, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, run_cli
+from conftest import BIN, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 ARGS = [
@@ -108,15 +108,7 @@ def test_a_stop_signal_saves_a_checkpoint_exits_non_zero_and_the_run_resumes(
     name = sig.name
     args = [*ARGS, f"data.root={synthetic_root}", f"run_id={name}", "checkpoint.every_n_steps=null"]
     args += ["loader=wds", "loader.workers=2", "data.batch_size=64"]  # 31 steps an epoch
-    proc = subprocess.Popen(
-        [str(BIN / "alexnet-train"), *args],
-        cwd=tmp_path,
-        env=cli_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
     run_dir = tmp_path / f"runs/smoke/{name}"
     wait_for_step_file(run_dir / "checkpoints", 31, proc)  # epoch 0's checkpoint: epoch 1 is under way
     os.killpg(proc.pid, sig)
@@ -146,15 +138,7 @@ def test_ctrl_c_twice_stops_in_one_line(tmp_path, synthetic_root, cli_env):
     the run leaving) it changes nothing; either way status 130, one line, no traceback, and the
     checkpoints are intact. (Which of the two happens depends on where the steps are.)"""
     args = [*ARGS, f"data.root={synthetic_root}", "run_id=twice"]
-    proc = subprocess.Popen(
-        [str(BIN / "alexnet-train"), *args],
-        cwd=tmp_path,
-        env=cli_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
     run_dir = tmp_path / "runs/smoke/twice"
     wait_for_step_file(run_dir / "checkpoints", 5, proc)
     os.killpg(proc.pid, signal.SIGINT)

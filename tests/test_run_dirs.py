@@ -10,23 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, run_cli
+from conftest import run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
 SHORT = ["trainer.max_steps=4", "trainer.limit_val_batches=2"]
-
-
-def start(args, cwd, env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "alexnet-train"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout=120) -> None:
@@ -45,7 +33,15 @@ def error_lines(stderr: str) -> list[str]:
 def test_a_second_run_on_a_live_run_directory_stops_at_once_on_every_rank(tmp_path, synthetic_root, cli_env):
     """The same run_id given twice at the same moment: the second (two DDP ranks) stops in one line
     naming the first's pid, and leaves the first's config.yaml and training alone."""
-    first = start([*SMOKE, f"data.root={synthetic_root}", "run_id=same", "optim.lr=0.01"], tmp_path, cli_env)
+    first = start_cli(
+        "alexnet-train",
+        *SMOKE,
+        f"data.root={synthetic_root}",
+        "run_id=same",
+        "optim.lr=0.01",
+        cwd=tmp_path,
+        env=cli_env,
+    )
     run_dir = tmp_path / "runs/smoke/same"
     try:
         wait_for(run_dir / "checkpoints" / "last.ckpt", first)
@@ -79,7 +75,10 @@ def test_a_second_run_on_a_live_run_directory_stops_at_once_on_every_rank(tmp_pa
 
 def test_runs_started_together_without_a_run_id_get_directories_of_their_own(tmp_path, synthetic_root, cli_env):
     runs = [
-        start([*SMOKE, *SHORT, f"data.root={synthetic_root}", f"optim.lr={lr}"], tmp_path, cli_env) for lr in (1, 2)
+        start_cli(
+            "alexnet-train", *SMOKE, *SHORT, f"data.root={synthetic_root}", f"optim.lr={lr}", cwd=tmp_path, env=cli_env
+        )
+        for lr in (1, 2)
     ]
     for proc in runs:
         out, err = proc.communicate(timeout=180)
@@ -119,7 +118,7 @@ def test_a_disk_that_fills_during_training_is_one_line_and_the_run_resumes(tmp_p
     args = [*SMOKE, f"data.root={synthetic_root}", "run_id=full", "trainer.max_epochs=1", "checkpoint.keep=1"]
     with tmpfs(tmp_path / "disk", "64m") as disk:
         args.append(f"paths.runs={disk}")
-        proc = start(args, tmp_path, cli_env)
+        proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
         ckpt_dir = disk / "smoke/full/checkpoints"
         wait_for(ckpt_dir / "last.ckpt", proc)
         filler = fill(disk)
