@@ -91,13 +91,16 @@ def make_loggers(cfg: DictConfig, settings: Train, run_dir: Path, run_id: str) -
 
 def finish_loggers(trainer: pl.Trainer, exit_code: int = 0) -> None:
     """Closes this job's W&B run (rank zero), so that the next job of a sweep starts its own and a
-    requeue's cancel cannot cut the upload short."""
+    requeue's cancel cannot cut the upload short. Its service process is stopped here too: left to
+    W&B's exit hook, it may already have been killed by the requeue's TERM, and the hook then prints
+    a traceback."""
     if not trainer.is_global_zero or not any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
         return
     import wandb
 
     try:
         wandb.finish(exit_code=exit_code)
+        wandb.teardown(exit_code)
     except Exception as exc:  # its service may be gone: SLURM's TERM reaches every process of the job
         print(f"warning: the W&B run could not be closed cleanly ({type(exc).__name__}: {exc})", file=sys.stderr)
 
