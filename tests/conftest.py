@@ -1,7 +1,9 @@
 import os
+import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,100 @@ def run_cli(
             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the server exited {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class ObjectStore:
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1, in its own process,
+    and the environment that points AWS clients (boto3, DALI's AWS SDK) at it."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.workdir, self.proc = workdir, None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.workdir / f"moto-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log
+        )
+        wait_for_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        """The server gone, with everything it held (moto keeps objects in memory)."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def client(self):
+        import boto3
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.env["AWS_ENDPOINT_URL"],
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
+
+    def upload(self, folder: Path, url: str) -> str:
+        """Every file under `folder` to s3://BUCKET/PREFIX (the bucket made when new); returns the URL."""
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        client = self.client()
+        if bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+            client.create_bucket(Bucket=bucket)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                client.upload_file(str(path), bucket, f"{prefix.rstrip('/')}/{path.relative_to(folder)}".lstrip("/"))
+        return url.rstrip("/")
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    store = ObjectStore(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)  # for the test process itself; CLI subprocesses inherit it
+    yield store
+    store.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory):
+    """python -m http.server on 127.0.0.1 serving a folder; yields (folder, base URL)."""
+    folder = tmp_path_factory.mktemp("www")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "-b", "127.0.0.1", "-d", str(folder), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, proc)
+    yield folder, f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()

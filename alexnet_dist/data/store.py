@@ -1,0 +1,284 @@
+"""Where shards and their files live: a local path, s3://bucket/key (AWS S3 or any S3-compatible
+store: MinIO, Ceph, ...) or http(s)://host/path. Everything that reads shards, manifests and index
+files opens them through `open_file`, so each reader works the same from every place.
+
+A remote file is read with ranged GET requests. A read that fails (a reset connection, a timeout,
+a server that is gone or answers 5xx) is tried again from the byte it stopped at, after 0.5, 1, 2,
+4 and 8 seconds; then one line names the file and what went wrong. So a store that goes away
+stops a run within about half a minute, never hangs it, and a short outage costs nothing.
+
+S3 credentials, region and endpoint come from the standard AWS environment variables and files
+(AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/config, AWS_ENDPOINT_URL for an S3-compatible store),
+read by boto3 as every AWS tool reads them.
+"""
+
+import fnmatch
+import http.client
+import io
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from ..errors import DataError
+
+SCHEMES = ("s3://", "http://", "https://")
+WAITS = (0.5, 1, 2, 4, 8)  # seconds before each new try of a failed request
+TIMEOUT_S = 20  # connecting, and waiting for the next bytes of an answer
+
+
+def is_remote(location: str) -> bool:
+    return str(location).startswith(SCHEMES)
+
+
+def join(root: str, name: str) -> str:
+    """`name` (a path relative to `root`, or a location of its own) as a location."""
+    if is_remote(name) or os.path.isabs(name):
+        return name
+    if is_remote(root):
+        return root.rstrip("/") + "/" + name
+    return str(Path(root) / name)
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise DataError(f"{url}: no bucket named; S3 locations read s3://BUCKET/KEY")
+    return bucket, key
+
+
+_clients = {}
+
+
+def s3_client():
+    """This process's S3 client (one per process: clients are not safe to share across a fork).
+    botocore's own retries are off; `retrying` does them, the same for S3 and HTTP."""
+    if os.getpid() not in _clients:
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise DataError(
+                "s3:// locations need boto3, which is not installed; pip install 'alexnet_dist[s3]'"
+            ) from None
+        config = Config(retries={"max_attempts": 1}, connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S)
+        _clients.clear()
+        _clients[os.getpid()] = boto3.session.Session().client("s3", config=config)
+    return _clients[os.getpid()]
+
+
+class Missing(DataError):
+    """The file does not exist (HTTP 404, S3 NoSuchKey): not worth trying again."""
+
+
+def failure(location: str, exc: Exception) -> tuple[str, bool]:
+    """(why, worth trying again) for an error of a request for `location`."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    except ImportError:  # without boto3 no S3 request was made
+        BotoCoreError = ClientError = NoCredentialsError = ()
+    if isinstance(exc, NoCredentialsError):
+        return "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE", False
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return f"{error.get('Code', status)}: {error.get('Message', '')}".strip(": "), status >= 500 or status == 429
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}", exc.code >= 500 or exc.code == 429
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason), True
+    if isinstance(exc, BotoCoreError | OSError | EOFError | http.client.HTTPException) or is_urllib3(exc):
+        # refused, reset, timed out, cut short
+        return str(exc) or type(exc).__name__, True
+    raise exc
+
+
+def is_urllib3(exc: Exception) -> bool:
+    """A connection error of urllib3 (under botocore), which is not an OSError."""
+    return type(exc).__module__.startswith("urllib3")
+
+
+def retrying(location: str, request):
+    """request() tried until it succeeds, WAITS long; a missing file or a refusal (403) at once."""
+    for attempt in range(len(WAITS) + 1):
+        try:
+            return request()
+        except Exception as exc:
+            why, again = failure(location, exc)
+            if is_missing(exc):
+                raise Missing(f"{location}: no such file ({why})") from None
+            if not again or attempt == len(WAITS):
+                tries = f" after {attempt + 1} tries over {sum(WAITS[:attempt]):.0f} s" if again else ""
+                raise DataError(
+                    f"{location}: cannot be read ({why}){tries}; check that the store is reachable and the "
+                    "credentials (AWS_* variables for s3://); the last checkpoint is kept: resume once it is back"
+                ) from None
+            time.sleep(WAITS[attempt])
+
+
+def is_missing(exc: Exception) -> bool:
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code == 404
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound")
+    return False
+
+
+def http_get(url: str, start: int, end: int | None = None):
+    """A response for bytes start..end-1 (to the end of the file for None). A server that ignores
+    Range (python -m http.server) answers with the whole file: its first `start` bytes are dropped."""
+    headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
+    response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    if start and response.status != 206:
+        skip = start
+        while skip:
+            got = len(response.read(min(skip, 1 << 20)))
+            if not got:
+                break
+            skip -= got
+    return response
+
+
+def open_range(location: str, start: int):
+    """A readable stream of `location` from byte `start` (one request)."""
+    if location.startswith("s3://"):
+        bucket, key = split_s3(location)
+        return s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")["Body"]
+    return http_get(location, start)
+
+
+def size(location: str) -> int:
+    """The file's size in bytes; Missing when there is none."""
+    if not is_remote(location):
+        try:
+            return os.path.getsize(location)
+        except FileNotFoundError:
+            raise Missing(f"{location}: no such file") from None
+    if location.startswith("s3://"):
+        bucket, key = split_s3(location)
+        return retrying(location, lambda: s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+
+    def head():
+        request = urllib.request.Request(location, method="HEAD")
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return int(response.headers["Content-Length"])
+
+    return retrying(location, head)
+
+
+def exists(location: str) -> bool:
+    try:
+        size(location)
+    except Missing:
+        return False
+    return True
+
+
+class RemoteFile(io.RawIOBase):
+    """A remote file read from any position: a seek costs nothing until the next read, which then
+    opens one ranged request and reads on from it. A request that fails mid-way is opened again at
+    the byte it stopped at (see `retrying`)."""
+
+    def __init__(self, location: str):
+        self.location, self.position, self.body, self.body_at = location, 0, None, None
+        self.size = size(location)  # one request: a missing file is one line at once, not at the first read
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        if self.position >= self.size:
+            return 0
+
+        def read() -> int:
+            if self.body is None or self.body_at != self.position:
+                self.drop()
+                self.body, self.body_at = open_range(self.location, self.position), self.position
+            try:
+                data = self.body.read(len(buffer))
+                if not data:  # the answer ended before the file did: the connection was cut
+                    raise EOFError(f"the answer ended at byte {self.position} of {self.size}")
+            except Exception:
+                self.drop()  # the next try opens a new request at this position
+                raise
+            buffer[: len(data)] = data
+            return len(data)
+
+        n = retrying(self.location, read)
+        self.position += n
+        self.body_at = self.position
+        return n
+
+    def drop(self) -> None:
+        if self.body is not None:
+            try:
+                self.body.close()
+            except Exception:
+                pass
+        self.body = None
+
+    def close(self) -> None:
+        self.drop()
+        super().close()
+
+
+def open_file(location: str, buffer: int = 1 << 20):
+    """`location` opened for reading in binary mode, local or remote, seekable either way."""
+    if not is_remote(location):
+        return open(location, "rb")
+    return io.BufferedReader(RemoteFile(location), buffer_size=buffer)
+
+
+def read_bytes(location: str) -> bytes:
+    with open_file(location) as f:
+        return f.read()
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode()
+
+
+def expand(pattern: str) -> list[str]:
+    """The files a pattern names, in order: brace ranges (shard-{000000..000099}.tar), a local
+    glob, or a folder or S3 prefix ending in / (every .tar under it). HTTP servers list nothing:
+    name their tars with a brace pattern."""
+    found = []
+    for item in braceexpand(pattern):
+        if item.endswith("/") or (not is_remote(item) and os.path.isdir(item)):
+            found += folder_tars(item)
+        elif not is_remote(item) and any(c in item for c in "*?["):
+            found += sorted(str(p) for p in Path("/").glob(str(Path(item).resolve()).lstrip("/")))
+        else:
+            found.append(item if is_remote(item) else str(Path(item).resolve()))
+    return found
+
+
+def folder_tars(folder: str) -> list[str]:
+    """The .tar files under a local folder or an S3 prefix, sorted by name."""
+    if folder.startswith("s3://"):
+        bucket, prefix = split_s3(folder)
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = retrying(folder, lambda: [o["Key"] for page in pages for o in page.get("Contents", [])])
+        return sorted(f"s3://{bucket}/{k}" for k in keys if k.endswith(".tar"))
+    if is_remote(folder):
+        raise DataError(
+            f"{folder}: an HTTP server lists no folders; name the tars with a brace pattern, "
+            "e.g. https://host/shards/shard-{000000..000099}.tar"
+        )
+    return sorted(str(p) for p in Path(folder).resolve().rglob("*.tar") if fnmatch.fnmatch(p.name, "*.tar"))
