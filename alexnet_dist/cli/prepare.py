@@ -1,4 +1,5 @@
-"""alexnet-prepare SOURCE --src DIR --out DIR: image folders, ImageNet, Fashion-MNIST or synthetic images to shards."""
+"""alexnet-prepare SOURCE --src DIR --out DIR: image folders, ImageNet, Fashion-MNIST or synthetic images to shards;
+alexnet-prepare index --train PATTERN --val PATTERN --out DIR: a manifest for WebDataset tars made elsewhere."""
 
 import argparse
 import os
@@ -15,8 +16,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="alexnet-prepare", description=__doc__)
     p.add_argument(
         "source",
-        choices=["imagefolder", "imagenet", "fashion-mnist", "synthetic", "stats"],
-        help="stats: the mean image, channel means and colour axes of the shards in --out",
+        choices=["imagefolder", "imagenet", "fashion-mnist", "synthetic", "stats", "index"],
+        help="stats: the mean image, channel means and colour axes of the shards in --out; "
+        "index: index existing WebDataset tars (--train, --val) where they lie, copying nothing",
     )
     p.add_argument(
         "--src",
@@ -48,9 +50,21 @@ def parse_args(argv=None):
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards (and draws synthetic images)")
-    p.add_argument("--sample", type=int, default=10000, help="stats: training images to sample")
+    p.add_argument("--sample", type=int, default=10000, help="stats, index: training images to sample")
+    g = p.add_argument_group("index", "WebDataset tars (<key>.jpg + <key>.cls, a class number) made by other tools")
+    for split in ("train", "val"):
+        g.add_argument(
+            f"--{split}",
+            metavar="PATTERN",
+            help=f"the {split} tars: a path, s3:// or http(s):// URL, with {{000000..000099}} ranges, "
+            "a local glob, or a folder or s3:// prefix ending in / (every .tar under it)",
+        )
+    g.add_argument(
+        "--classes",
+        help="index: a file of class names, one a line, for labels 0, 1, ... (default: 0 up to the largest train "
+        "label); synthetic: the number of classes (default 10)",
+    )
     g = p.add_argument_group("synthetic")
-    g.add_argument("--classes", type=int, default=10)
     g.add_argument("--train-count", type=int, default=2000)
     g.add_argument("--val-count", type=int, default=500)
     g.add_argument("--size", type=int, default=32, help="side of the synthetic images")
@@ -59,15 +73,38 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Settings that cannot work, or would be silently ignored, in one line each."""
+    if args.source == "index":
+        check_index_args(args)
+    else:
+        if args.train or args.val:
+            raise ConfigError(f"--train and --val name the tars of alexnet-prepare index; {args.source} reads --src")
+        try:
+            args.classes = int(args.classes or 10)
+        except ValueError:
+            raise ConfigError(f"--classes {args.classes}: a number of classes (a file of names is for index)") from None
     # (a synthetic split of no images would make a manifest that training refuses later)
-    for name in ("shard_size", "min_shards", "workers", "resize", "size", "classes", "train_count", "val_count"):
+    for name in ("shard_size", "min_shards", "workers", "resize", "size", "train_count", "val_count", "sample"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: must be 1 or more")
+    if args.source != "index" and args.classes < 1:
+        raise ConfigError(f"--classes {args.classes}: must be 1 or more")
     if not 1 <= args.quality <= 100:
         raise ConfigError(f"--quality {args.quality}: JPEG quality goes from 1 to 100 (default 90)")
     if args.center_crop and not args.resize:
         raise ConfigError("--center-crop crops to the --resize side: pass --resize N too (the paper: 256)")
+
+
+def check_index_args(args) -> None:
+    """index reads --train and --val, both (training needs both), and stores nothing anew."""
+    for split in ("train", "val"):
+        if not getattr(args, split):
+            raise ConfigError(f"index: --{split} PATTERN missing (training needs both --train and --val)")
+    for name in ("src", "val_labels", "resize"):
+        if getattr(args, name) is not None:
+            raise ConfigError(f"index: --{name.replace('_', '-')} does not apply (the tars are indexed as they are)")
+    if args.center_crop:
+        raise ConfigError("index: --center-crop does not apply (the tars are indexed as they are)")
 
 
 @one_line_errors
@@ -89,6 +126,41 @@ def prepare(args) -> None:
         print(f"{stats['images']} images: channel mean {stats['channel_mean']}, colour axes' std {stats['pca_std']}")
         print(f"wrote {args.out / 'stats.json'}, mean_image.npy and mean_image.png")
         return
+    stats = [args.out / name for name in ("stats.json", "mean_image.npy")]
+    had_stats = any(path.exists() for path in stats)
+    if args.source == "index":
+        from ..data.index import index_shards
+
+        manifest = index_shards(
+            args.train, args.val, args.out, classes=args.classes, sample=args.sample, workers=args.workers
+        )
+        print_skipped(manifest)
+    else:
+        manifest = write_shards(args)
+    for split, info in manifest["splits"].items():
+        print(
+            f"{split}: {info['count']} images in {len(info['shards'])} shards"
+            + (f", {len(info['skipped'])} skipped (see manifest.json)" if info["skipped"] else "")
+        )
+    print(f"wrote {args.out / 'manifest.json'}")
+    if had_stats and not any(path.exists() for path in stats):
+        print(
+            "removed stats.json and mean_image.* (they described the earlier shards): "
+            f"run alexnet-prepare stats --out {args.out} again"
+        )
+
+
+def print_skipped(manifest: dict, shown: int = 20) -> None:
+    """The first `shown` skipped samples of each split on stderr, one line each; all are in the manifest."""
+    for info in manifest["splits"].values():
+        for line in info["skipped"][:shown]:
+            print(line, file=sys.stderr)
+        if len(info["skipped"]) > shown:
+            print(f"... and {len(info['skipped']) - shown} more (see manifest.json)", file=sys.stderr)
+
+
+def write_shards(args) -> dict:
+    """Shards of the images of an image folder, ImageNet, Fashion-MNIST or synthetic images."""
     if args.source == "synthetic":
         source = sources.synthetic(args.classes, args.train_count, args.val_count, args.size, args.seed)
     elif args.source == "fashion-mnist":
@@ -107,9 +179,7 @@ def prepare(args) -> None:
             if args.source == "imagefolder"
             else sources.imagenet(args.src, args.val_labels)
         )
-    stats = [args.out / name for name in ("stats.json", "mean_image.npy")]
-    had_stats = any(path.exists() for path in stats)
-    manifest = write_dataset(
+    return write_dataset(
         source,
         args.out,
         source_name=args.source,
@@ -121,17 +191,6 @@ def prepare(args) -> None:
         workers=args.workers,
         seed=args.seed,
     )
-    for split, info in manifest["splits"].items():
-        print(
-            f"{split}: {info['count']} images in {len(info['shards'])} shards"
-            + (f", {len(info['skipped'])} skipped (see manifest.json)" if info["skipped"] else "")
-        )
-    print(f"wrote {args.out / 'manifest.json'}")
-    if had_stats and not any(path.exists() for path in stats):
-        print(
-            "removed stats.json and mean_image.* (they described the earlier shards): "
-            f"run alexnet-prepare stats --out {args.out} again"
-        )
 
 
 if __name__ == "__main__":

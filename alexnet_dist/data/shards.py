@@ -37,6 +37,49 @@ from .stats import STATS
 MAX_KEY = 96
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` whole or is left as it was: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def index_line(members: list[tuple[str, int, int, str]]) -> str:
+    """A sample's line in a DALI index file from its members' (ext, data offset, size, name)."""
+    return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members)
+
+
+def write_index(path: Path, lines: list[str]) -> None:
+    """A DALI index file: "v1.2 <count>", then one line per sample (index_line)."""
+    write_atomically(path, f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+
+
+def channel_stats(sums, squares, pixels: int) -> dict:
+    """The manifest's mean and std per channel (0-255 scale) from the pixels' sums and sums of squares."""
+    if not pixels:
+        return {}
+    mean = np.asarray(sums) / pixels
+    std = np.sqrt(np.maximum(np.asarray(squares) / pixels - mean**2, 0))
+    return {"mean": [round(float(v), 3) for v in mean], "std": [round(float(v), 3) for v in std]}
+
+
+def size_stats(sizes: set) -> dict:
+    """The manifest's min_side (the smallest side of any image) and image_size ([w, h] when every
+    image has that one size, which lets configs and checks rely on it; else None)."""
+    return {
+        "min_side": min((min(size) for size in sizes), default=None),
+        "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
+    }
+
+
+def forget_dataset(out: Path) -> None:
+    """Removes the manifest and the statistics (`alexnet-prepare stats`) of `out` before its shards
+    change: until the new manifest is written the folder is no data set, and an old manifest would
+    list a mix of old and new shards."""
+    for name in (MANIFEST, STATS, "mean_image.npy", "mean_image.png"):
+        (out / name).unlink(missing_ok=True)
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -104,8 +147,8 @@ def write_shard(path: Path, samples: list[Sample], settings: dict, stats: bool) 
                 parts = []
                 for ext, payload in (("jpg", data), ("cls", str(sample.label).encode())):
                     offset, size = _add(tar, f"{sample.key}.{ext}", payload)
-                    parts.append(f"{ext} {offset} {size} {sample.key}.{ext}")
-                index_lines.append(" ".join(parts))
+                    parts.append((ext, offset, size, f"{sample.key}.{ext}"))
+                index_lines.append(index_line(parts))
                 if stats:
                     a = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
                     sums += a.sum(0)
@@ -118,8 +161,7 @@ def write_shard(path: Path, samples: list[Sample], settings: dict, stats: bool) 
         tmp.unlink()
         return None
     os.replace(tmp, path)
-    idx = path.with_suffix(".idx")
-    idx.write_text(f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
+    write_index(path.with_suffix(".idx"), index_lines)
     result = {
         "count": len(index_lines),
         "skipped": skipped,
@@ -131,9 +173,7 @@ def write_shard(path: Path, samples: list[Sample], settings: dict, stats: bool) 
         "plan": plan_digest(samples, settings),
     }
     # Written last: a shard with its .json beside it is finished, and a re-run keeps it.
-    done = path.with_suffix(".json.tmp")
-    done.write_text(json.dumps(result))
-    os.replace(done, path.with_suffix(".json"))
+    write_atomically(path.with_suffix(".json"), json.dumps(result))
     return result
 
 
@@ -279,8 +319,7 @@ def write_dataset(
             # list shards this run is rewriting, a mix of both. (When every shard is kept, the old
             # one stays until the new one replaces it: a Ctrl-C now leaves a whole data set.) The
             # statistics (`alexnet-prepare stats`) describe shards that are about to change.
-            for name in (MANIFEST, STATS, "mean_image.npy", "mean_image.png"):
-                (out / name).unlink(missing_ok=True)
+            forget_dataset(out)
     except OSError as exc:
         raise DataError(f"{exc.filename}: cannot write there ({exc.strerror}); pass --out a writable folder") from None
     context = multiprocessing.get_context()
@@ -335,14 +374,8 @@ def write_dataset(
             "skipped": skipped,
             "class_counts": dict(sorted(class_counts.items(), key=lambda kv: int(kv[0]))),
         }
-        if split == "train" and pixels:
-            mean = sums / pixels
-            manifest["mean"] = [round(float(v), 3) for v in mean]
-            manifest["std"] = [round(float(v), 3) for v in np.sqrt(np.maximum(sq / pixels - mean**2, 0))]
-    # One size for every image (square storage) lets configs and checks rely on it.
-    manifest["min_side"] = min((min(size) for size in all_sizes), default=None)  # the smallest stored side
-    manifest["image_size"] = list(all_sizes.pop()) if len(all_sizes) == 1 else None
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+        if split == "train":
+            manifest.update(channel_stats(sums, sq, pixels))
+    manifest.update(size_stats(all_sizes))
+    write_atomically(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
