@@ -43,7 +43,7 @@ def read_classes(location: str) -> list[str]:
     """The class names of a --classes file, one a line; blank lines are none."""
     try:
         names = [line.strip() for line in store.read_text(location).splitlines() if line.strip()]
-    except FileNotFoundError:
+    except (FileNotFoundError, store.Missing):
         raise DataError(f"--classes {location}: no such file") from None
     except UnicodeDecodeError:
         raise DataError(f"--classes {location}: not text; give one class name per line") from None
@@ -128,7 +128,7 @@ def read_tar(tar: str, num_classes: int | None, decode: int) -> TarIndex:
     found, at = TarIndex(tar, num_classes, decode), 0
     try:
         f = store.open_file(tar)
-    except FileNotFoundError:  # a brace pattern names files whether or not they exist
+    except FileNotFoundError:  # a brace pattern names files whether or not they exist (store.py: Missing)
         raise DataError(f"{tar}: no such file") from None
     with f:
         try:
@@ -157,10 +157,7 @@ def read_tar(tar: str, num_classes: int | None, decode: int) -> TarIndex:
 def check_end(f, found: TarIndex, end: int) -> None:
     """tarfile ends a stream quietly at a header it cannot read, as at the zero blocks that end
     a tar: damage part-way would pass for a shorter tar. After the real end come only zeros (the
-    padding to a whole record), and no member ran past the file's end."""
-    size = f.seek(0, io.SEEK_END)
-    if end > size:
-        raise damaged(found, size, "the file ends inside a member: cut short")
+    padding to a whole record). (A tar cut short inside a member is tarfile's "unexpected end".)"""
     f.seek(end)
     while chunk := f.read(1 << 16):
         if chunk.strip(b"\0"):
