@@ -13,6 +13,7 @@ import io
 import json
 import re
 import tarfile
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -95,8 +96,9 @@ class TarIndex:
         if "cls" not in members:
             return "no .cls label"
         (jpg, image), (cls, text) = members["jpg"][0], members["cls"][0]
-        if any(len(m.name.split()) != 1 for m in (jpg, cls)):
-            return f"a member name with a space ({jpg.name!r}), which a DALI index file cannot hold"
+        spaced = [m.name for m in (jpg, cls) if len(m.name.split()) != 1]
+        if spaced:  # the index file's fields are separated by spaces
+            return f"member name {spaced[0]!r} has a space, which a DALI index file cannot hold"
         try:
             label = int(text.decode().strip())
         except (UnicodeDecodeError, ValueError):
@@ -122,9 +124,9 @@ class TarIndex:
         return None
 
 
-def read_tar(tar: str, num_classes: int | None, decode: int) -> TarIndex:
+def read_tar(tar: str, num_classes: int | None, decode: int, stop: threading.Event) -> TarIndex:
     """One streaming pass over `tar` (mode "r|": a remote tar is fetched once, front to back),
-    reading only the .jpg and .cls members' bytes."""
+    reading only the .jpg and .cls members' bytes. Given up, part-way, once `stop` is set."""
     found, at = TarIndex(tar, num_classes, decode), 0
     try:
         f = store.open_file(tar)
@@ -135,6 +137,8 @@ def read_tar(tar: str, num_classes: int | None, decode: int) -> TarIndex:
             with tarfile.open(fileobj=f, mode="r|") as stream:
                 key, members = None, {}
                 for member in stream:
+                    if stop.is_set():  # another tar failed, or Ctrl-C: this one's result is not wanted
+                        return found
                     at = member.offset
                     name = KEY_EXT.match(member.name) if member.isfile() else None
                     if name is None:  # a folder, a link, a name without extension: as webdataset does
@@ -174,12 +178,16 @@ def damaged(found: TarIndex, at: int, why: str) -> DataError:
 
 def read_split(split: str, tars: list[str], num_classes: int | None, decode: int, workers: int) -> list[TarIndex]:
     """Every tar of a split, several at a time (reading remote tars waits on the network)."""
+    stop = threading.Event()
     with ThreadPoolExecutor(max(1, workers)) as pool:
         try:
-            jobs = pool.map(lambda tar: read_tar(tar, num_classes, decode), tars)
+            jobs = pool.map(lambda tar: read_tar(tar, num_classes, decode, stop), tars)
             return list(tqdm(jobs, total=len(tars), desc=f"{split} tars", unit="tar", disable=None))
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # the first error is the answer: read no more tars
+            # The first error (or Ctrl-C) is the answer: no more tars, and the ones being read are
+            # given up at their next member rather than read to the end (threads cannot be killed).
+            stop.set()
+            pool.shutdown(cancel_futures=True)
             raise
 
 
