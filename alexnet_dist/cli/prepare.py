@@ -61,6 +61,7 @@ def parse_args(argv=None):
         )
     g.add_argument(
         "--classes",
+        metavar="FILE|N",
         help="index: a file of class names, one a line, for labels 0, 1, ... (default: 0 up to the largest train "
         "label); synthetic: the number of classes (default 10)",
     )
