@@ -23,6 +23,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
+from . import store
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
 from .loader import BadImage, Batch, all_skipped, parse_label
 from .manifest import check_end, check_tar, index_entry, tar_header
@@ -54,7 +56,7 @@ def to_torch(dali_batch, device: torch.device) -> torch.Tensor:
 def read_member(where: str) -> bytes:
     """The bytes of a tar member from DALI's source info "<tar>:<data offset>:<name>"."""
     tar, offset, _ = where.rsplit(":", 2)
-    with open(tar, "rb") as f:
+    with store.open_file(tar) as f:
         header = tar_header(f, tar, int(offset) - tarfile.BLOCKSIZE)  # damaged since slice_index looked?
         return f.read(header.size)
 
@@ -81,14 +83,14 @@ def decode_error(data: bytes, spec: PipelineSpec) -> str | None:
     return None
 
 
-def check_contents(tar: Path, offset: int, end: int | None) -> None:
+def check_contents(tar: str, offset: int, end: int | None) -> None:
     """DALI reads what the index points at, whatever it is. So before a pass, a tar header must
     stand before `offset`, where the pass's slice of the tar starts (not zeros or other bytes),
     and where the tar ends (`end`, when the slice reaches it) no further member may follow: a tar
     holding more samples than its index and the manifest count would be read short without a
     word. A block or two per tar of the slice, which DALI opens anyway."""
-    with open(tar, "rb") as f:
-        tar_header(f, str(tar), offset - tarfile.BLOCKSIZE)
+    with store.open_file(tar) as f:
+        tar_header(f, tar, offset - tarfile.BLOCKSIZE)
         if end is None:
             return
         f.seek(-(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)  # after the last data, padded to a block
@@ -111,19 +113,20 @@ def slice_index(piece: Piece, path: Path) -> str:
     """Writes to `path` the DALI index of just samples piece.start..stop-1 of its shard (the
     offsets stay those of the whole tar) and returns the path."""
     shard = piece.shard
-    index = Path(shard.index)
-    check_tar(shard)  # checked by another rank's share at start; gone since?
-    if not index.exists():
-        raise DataError(f"{index}: DALI index file missing; re-run alexnet-prepare (it writes them)")
-    entries = index.read_text(errors="replace").splitlines()[1:]  # a garbled line is named by index_entry
+    size = check_tar(shard)  # checked by another rank's share at start; gone since?
+    try:
+        entries = store.read_text(shard.index).splitlines()[1:]  # a garbled line is named by index_entry
+    except store.Missing:
+        raise DataError(f"{shard.index}: DALI index file missing; re-run alexnet-prepare (it writes them)") from None
     if len(entries) != shard.count:
         raise DataError(
-            f"{index}: lists {len(entries)} samples but manifest.json says {shard.count}; re-run alexnet-prepare"
+            f"{shard.index}: lists {len(entries)} samples but manifest.json says {shard.count}; re-run alexnet-prepare"
         )
     part = entries[piece.start : piece.stop]
-    (offset, _, _), (_, end, _) = index_entry(part[0], index), index_entry(part[-1], index)
-    check_end(shard.tar, end)  # samples lie in index order: the slice's last one ends last
-    check_contents(Path(shard.tar), offset, end if piece.stop == shard.count else None)
+    (offset, _, _), (_, end, _) = index_entry(part[0], shard.index), index_entry(part[-1], shard.index)
+    check_end(shard.tar, end, size)  # samples lie in index order: the slice's last one ends last
+    # Another tool's shard may hold samples after its index's last (left out by alexnet-prepare index).
+    check_contents(shard.tar, offset, end if piece.stop == shard.count and shard.exact else None)
     path.write_text(f"v1.2 {len(part)}\n" + "\n".join(part) + "\n")
     return str(path)
 
@@ -153,6 +156,48 @@ def start_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
                 "and .cls); re-create the shard with alexnet-prepare"
             ) from None
         raise DataError(f"cannot read the shards ({reason}); re-create them with alexnet-prepare") from None
+
+
+# What DALI's S3 client says when the store cannot be reached (from curl and the AWS SDK). It also
+# takes a failed request for an object's size as "not found": an object really missing is named
+# before, when the pass's index files are cut (slice_index asks the store for every tar's size).
+NETWORK_TROUBLE = (
+    "curlCode",
+    "connect to",
+    "Could not connect",
+    "Unable to connect",
+    "timed out",
+    "Connection reset",
+    "S3 Object not found",
+)
+
+
+def unreachable(spec: PipelineSpec, reason: str) -> bool:
+    return any(store.is_remote(tar) for tar in spec.tars) and any(sign in reason for sign in NETWORK_TROUBLE)
+
+
+def reaching(spec: PipelineSpec, attempt, first: str | None = None):
+    """attempt(), tried again after store.WAITS while DALI cannot reach the shards' store (its own
+    S3 client does not retry), `first` the reason of a failure before; then one line naming the
+    shards, as the webdataset loader's reads do (store.retrying)."""
+    reason, tries = first, int(first is not None)
+    while True:
+        if reason is not None:
+            if tries > len(store.WAITS):
+                break
+            time.sleep(store.WAITS[tries - 1])
+        try:
+            return attempt()
+        except (RuntimeError, DataError) as exc:
+            reason, tries = dali_reason(exc), tries + 1
+            if not unreachable(spec, reason):
+                raise
+    shards = ", ".join(spec.tars[:2]) + (f" and {len(spec.tars) - 2} more" if len(spec.tars) > 2 else "")
+    raise DataError(
+        f"{shards}: cannot be read ({reason}) after {tries} tries over {sum(store.WAITS):.0f} s; "
+        "check that the store is reachable and the credentials (AWS_* variables); the last checkpoint is kept: "
+        "resume once it is back"
+    )
 
 
 class DaliLoader:
@@ -207,7 +252,7 @@ class DaliLoader:
             checkpoint = self.restored[4]
         self.restored = None
         try:
-            self.pipe = start_pipeline(spec, Substitute(spec.batch_size), checkpoint)
+            self.pipe = reaching(spec, lambda: start_pipeline(spec, Substitute(spec.batch_size), checkpoint))
         except DataError:
             if checkpoint is None:
                 raise
@@ -236,6 +281,13 @@ class DaliLoader:
             return pipe, pipe.run()
         except RuntimeError as exc:
             reason = dali_reason(exc)
+            if unreachable(spec, reason):  # the store went away: try again from the batch's start
+
+                def again():
+                    pipe = start_pipeline(spec, Substitute(spec.batch_size), before)
+                    return pipe, pipe.run()
+
+                return reaching(spec, again, first=reason)
             # An image that cannot be read fails in the header peek (or, cut short, in the decoder);
             # an assertion is a configuration fault, and probing after one crashed DALI.
             image_error = "peek_image_shape" in str(exc) or ("decoders" in str(exc) and "Assert" not in str(exc))

@@ -42,9 +42,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.manifest = Manifest.read(data.root)  # fails early, before any model is built
         if not (self.manifest.has("train") and self.manifest.has("val")):
             raise DataError(f"{self.manifest.path}: needs both a train and a val split")
-        self.loader_name = choose_loader(str(loader.name))  # dali or wds from here on
+        over_http = any(s.tar.startswith(("http://", "https://")) for s in self.manifest.shards("train"))
+        self.loader_name = choose_loader(str(loader.name), over_http)  # dali or wds from here on
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
-        stats = read_stats(self.manifest.root)
+        stats = read_stats(self.manifest)
         self.augment = Augmentation.of(data, (stats["pca_std"], stats["pca_vectors"]) if stats else None)
         mean_image = self._mean_image() if data.mean_image else None
         # Normalisation constants on the 0-255 scale; by default the train split's own statistics.

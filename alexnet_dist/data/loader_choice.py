@@ -17,10 +17,19 @@ def dali_missing() -> str | None:
     return None
 
 
-def choose_loader(name: str) -> str:
-    """The loader to build for loader.name=`name` (auto, dali or wds): dali or wds."""
+def choose_loader(name: str, over_http: bool = False) -> str:
+    """The loader to build for loader.name=`name` (auto, dali or wds): dali or wds. DALI's readers
+    take local files and s3:// but no http(s):// (`over_http`: the shards are there)."""
     if name == "wds":
         return name
+    if over_http:
+        if name == "dali":
+            raise ConfigError(
+                "loader=dali reads shards from local disk and s3:// only, and data.root's shards are on "
+                "http(s)://; use loader=wds (or loader=auto)"
+            )
+        notice("loader=auto uses the webdataset loader: DALI reads no http(s):// shards")
+        return "wds"
     missing = dali_missing()
     if missing and name == "dali":
         raise ConfigError(
@@ -28,12 +37,14 @@ def choose_loader(name: str) -> str:
             "pip install 'alexnet_dist[dali]', or use loader=auto or loader=wds"
         )
     if missing:
-        if rank_zero_only.rank == 0:
-            print(
-                f"notice: loader=auto uses the webdataset loader: NVIDIA DALI does not import here ({missing}); "
-                "pip install 'alexnet_dist[dali]' for DALI",
-                file=sys.stderr,
-                flush=True,
-            )
+        notice(
+            f"loader=auto uses the webdataset loader: NVIDIA DALI does not import here ({missing}); "
+            "pip install 'alexnet_dist[dali]' for DALI"
+        )
         return "wds"
     return "dali"
+
+
+def notice(text: str) -> None:
+    if rank_zero_only.rank == 0:
+        print(f"notice: {text}", file=sys.stderr, flush=True)

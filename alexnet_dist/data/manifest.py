@@ -1,7 +1,11 @@
 """manifest.json, the description of a folder of shards that alexnet-prepare writes beside them:
 classes, per split the shards (tar, DALI index, sample count) and class counts, the images' size
 and the train split's channel statistics. `Manifest.read` checks it once; everything that reads
-shards takes their paths from here.
+shards takes their locations from here.
+
+A manifest and its shards may lie on a local disk, on S3 or behind HTTP (see store.py): its root
+is then a URL, and a shard's tar and index are named relative to it. Shards indexed where they
+lie (alexnet-prepare index) are named by their full location instead.
 """
 
 import json
@@ -12,21 +16,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
+from . import store
 
 MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
 class Shard:
-    tar: str  # absolute path
+    tar: str  # absolute path or URL
     index: str  # its DALI index file
     count: int  # samples it holds
+    # alexnet-prepare's own shards hold exactly what their index lists; shards made by another
+    # tool may also hold samples the index leaves out (alexnet-prepare index skipped them)
+    exact: bool = True
 
 
-def check_tar(shard: Shard, manifest=MANIFEST) -> None:
-    """The shard's tar exists; else one line naming it and the manifest that lists it."""
-    if not os.path.exists(shard.tar):
-        raise DataError(f"{shard.tar}: listed in {manifest} but missing; re-run alexnet-prepare")
+def check_tar(shard: Shard, manifest=MANIFEST) -> int:
+    """The shard's tar exists; else one line naming it and the manifest that lists it. Returns its size."""
+    try:
+        return store.size(shard.tar)
+    except store.Missing:
+        raise DataError(f"{shard.tar}: listed in {manifest} but missing; re-run alexnet-prepare") from None
 
 
 def check_shard(shard: Shard, manifest=MANIFEST) -> None:
@@ -36,20 +46,23 @@ def check_shard(shard: Shard, manifest=MANIFEST) -> None:
     Both loaders need the index file (wds seeks through it to a rank's first sample). The tar
     itself is not opened here: a rank opens only the tars of its own slice of an epoch (see
     dali.py), and each loader checks the tar's headers as it starts reading one (tar_header)."""
-    check_tar(shard, manifest)
-    if not stat.S_ISREG(os.stat(shard.tar).st_mode):
-        raise DataError(f"{shard.tar}: not a file (a directory?); re-create it with alexnet-prepare")
-    if not os.access(shard.tar, os.R_OK):
-        raise DataError(f"{shard.tar}: not readable (permissions); fix them or re-create it with alexnet-prepare")
+    size = check_tar(shard, manifest)
+    if not store.is_remote(shard.tar):
+        if not stat.S_ISREG(os.stat(shard.tar).st_mode):
+            raise DataError(f"{shard.tar}: not a file (a directory?); re-create it with alexnet-prepare")
+        if not os.access(shard.tar, os.R_OK):
+            raise DataError(f"{shard.tar}: not readable (permissions); fix them or re-create it with alexnet-prepare")
     index = shard.index
-    if not os.path.exists(index):
-        raise DataError(f"{index}: DALI index file of {shard.tar} missing; re-run alexnet-prepare (it writes them)")
     try:
-        with open(index, "rb") as f:
+        with store.open_file(index) as f:
             header = f.readline(100).split()
             # The last line is enough for the end: samples lie in the tar in the index's order.
-            f.seek(max(f.tell(), os.fstat(f.fileno()).st_size - 4096))
+            f.seek(max(f.tell(), f.seek(0, os.SEEK_END) - 4096))
             entries = f.read().decode(errors="replace").strip().splitlines()
+    except store.Missing:
+        raise DataError(
+            f"{index}: DALI index file of {shard.tar} missing; re-run alexnet-prepare (it writes them)"
+        ) from None
     except OSError as exc:
         raise DataError(
             f"{index}: cannot be read ({exc.strerror or exc}); fix its permissions or re-run alexnet-prepare"
@@ -62,7 +75,7 @@ def check_shard(shard: Shard, manifest=MANIFEST) -> None:
             "index file); re-run alexnet-prepare so shards and manifest agree"
         )
     if shard.count:  # a shard whose every image was skipped lists none
-        check_end(shard.tar, index_entry(entries[-1] if entries else "", index)[1])
+        check_end(shard.tar, index_entry(entries[-1] if entries else "", index)[1], size)
 
 
 def index_entry(line: str, index) -> tuple[int, int, str]:
@@ -79,13 +92,20 @@ def index_entry(line: str, index) -> tuple[int, int, str]:
         raise DataError(
             f"{index}: not a DALI index file (a sample's line reads {line.strip()[:80]!r}); re-run alexnet-prepare"
         ) from None
-    return min(offsets), max(o + s for o, s in zip(offsets, sizes, strict=True)), fields[3].rsplit(".", 1)[0]
+    return min(offsets), max(o + s for o, s in zip(offsets, sizes, strict=True)), sample_key(fields[3])
 
 
-def check_end(tar: str, end: int) -> None:
+def sample_key(member: str) -> str:
+    """The sample a tar member belongs to, by webdataset's rule: its folder and its name up to the
+    first dot (`a/b.seg.jpg` belongs to `a/b`)."""
+    folder, _, name = member.rpartition("/")
+    return f"{folder}/{name.split('.', 1)[0]}" if folder else name.split(".", 1)[0]
+
+
+def check_end(tar: str, end: int, size: int | None = None) -> None:
     """The tar holds every byte up to `end`, where its index says a sample's data ends: DALI would
     otherwise stop a truncated tar with a message about the index file."""
-    size = os.path.getsize(tar)
+    size = store.size(tar) if size is None else size
     if end > size:
         raise DataError(
             f"{tar}: {size} bytes but its index lists data up to byte {end}; the tar is "
@@ -148,25 +168,25 @@ def is_number(value) -> bool:
 
 @dataclass(frozen=True)
 class Manifest:
-    root: Path
+    root: str  # a local folder (absolute) or a URL
     data: dict  # the file as written (class_counts, skipped, source ...)
 
     @classmethod
     def read(cls, root) -> "Manifest":
-        root = Path(root).expanduser().resolve()
-        path = root / MANIFEST
-        if not root.exists():
+        root = str(root).rstrip("/") if store.is_remote(root) else str(Path(root).expanduser().resolve())
+        path = store.join(root, MANIFEST)
+        if not store.is_remote(root) and not os.path.exists(root):
             raise DataError(
                 f"data.root={root}: no such directory; make shards with "
                 f"`alexnet-prepare SOURCE --out {root}` or point data.root at them"
             )
-        if not path.exists():
+        if not store.exists(path):
             raise DataError(
                 f"{path}: missing; {root} holds no shards made by alexnet-prepare "
-                f"(run `alexnet-prepare SOURCE --out {root}`)"
+                f"(run `alexnet-prepare SOURCE --out DIR` or `alexnet-prepare index ... --out DIR`)"
             )
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(store.read_text(path))
         except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
             raise DataError(
                 f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); re-run alexnet-prepare"
@@ -190,8 +210,12 @@ class Manifest:
         return manifest
 
     @property
-    def path(self) -> Path:
-        return self.root / MANIFEST
+    def path(self) -> str:
+        return store.join(self.root, MANIFEST)
+
+    def file(self, name: str) -> str:
+        """A file beside manifest.json (stats.json, mean_image.npy)."""
+        return store.join(self.root, name)
 
     @property
     def classes(self) -> list[str]:
@@ -209,12 +233,14 @@ class Manifest:
 
     def shards(self, split: str) -> list[Shard]:
         """The split's shards in the manifest's order, with absolute paths."""
+        exact = self.data.get("source") != "index"
         return [
             Shard(
-                tar=str(self.root / s["tar"]),
+                tar=store.join(self.root, s["tar"]),
                 # manifests of early versions did not name the index: it lies beside its tar
-                index=str(self.root / s["index"]) if "index" in s else str((self.root / s["tar"]).with_suffix(".idx")),
+                index=store.join(self.root, s["index"] if "index" in s else s["tar"].removesuffix(".tar") + ".idx"),
                 count=s["count"],
+                exact=exact,
             )
             for s in self.data["splits"][split]["shards"]
         ]

@@ -5,6 +5,7 @@ mean_image.npy / mean_image.png; the loaders use the axes for the colour noise w
 exists, Krizhevsky's own values otherwise."""
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -13,42 +14,48 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
-from .manifest import Manifest, check_shard, tar_header
+from . import store
+from .manifest import Manifest, check_shard, index_entry, tar_header
 
 STATS = "stats.json"
 
 
 def sample_images(manifest: Manifest, count: int):
-    """Up to `count` training images, taken evenly from every shard."""
+    """Up to `count` training images, taken evenly from every shard: the first ones its index lists."""
     shards = manifest.shards("train")
     per_shard = max(1, -(-count // len(shards)))
     for shard in shards:
         check_shard(shard, manifest.path)
-        taken = 0
-        try:
-            with open(shard.tar, "rb") as f:
-                tar_header(f, shard.tar, 0)  # a tar of zeros would read as an empty one
-            with tarfile.open(shard.tar) as tar:
-                for member in tar:
-                    if taken == per_shard:
-                        break
-                    if member.name.endswith(".jpg"):
-                        data = tar.extractfile(member).read()
-                        try:
-                            yield Image.open(io.BytesIO(data)).convert("RGB")
-                        except Exception as exc:
-                            raise DataError(f"{shard.tar}:{member.name}: cannot decode image ({exc})") from None
-                        taken += 1
-        except (tarfile.TarError, OSError, EOFError) as exc:  # damaged inside, past the first header
-            raise DataError(
-                f"{shard.tar}: unreadable after {taken} images ({exc}); the tar is damaged: re-create it with "
-                "alexnet-prepare"
-            ) from None
+        with store.open_file(shard.index) as f:
+            lines = [line.decode(errors="replace") for line in itertools.islice(f, 1, per_shard + 1)]
+        with store.open_file(shard.tar) as f:
+            for line in lines:
+                offset, _, key = index_entry(line, shard.index)
+                header = tar_header(f, shard.tar, offset - tarfile.BLOCKSIZE)  # the sample's first member
+                jpg = image_member(line)
+                f.seek(jpg[0])
+                data = f.read(jpg[1])
+                if not header.name.startswith(key) or len(data) != jpg[1]:
+                    raise DataError(
+                        f"{shard.tar}: does not hold {key} where its index file says; the tar is damaged: "
+                        "re-create it with alexnet-prepare"
+                    )
+                try:
+                    yield Image.open(io.BytesIO(data)).convert("RGB")
+                except Exception as exc:
+                    raise DataError(f"{shard.tar}:{key}: cannot decode image ({exc})") from None
+
+
+def image_member(line: str) -> tuple[int, int]:
+    """(data offset, size) of the .jpg member of an index file's line."""
+    fields = line.split()
+    at = fields.index("jpg")
+    return int(fields[at + 1]), int(fields[at + 2])
 
 
 def compute_stats(root: Path, count: int = 10000, size: int = 256) -> dict:
     manifest = Manifest.read(root)
-    root = manifest.root
+    root = Path(manifest.root)  # a local folder: the statistics are written beside manifest.json
     stored = manifest.stat("image_size")
     shape = (stored[1], stored[0]) if stored else (size, size)  # mean image: the stored size, else size x size
     image_sum = np.zeros((*shape, 3))
@@ -83,15 +90,15 @@ def compute_stats(root: Path, count: int = 10000, size: int = 256) -> dict:
     return stats
 
 
-def read_stats(root: Path) -> dict | None:
+def read_stats(manifest: Manifest) -> dict | None:
     """stats.json as `compute_stats` wrote it, with the colour axes the loaders use checked: three
     standard deviations and a 3 x 3 matrix of finite numbers."""
-    path = Path(root) / STATS
-    if not path.exists():
+    path = manifest.file(STATS)
+    if not store.exists(path):
         return None
     fix = "re-run alexnet-prepare stats (or delete it to use the paper's colour axes)"
     try:
-        stats = json.loads(path.read_text())
+        stats = json.loads(store.read_text(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); {fix}") from None
     except json.JSONDecodeError as exc:
@@ -112,14 +119,14 @@ def read_mean_image(manifest: Manifest) -> np.ndarray:
     """The mean image (S, S, 3) that `alexnet-prepare stats` saved beside the manifest, checked
     against the shards' image size. Loaded without pickle (a .npy can hold pickled objects, which
     would run code), and checked to be what compute_stats writes: float numbers, finite."""
-    path, size = manifest.root / "mean_image.npy", manifest.stat("image_size")
+    path, size = manifest.file("mean_image.npy"), manifest.stat("image_size")
     fix = f"re-run alexnet-prepare stats --out {manifest.root}"
-    if not path.exists():
+    if not store.exists(path):
         raise ConfigError(
             f"data.mean_image=true but {path} is missing; run alexnet-prepare stats --out {manifest.root}"
         )
     try:
-        with open(path, "rb") as f:  # closed also when it holds an .npz archive, opened only to be refused
+        with store.open_file(path) as f:  # closed also when it holds an .npz archive, opened only to be refused
             image = np.load(f, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:  # truncated, not a .npy, object arrays (pickle)
         raise ConfigError(f"{path}: not a mean image .npy ({str(exc).splitlines()[0]}); {fix}") from None

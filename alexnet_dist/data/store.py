@@ -241,7 +241,10 @@ class RemoteFile(io.RawIOBase):
 def open_file(location: str, buffer: int = 1 << 20):
     """`location` opened for reading in binary mode, local or remote, seekable either way."""
     if not is_remote(location):
-        return open(location, "rb")
+        try:
+            return open(location, "rb")
+        except FileNotFoundError:
+            raise Missing(f"{location}: no such file") from None
     return io.BufferedReader(RemoteFile(location), buffer_size=buffer)
 
 

@@ -14,7 +14,6 @@ key (error); either way it keeps its place in the stream, so resuming stays exac
 import atexit
 import functools
 import io
-import itertools
 import multiprocessing
 import random
 import signal
@@ -29,6 +28,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
+from . import store
 from .loader import BadImage, Batch, all_skipped, parse_label
 from .manifest import index_entry, tar_header
 from .plan import EpochPlan, Piece
@@ -111,33 +111,38 @@ class ShardStream(IterableDataset):
         return sum(self.worker_batches(w) for w in range(self.workers))
 
     def samples(self, pieces: list[Piece]):
-        """(tar path, sample dict) of each piece in turn; a shard read to its end is checked
-        against the manifest's count."""
+        """(tar location, sample dict) of each piece in turn, the samples its index lists in that
+        order; a shard read to its end is checked against the manifest's count. Samples a shard
+        holds beyond its index (another tool's shards: alexnet-prepare index left them out) are
+        passed over."""
         for piece in pieces:
             shard = piece.shard
-            offset, count, key = start_of(piece)  # outside the try: its errors name the index, not the tar
+            offset, keys = start_of(piece)  # outside the try: its errors name the index, not the tar
+            count = piece.start
+            whole = piece.stop == shard.count and shard.exact  # read on to the end, to check the count
             try:
-                with open(shard.tar, "rb") as f:
+                with store.open_file(shard.tar) as f:
                     tar_header(f, shard.tar, offset)  # zeros would read as an empty tar
                     f.seek(offset)
                     for sample in group_by_keys(tar_file_expander([{"url": shard.tar, "stream": f}])):
-                        if key is not None and sample["__key__"] != key:
-                            raise DataError(
-                                f"{shard.tar}: its index file says sample {piece.start} is {key}, the tar "
-                                f"holds {sample['__key__']} there; re-run alexnet-prepare"
-                            )
-                        key = None
-                        if count >= piece.stop and piece.stop < shard.count:
-                            break  # read on to the end only to check a shard read whole
-                        if piece.start <= count < piece.stop:
+                        if count < piece.stop and sample["__key__"] == keys[count - piece.start]:
                             yield shard.tar, sample
+                        elif count < piece.stop and shard.exact:
+                            raise DataError(
+                                f"{shard.tar}: its index file says sample {count} is {keys[count - piece.start]}, "
+                                f"the tar holds {sample['__key__']} there; re-run alexnet-prepare"
+                            )
+                        elif not shard.exact:
+                            continue  # not in the index
                         count += 1
+                        if count >= piece.stop and not whole:
+                            break
             except (tarfile.TarError, OSError, ValueError) as exc:
                 raise DataError(
                     f"{shard.tar}: unreadable after {count} samples ({reason(exc)}); "
                     "the tar is damaged: re-create it with alexnet-prepare"
                 ) from None
-            if count < piece.stop or (piece.stop == shard.count and count != shard.count):
+            if count < piece.stop or (whole and count != shard.count):
                 raise DataError(
                     f"{shard.tar}: holds {count} samples but manifest.json says {shard.count}; "
                     "re-run alexnet-prepare so shards and manifest agree"
@@ -255,21 +260,25 @@ def reason(exc: Exception) -> str:
     return str(exc.args[0] if exc.args else exc).split(" @ ")[0]
 
 
-def start_of(piece: Piece) -> tuple[int, int, str | None]:
-    """(byte offset, sample number, its key) to start reading a piece at: from the shard's index
-    file when the piece starts inside the shard, so a rank skips to its slice without reading the
-    samples before it (a whole shard of full-size images, at worst); else the tar's start. (Every
-    shard has its index file: the start-up check, Manifest.check_share, requires it.)"""
-    if piece.start == 0:
-        return 0, 0, None
+def start_of(piece: Piece) -> tuple[int, list[str]]:
+    """(byte offset to start reading at, keys of the piece's samples) from the shard's index file
+    (every shard has one: the start-up check, Manifest.check_share, requires it). A piece that
+    starts inside the shard starts at its first sample's header, so a rank skips to its slice
+    without reading the samples before it (a whole shard of full-size images, at worst)."""
     index = piece.shard.index
     try:
-        with open(index, errors="replace") as f:
-            line = next(itertools.islice(f, piece.start + 1, None), "")  # after the "v1.2 <count>" header
+        with store.open_file(index) as f:
+            lines = f.read().decode(errors="replace").splitlines()[1:]  # after the "v1.2 <count>" header
     except OSError as exc:  # removed or made unreadable since the start-up check
         raise DataError(f"{index}: cannot be read ({exc.strerror or exc}); re-run alexnet-prepare") from None
-    offset, _, key = index_entry(line, index)
-    return offset - tarfile.BLOCKSIZE, piece.start, key  # the member's header lies one block before its data
+    if len(lines) != piece.shard.count:
+        raise DataError(
+            f"{index}: lists {len(lines)} samples but manifest.json says {piece.shard.count}; re-run alexnet-prepare"
+        )
+    entries = [index_entry(line, index) for line in lines[piece.start : piece.stop]]
+    # the member's header lies one block before its data
+    offset = entries[0][0] - tarfile.BLOCKSIZE if piece.start else 0
+    return offset, [key for _, _, key in entries]
 
 
 def kill_daemonic_children() -> None:

@@ -1,0 +1,185 @@
+"""Shards on object storage and behind HTTP, read over real sockets: a moto S3 server and
+python -m http.server on 127.0.0.1 (fixtures in conftest.py). Training from them gives the very
+weights training from the local copy gives, a SIGKILLed run resumes bit-identically, and a store
+that goes away stops the run in one line within the retry bound, its checkpoint kept."""
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ObjectStore, run_cli, start_cli
+
+from alexnet_dist.data import store
+from alexnet_dist.errors import DataError
+
+ARGS = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "trainer.max_epochs=2"]
+STEPS = 2 * 62  # 2000 images, batch 32
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"] == STEPS
+    for name, tensor in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory, synthetic_root, cli_env_module):
+    """Uninterrupted runs from the local shards, one per loader: what every remote run must equal."""
+    cwd = tmp_path_factory.mktemp("local")
+    for loader in ("wds", "dali"):
+        run_cli(
+            "alexnet-train",
+            *ARGS,
+            f"loader={loader}",
+            f"data.root={synthetic_root}",
+            f"run_id={loader}",
+            cwd=cwd,
+            env=cli_env_module,
+        )
+    return {loader: final_weights(cwd / "runs/smoke" / loader) for loader in ("wds", "dali")}
+
+
+@pytest.fixture(scope="module")
+def cli_env_module(object_store) -> dict:
+    """The test process's environment (the S3 server's AWS_* variables included), no SLURM job."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+@pytest.fixture(scope="module")
+def s3_shards(object_store, synthetic_root) -> str:
+    return object_store.upload(synthetic_root, "s3://shards/synthetic")
+
+
+def wait_for_checkpoint(ckpt_dir: Path, proc, min_step: int, timeout: float = 180) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name[5:14]) for p in ckpt_dir.glob("step-*.ckpt")] if ckpt_dir.exists() else []
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["wds", "dali"])
+def test_training_from_s3_killed_and_resumed_equals_training_from_local_disk(
+    tmp_path, s3_shards, local_runs, cli_env_module, loader
+):
+    args = [*ARGS, f"loader={loader}", f"data.root={s3_shards}", "run_id=s3"]
+    proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env_module)
+    ckpt_dir = tmp_path / "runs/smoke/s3/checkpoints"
+    wait_for_checkpoint(ckpt_dir, proc, min_step=70)  # mid-epoch 1 (62 steps an epoch), saved every 5
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, loader workers too
+    proc.communicate()
+    saved = final_weights(ckpt_dir.parent)["global_step"]
+    assert 70 <= saved < STEPS
+    out = run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env_module)
+    assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout
+    assert_same_weights(final_weights(ckpt_dir.parent), local_runs[loader])
+
+
+@pytest.mark.slow
+def test_the_webdataset_loader_trains_over_http_as_from_local_disk(
+    tmp_path, http_server, synthetic_root, local_runs, cli_env_module
+):
+    folder, base = http_server
+    shutil.copytree(synthetic_root, folder / "synthetic")
+    url = f"{base}/synthetic"
+    out = run_cli("alexnet-train", *ARGS, f"data.root={url}", "run_id=http", cwd=tmp_path, env=cli_env_module)
+    assert "notice: loader=auto uses the webdataset loader: DALI reads no http(s):// shards" in out.stderr
+    assert_same_weights(final_weights(tmp_path / "runs/smoke/http"), local_runs["wds"])
+    refused = run_cli(
+        "alexnet-train",
+        *ARGS,
+        "loader=dali",
+        f"data.root={url}",
+        "run_id=h2",
+        cwd=tmp_path,
+        env=cli_env_module,
+        check=False,
+    )
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "error: loader=dali reads shards from local disk and s3:// only, and data.root's shards are on "
+        "http(s)://; use loader=wds (or loader=auto)"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["wds", "dali"])
+def test_a_store_gone_mid_epoch_stops_the_run_in_one_line_and_keeps_its_checkpoint(
+    tmp_path, synthetic_root, cli_env_module, loader
+):
+    server = ObjectStore(tmp_path)  # its own server: this test stops it
+    try:
+        url = server.upload(synthetic_root, "s3://gone/synthetic")
+        env = {**cli_env_module, **server.env}
+        args = [*ARGS, f"loader={loader}", f"data.root={url}", "run_id=gone"]
+        proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=env)
+        ckpt_dir = tmp_path / "runs/smoke/gone/checkpoints"
+        step = wait_for_checkpoint(ckpt_dir, proc, min_step=5)
+        server.stop()
+        stopped = time.time()
+        out, err = proc.communicate(timeout=180)
+        took = time.time() - stopped
+    finally:
+        server.stop()
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2, err[-3000:]
+    assert last.startswith("error: ") and "s3://gone/synthetic/" in last and "Traceback" not in err, err[-3000:]
+    assert took < sum(store.WAITS) + 60, took  # the retries' waits, plus the requests' own time-outs
+    assert final_weights(ckpt_dir.parent)["global_step"] >= step  # the last checkpoint is kept, whole
+
+
+def test_a_missing_remote_manifest_or_file_is_one_line(object_store, s3_shards):
+    from alexnet_dist.data.manifest import Manifest
+
+    with pytest.raises(DataError, match=r"^s3://shards/none/manifest.json: missing; .*alexnet-prepare"):
+        Manifest.read("s3://shards/none")
+    with pytest.raises(store.Missing, match=r"^s3://shards/synthetic/train/nope.tar: no such file"):
+        store.open_file("s3://shards/synthetic/train/nope.tar")
+    manifest = Manifest.read(s3_shards + "/")
+    assert manifest.root == s3_shards and manifest.count("train") == 2000
+    assert manifest.shards("val")[0].tar == f"{s3_shards}/val/000000.tar"
+    manifest.check_share(0, 1)  # every shard's size and index file, over the wire
+
+
+def test_remote_files_read_as_local_ones_from_any_position(object_store, s3_shards, synthetic_root, http_server):
+    folder, base = http_server
+    shutil.copy(synthetic_root / "train/000003.tar", folder / "t.tar")
+    local = (synthetic_root / "train/000003.tar").read_bytes()
+    for url in (f"{s3_shards}/train/000003.tar", f"{base}/t.tar"):
+        assert store.size(url) == len(local)
+        with store.open_file(url, buffer=4096) as f:
+            assert f.read(100) == local[:100]
+            f.seek(50_000)
+            assert f.read(10_000) == local[50_000:60_000]
+            f.seek(-10, os.SEEK_END)
+            assert f.read() == local[-10:] and f.read() == b""
+        assert store.read_bytes(url) == local
+
+
+def test_a_refused_connection_is_tried_again_then_named_in_one_line(monkeypatch):
+    monkeypatch.setattr(store, "WAITS", (0.01, 0.02))
+    with pytest.raises(DataError) as caught:
+        store.size("http://127.0.0.1:9/x.tar")  # the discard port: nothing listens
+    message = str(caught.value)
+    assert message.startswith("http://127.0.0.1:9/x.tar: cannot be read (") and "after 3 tries" in message
+    assert "\n" not in message
+
+
+def test_expand_names_brace_patterns_prefixes_and_folders(object_store, s3_shards, synthetic_root):
+    assert store.expand(f"{s3_shards}/train/") == [f"{s3_shards}/train/{i:06d}.tar" for i in range(8)]
+    assert store.expand(f"{s3_shards}/val/{{000000..000002}}.tar") == [f"{s3_shards}/val/{i:06d}.tar" for i in range(3)]
+    assert store.expand(str(synthetic_root / "val")) == [str(synthetic_root / f"val/{i:06d}.tar") for i in range(8)]
+    with pytest.raises(DataError, match="an HTTP server lists no folders; name the tars with a brace pattern"):
+        store.expand("http://127.0.0.1:9/shards/")
