@@ -3,6 +3,7 @@ python -m http.server on 127.0.0.1 (fixtures in conftest.py). Training from them
 weights training from the local copy gives, a SIGKILLed run resumes bit-identically, and a store
 that goes away stops the run in one line within the retry bound, its checkpoint kept."""
 
+import json
 import os
 import shutil
 import signal
@@ -183,3 +184,37 @@ def test_expand_names_brace_patterns_prefixes_and_folders(object_store, s3_shard
     assert store.expand(str(synthetic_root / "val")) == [str(synthetic_root / f"val/{i:06d}.tar") for i in range(8)]
     with pytest.raises(DataError, match="an HTTP server lists no folders; name the tars with a brace pattern"):
         store.expand("http://127.0.0.1:9/shards/")
+
+
+def test_the_loader_benchmark_gives_the_remote_to_local_ratio_in_one_run(
+    tmp_path, s3_shards, synthetic_root, cli_env_module
+):
+    out = run_cli(
+        "alexnet-bench",
+        "loader",
+        "--data",
+        s3_shards,
+        "--against",
+        synthetic_root,
+        "--loader",
+        "wds",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "32",
+        "--size",
+        "28",
+        "--steps",
+        "5",
+        "--warmup",
+        "1",
+        "--workers",
+        "1",
+        cwd=tmp_path,
+        env=cli_env_module,
+    )
+    remote, local, ratio = (json.loads(line) for line in out.stdout.strip().splitlines())
+    assert (remote["data"], local["data"]) == (s3_shards, str(synthetic_root))
+    assert remote["images"] == local["images"] == 5 * 32
+    assert ratio["name"] == "loader/wds/ratio" and (ratio["data"], ratio["against"]) == (s3_shards, str(synthetic_root))
+    assert ratio["ratio"] == round(remote["images_per_sec"] / local["images_per_sec"], 3)

@@ -44,7 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=224, help="input side for model mode; crop for loader mode")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--data", help="loader mode: the folder holding manifest.json")
+    p.add_argument(
+        "--data", help="loader mode: where manifest.json is (a folder, s3://bucket/prefix or http(s)://host/path)"
+    )
+    p.add_argument(
+        "--against",
+        help="loader mode: the same shards elsewhere (say, on local disk), measured right after --data in the same "
+        "run; adds a line with the ratio of the two speeds",
+    )
     p.add_argument(
         "--loader", choices=["auto", "dali", "wds"], default="auto", help="which loader (auto: DALI where it imports)"
     )
@@ -181,6 +188,7 @@ def bench_loader(args) -> dict:
     seconds = time.perf_counter() - start
     return {
         "name": f"loader/{data.loader_name}",
+        "data": args.data,
         "images_per_sec": round(images / seconds, 1),
         "device": args.device,
         "augment": args.augment,
@@ -325,6 +333,17 @@ def main(argv=None):
     else:
         run = {"model": bench_model, "loader": bench_loader, "train": bench_train, "baseline": bench_baseline}
         results = [run[args.mode](args)]
+        if args.mode == "loader" and args.against:
+            results.append(bench_loader(argparse.Namespace(**{**vars(args), "data": args.against})))
+            first, second = results
+            results.append(
+                {
+                    "name": f"{first['name']}/ratio",
+                    "data": first["data"],
+                    "against": second["data"],
+                    "ratio": round(first["images_per_sec"] / second["images_per_sec"], 3),
+                }
+            )
     for result in results:
         if result is not None:
             print(json.dumps(result), flush=True)
