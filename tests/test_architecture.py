@@ -10,20 +10,22 @@ PACKAGE = Path(alexnet_dist.__file__).parent
 
 # data/ from the top: each module may import only modules of earlier layers (or its own).
 LAYERS = [
+    {"store"},
     {"transforms", "normalize"},
-    {"manifest", "sources", "images", "shards", "stats"},
+    {"manifest", "sources", "images", "shards", "stats", "index"},
     {"plan"},
     {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
     {"datamodule"},
 ]
 # Imports within a layer: normalisation uses the geometry; the image conversion takes the sources'
 # samples; the writer uses both, reads the manifest and clears stale statistics; the statistics read
-# the manifest; the loaders share the contract in loader.py and never import each other.
+# the manifest; the indexer of other tools' tars writes with the writer's helpers; the loaders share the contract in loader.py and never import each other.
 WITHIN = {
     "normalize": {"transforms"},
     "images": {"sources"},
     "shards": {"manifest", "sources", "images", "stats"},
     "stats": {"manifest"},
+    "index": {"manifest", "shards"},
     "wds": {"loader"},
     "dali": {"loader", "dali_pipeline"},
 }
