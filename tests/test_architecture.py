@@ -19,7 +19,8 @@ LAYERS = [
 ]
 # Imports within a layer: normalisation uses the geometry; the image conversion takes the sources'
 # samples; the writer uses both, reads the manifest and clears stale statistics; the statistics read
-# the manifest; the indexer of other tools' tars writes with the writer's helpers; the loaders share the contract in loader.py and never import each other.
+# the manifest; the indexer of other tools' tars writes with the writer's helpers; the loaders
+# share the contract in loader.py and never import each other.
 WITHIN = {
     "normalize": {"transforms"},
     "images": {"sources"},
