@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from helpers.shards import WDS, data_module
 from PIL import Image
 
 from alexnet_dist.data.index import index_shards
@@ -429,3 +430,30 @@ def test_training_passes_over_the_samples_the_index_left_out(tmp_path, cli_env, 
     assert results["global_step"] == 48 // 16
     assert results["val_count"] == val["count"]
     assert results["skipped_images"] == 0  # the garbage images are not in the index: no loader decodes them
+
+
+def test_ranks_starting_inside_a_tar_read_pax_named_samples_and_pass_over_duplicates(tmp_path):
+    """Names over 100 bytes and non-ASCII ones live only in a member's pax header (ShardWriter
+    writes one for every member), and a sample with two .jpg members is left out of the index: a
+    rank whose samples start inside such a tar still reads exactly its own, with either loader."""
+    keys = [f"v/{'x' * 120 if i % 2 else 'café'}-{i:02d}" for i in range(12)]
+    write_tars(tmp_path / "val", [good(k, i % 3) for i, k in enumerate(keys)], 12)
+    with tarfile.open(tmp_path / "val" / "shard-000001.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [("w/a.jpg", jpeg(COLOURS[0])), ("w/a.cls", b"0"), ("w/dup.jpg", jpeg(COLOURS[1])),
+                           ("w/dup.jpg", jpeg(COLOURS[1])), ("w/dup.cls", b"1"), ("w/b.jpg", jpeg(COLOURS[2])),
+                           ("w/b.cls", b"2"), ("w/c.jpg", jpeg(COLOURS[1])), ("w/c.cls", b"1")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    manifest = index_shards(f"{tmp_path}/val/", f"{tmp_path}/val/", out)
+    assert [s["count"] for s in manifest["splits"]["val"]["shards"]] == [12, 3]
+    assert manifest["splits"]["val"]["skipped"] == [f"{tmp_path}/val/shard-000001.tar:w/dup: two .jpg members"]
+    expected = [i % 3 for i in range(12)] + [0, 2, 1]
+    for loader in (WDS, {"name": "dali"}):
+        for world in (2, 3, 4):  # each rank's share starts at a different sample of the first tar
+            labels = []
+            for rank in range(world):
+                dm = data_module(out, loader, rank=rank, world=world, crop=24, batch_size=12, val_batch_size=12)
+                labels += [int(x) for batch in dm.val_dataloader() for x in batch.labels]
+            assert labels == expected, (loader, world)

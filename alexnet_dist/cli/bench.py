@@ -326,6 +326,8 @@ def bench_ddp(args, argv) -> list[dict]:
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
+    if args.against and args.mode != "loader":
+        raise ConfigError(f"--against compares two places of the same shards in loader mode, not in {args.mode} mode")
     if args.mode == "ddp":
         results = bench_ddp(args, argv)
     elif args.mode == "scale":
@@ -334,7 +336,9 @@ def main(argv=None):
         run = {"model": bench_model, "loader": bench_loader, "train": bench_train, "baseline": bench_baseline}
         results = [run[args.mode](args)]
         if args.mode == "loader" and args.against:
-            results.append(bench_loader(argparse.Namespace(**{**vars(args), "data": args.against})))
+            # the loader the first run took (loader=auto may choose by where the data is): one loader compared
+            loader = results[0]["name"].split("/")[1]
+            results.append(bench_loader(argparse.Namespace(**{**vars(args), "data": args.against, "loader": loader})))
             first, second = results
             results.append(
                 {

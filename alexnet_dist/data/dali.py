@@ -180,7 +180,7 @@ def reaching(spec: PipelineSpec, attempt, first: str | None = None):
     """attempt(), tried again after store.WAITS while DALI cannot reach the shards' store (its own
     S3 client does not retry), `first` the reason of a failure before; then one line naming the
     shards, as the webdataset loader's reads do (store.retrying)."""
-    reason, tries = first, int(first is not None)
+    reason, tries, started = first, int(first is not None), time.monotonic()
     while True:
         if reason is not None:
             if tries > len(store.WAITS):
@@ -190,13 +190,17 @@ def reaching(spec: PipelineSpec, attempt, first: str | None = None):
             return attempt()
         except (RuntimeError, DataError) as exc:
             reason, tries = dali_reason(exc), tries + 1
+            # start_pipeline's own line: keep only what DALI said
+            reason = re.sub(r"^cannot read the shards \((.*)\); re-create them with alexnet-prepare$", r"\1", reason)
             if not unreachable(spec, reason):
-                raise
+                if isinstance(exc, DataError):
+                    raise
+                raise DataError(f"the DALI {spec.mode} pipeline stopped: {reason}") from None
     shards = ", ".join(spec.tars[:2]) + (f" and {len(spec.tars) - 2} more" if len(spec.tars) > 2 else "")
-    raise DataError(
-        f"{shards}: cannot be read ({reason}) after {tries} tries over {sum(store.WAITS):.0f} s; "
-        "check that the store is reachable and the credentials (AWS_* variables); the last checkpoint is kept: "
-        "resume once it is back"
+    raise store.Unreachable(
+        f"{shards}: cannot be read ({reason}) after {tries} tries over {time.monotonic() - started:.0f} s; "
+        "check that the store is reachable, then run the same command again (a training run resumes from its "
+        "last checkpoint)"
     )
 
 
@@ -253,6 +257,8 @@ class DaliLoader:
         self.restored = None
         try:
             self.pipe = reaching(spec, lambda: start_pipeline(spec, Substitute(spec.batch_size), checkpoint))
+        except store.Unreachable:
+            raise
         except DataError:
             if checkpoint is None:
                 raise

@@ -42,7 +42,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.manifest = Manifest.read(data.root)  # fails early, before any model is built
         if not (self.manifest.has("train") and self.manifest.has("val")):
             raise DataError(f"{self.manifest.path}: needs both a train and a val split")
-        over_http = any(s.tar.startswith(("http://", "https://")) for s in self.manifest.shards("train"))
+        splits = self.manifest.data["splits"]
+        over_http = any(s.tar.startswith(("http://", "https://")) for sp in splits for s in self.manifest.shards(sp))
         self.loader_name = choose_loader(str(loader.name), over_http)  # dali or wds from here on
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
         stats = read_stats(self.manifest)

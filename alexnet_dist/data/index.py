@@ -128,11 +128,7 @@ def read_tar(tar: str, num_classes: int | None, decode: int, stop: threading.Eve
     """One streaming pass over `tar` (mode "r|": a remote tar is fetched once, front to back),
     reading only the .jpg and .cls members' bytes. Given up, part-way, once `stop` is set."""
     found, at = TarIndex(tar, num_classes, decode), 0
-    try:
-        f = store.open_file(tar)
-    except FileNotFoundError:  # a brace pattern names files whether or not they exist (store.py: Missing)
-        raise DataError(f"{tar}: no such file") from None
-    with f:
+    with store.open_file(tar) as f:  # a brace pattern names files whether or not they exist: Missing
         try:
             with tarfile.open(fileobj=f, mode="r|") as stream:
                 key, members = None, {}
@@ -147,8 +143,9 @@ def read_tar(tar: str, num_classes: int | None, decode: int, stop: threading.Eve
                         if key is not None:
                             found.add(key, members)
                         key, members = name[1], {}
-                    data = stream.extractfile(member).read() if name[2] in PARTS else None
-                    members.setdefault(name[2], []).append((member, data))
+                    ext = name[2].lower()  # as webdataset reads it: k.JPG is the image of k
+                    data = stream.extractfile(member).read() if ext in PARTS else None
+                    members.setdefault(ext, []).append((member, data))
                 if key is not None:
                     found.add(key, members)
                 at = stream.offset

@@ -30,12 +30,11 @@ def sample_images(manifest: Manifest, count: int):
             lines = [line.decode(errors="replace") for line in itertools.islice(f, 1, per_shard + 1)]
         with store.open_file(shard.tar) as f:
             for line in lines:
-                offset, _, key = index_entry(line, shard.index)
-                header = tar_header(f, shard.tar, offset - tarfile.BLOCKSIZE)  # the sample's first member
+                _, _, key = index_entry(line, shard.index)
                 jpg = image_member(line)
-                f.seek(jpg[0])
+                tar_header(f, shard.tar, jpg[0] - tarfile.BLOCKSIZE)  # a member's header, not zeros or other bytes
                 data = f.read(jpg[1])
-                if not header.name.startswith(key) or len(data) != jpg[1]:
+                if len(data) != jpg[1]:
                     raise DataError(
                         f"{shard.tar}: does not hold {key} where its index file says; the tar is damaged: "
                         "re-create it with alexnet-prepare"

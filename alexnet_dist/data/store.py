@@ -5,7 +5,8 @@ files opens them through `open_file`, so each reader works the same from every p
 A remote file is read with ranged GET requests. A read that fails (a reset connection, a timeout,
 a server that is gone or answers 5xx) is tried again from the byte it stopped at, after 0.5, 1, 2,
 4 and 8 seconds; then one line names the file and what went wrong. So a store that goes away
-stops a run within about half a minute, never hangs it, and a short outage costs nothing.
+stops a run within seconds when it refuses connections, within a few minutes when it times them
+out (TIMEOUT_S each), never hangs it, and a short outage costs nothing.
 
 S3 credentials, region and endpoint come from the standard AWS environment variables and files
 (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/config, AWS_ENDPOINT_URL for an S3-compatible store),
@@ -16,8 +17,11 @@ import fnmatch
 import http.client
 import io
 import os
+import ssl
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -50,49 +54,64 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-_clients = {}
+_clients, _client_lock = {}, threading.Lock()
 
 
 def s3_client():
-    """This process's S3 client (one per process: clients are not safe to share across a fork).
-    botocore's own retries are off; `retrying` does them, the same for S3 and HTTP."""
-    if os.getpid() not in _clients:
-        try:
-            import boto3
-            from botocore.config import Config
-        except ImportError:
-            raise DataError(
-                "s3:// locations need boto3, which is not installed; pip install 'alexnet_dist[s3]'"
-            ) from None
-        config = Config(retries={"max_attempts": 1}, connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S)
-        _clients.clear()
-        _clients[os.getpid()] = boto3.session.Session().client("s3", config=config)
-    return _clients[os.getpid()]
+    """This process's S3 client (one per process: clients are not safe to share across a fork;
+    threads share it). botocore's own retries are off; `retrying` does them, the same for S3 and HTTP."""
+    global _clients
+    with _client_lock:
+        if os.getpid() not in _clients:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise DataError(
+                    "s3:// locations need boto3, which is not installed; pip install 'alexnet_dist[s3]'"
+                ) from None
+            config = Config(retries={"max_attempts": 1}, connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S)
+            _clients = {os.getpid(): boto3.session.Session().client("s3", config=config)}
+        return _clients[os.getpid()]
 
 
 class Missing(DataError):
     """The file does not exist (HTTP 404, S3 NoSuchKey): not worth trying again."""
 
 
-def failure(location: str, exc: Exception) -> tuple[str, bool]:
-    """(why, worth trying again) for an error of a request for `location`."""
+class Unreachable(DataError):
+    """The store did not answer, or answered with a server error, through every try."""
+
+
+def failure(exc: Exception) -> tuple[str, bool]:
+    """(why, worth trying again) for an error of a request: only what may pass (a connection refused,
+    reset or timed out, a server error) is tried again; a refusal, bad settings or a bad URL are not."""
     try:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore import exceptions as boto
     except ImportError:  # without boto3 no S3 request was made
-        BotoCoreError = ClientError = NoCredentialsError = ()
-    if isinstance(exc, NoCredentialsError):
+        boto = None
+    if boto and isinstance(exc, boto.NoCredentialsError):
         return "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE", False
-    if isinstance(exc, ClientError):
+    if boto and isinstance(exc, boto.ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return f"{error.get('Code', status)}: {error.get('Message', '')}".strip(": "), status >= 500 or status == 429
+        why = f"{error.get('Code', status)}: {error.get('Message', '')}".strip(": ")
+        if status == 403:
+            why += "; S3 also answers 403 for a missing key when the credentials may not list the bucket"
+        return why, status >= 500 or status == 429
+    transient = (boto.ConnectionError, boto.HTTPClientError, boto.IncompleteReadError) if boto else ()
+    if boto and isinstance(exc, transient) or type(exc).__name__ == "ResponseStreamingError":
+        return str(exc), True
+    if boto and isinstance(exc, boto.BotoCoreError):  # a bad profile, region or parameter
+        return str(exc), False
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}", exc.code >= 500 or exc.code == 429
     if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason), True
-    if isinstance(exc, BotoCoreError | OSError | EOFError | http.client.HTTPException) or is_urllib3(exc):
-        # refused, reset, timed out, cut short
-        return str(exc) or type(exc).__name__, True
+        return str(exc.reason), not isinstance(exc.reason, ssl.SSLCertVerificationError)
+    if isinstance(exc, OSError | EOFError | http.client.HTTPException) or is_urllib3(exc):
+        return str(exc) or type(exc).__name__, True  # refused, reset, timed out, cut short
+    if isinstance(exc, ValueError):  # a URL that cannot be sent (a space, a missing host)
+        return str(exc), False
     raise exc
 
 
@@ -102,19 +121,24 @@ def is_urllib3(exc: Exception) -> bool:
 
 
 def retrying(location: str, request):
-    """request() tried until it succeeds, WAITS long; a missing file or a refusal (403) at once."""
+    """request() tried until it succeeds, after each of WAITS; what is not worth trying again (a
+    missing file, a refusal, bad settings) at once. Then one line naming the location."""
+    started = time.monotonic()
     for attempt in range(len(WAITS) + 1):
         try:
             return request()
         except Exception as exc:
-            why, again = failure(location, exc)
+            why, again = failure(exc)
+            why = " ".join(why.split())  # one line, whatever the library's message
             if is_missing(exc):
                 raise Missing(f"{location}: no such file ({why})") from None
-            if not again or attempt == len(WAITS):
-                tries = f" after {attempt + 1} tries over {sum(WAITS[:attempt]):.0f} s" if again else ""
-                raise DataError(
-                    f"{location}: cannot be read ({why}){tries}; check that the store is reachable and the "
-                    "credentials (AWS_* variables for s3://); the last checkpoint is kept: resume once it is back"
+            if not again:
+                raise DataError(f"{location}: cannot be read ({why}); check the location and the settings") from None
+            if attempt == len(WAITS):
+                raise Unreachable(
+                    f"{location}: cannot be read ({why}) after {attempt + 1} tries over "
+                    f"{time.monotonic() - started:.0f} s; check that the store is reachable, then run the same "
+                    "command again (a training run resumes from its last checkpoint)"
                 ) from None
             time.sleep(WAITS[attempt])
 
@@ -133,7 +157,8 @@ def http_get(url: str, start: int, end: int | None = None):
     """A response for bytes start..end-1 (to the end of the file for None). A server that ignores
     Range (python -m http.server) answers with the whole file: its first `start` bytes are dropped."""
     headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
-    response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    quoted = urllib.parse.quote(url, safe=":/?&=%#@+,;~!$'()*[]")  # a space or a non-ASCII name
+    response = urllib.request.urlopen(urllib.request.Request(quoted, headers=headers), timeout=TIMEOUT_S)
     if start and response.status != 206:
         skip = start
         while skip:
@@ -163,9 +188,12 @@ def size(location: str) -> int:
         bucket, key = split_s3(location)
         return retrying(location, lambda: s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
 
-    def head():
-        request = urllib.request.Request(location, method="HEAD")
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+    def head():  # the first byte: its answer tells the size, where HEAD may be refused
+        with http_get(location, 0, 1) as response:
+            if response.status == 206:
+                return int(response.headers["Content-Range"].rsplit("/", 1)[1])
+            if response.headers["Content-Length"] is None:
+                raise DataError(f"{location}: the server tells no size (no Content-Length); serve it with one")
             return int(response.headers["Content-Length"])
 
     return retrying(location, head)
@@ -262,7 +290,7 @@ def expand(pattern: str) -> list[str]:
     glob, or a folder or S3 prefix ending in / (every .tar under it). HTTP servers list nothing:
     name their tars with a brace pattern."""
     found = []
-    for item in braceexpand(pattern):
+    for item in braceexpand(pattern if is_remote(pattern) else os.path.expanduser(pattern)):
         if item.endswith("/") or (not is_remote(item) and os.path.isdir(item)):
             found += folder_tars(item)
         elif not is_remote(item) and any(c in item for c in "*?["):
@@ -276,8 +304,12 @@ def folder_tars(folder: str) -> list[str]:
     """The .tar files under a local folder or an S3 prefix, sorted by name."""
     if folder.startswith("s3://"):
         bucket, prefix = split_s3(folder)
-        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        keys = retrying(folder, lambda: [o["Key"] for page in pages for o in page.get("Contents", [])])
+
+        def listing():
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+        keys = retrying(folder, listing)
         return sorted(f"s3://{bucket}/{k}" for k in keys if k.endswith(".tar"))
     if is_remote(folder):
         raise DataError(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..config import Loader as LoaderSettings
@@ -124,7 +125,11 @@ class ShardStream(IterableDataset):
                 with store.open_file(shard.tar) as f:
                     tar_header(f, shard.tar, offset)  # zeros would read as an empty tar
                     f.seek(offset)
-                    for sample in group_by_keys(tar_file_expander([{"url": shard.tar, "stream": f}])):
+                    members = tar_file_expander([{"url": shard.tar, "stream": f}])
+                    # another tool's sample with two members of one extension is left out of the index
+                    # (alexnet-prepare index): passed over here too, instead of stopping the stream
+                    handler = reraise_exception if shard.exact else passing_duplicates
+                    for sample in group_by_keys(members, handler=handler):
                         if count < piece.stop and sample["__key__"] == keys[count - piece.start]:
                             yield shard.tar, sample
                         elif count < piece.stop and shard.exact:
@@ -260,6 +265,13 @@ def reason(exc: Exception) -> str:
     return str(exc.args[0] if exc.args else exc).split(" @ ")[0]
 
 
+def passing_duplicates(exc: Exception) -> bool:
+    """group_by_keys' handler: go on past a sample's second member of one extension."""
+    if isinstance(exc, ValueError) and "duplicate file name" in str(exc.args[0] if exc.args else ""):
+        return True
+    raise exc
+
+
 def start_of(piece: Piece) -> tuple[int, list[str]]:
     """(byte offset to start reading at, keys of the piece's samples) from the shard's index file
     (every shard has one: the start-up check, Manifest.check_share, requires it). A piece that
@@ -276,9 +288,16 @@ def start_of(piece: Piece) -> tuple[int, list[str]]:
             f"{index}: lists {len(lines)} samples but manifest.json says {piece.shard.count}; re-run alexnet-prepare"
         )
     entries = [index_entry(line, index) for line in lines[piece.start : piece.stop]]
-    # the member's header lies one block before its data
-    offset = entries[0][0] - tarfile.BLOCKSIZE if piece.start else 0
-    return offset, [key for _, _, key in entries]
+    keys = [key for _, _, key in entries]
+    if piece.start == 0:
+        return 0, keys
+    if piece.shard.exact:  # alexnet-prepare writes plain ustar: a member's header lies one block before its data
+        return entries[0][0] - tarfile.BLOCKSIZE, keys
+    # Other tools' tars may give a member a pax header too (webdataset's ShardWriter does, for every
+    # member: names over 100 bytes and non-ASCII ones live only there). The first header of the
+    # piece's first sample begins where the previous sample's data ends, rounded up to a block.
+    end = index_entry(lines[piece.start - 1], index)[1]
+    return -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, keys
 
 
 def kill_daemonic_children() -> None:
