@@ -142,6 +142,8 @@ class ShardStream(IterableDataset):
                         count += 1
                         if count >= piece.stop and not whole:
                             break
+            except store.Missing:  # removed since the start-up check
+                raise DataError(f"{shard.tar}: listed in manifest.json but missing; re-run alexnet-prepare") from None
             except (tarfile.TarError, OSError, ValueError) as exc:
                 raise DataError(
                     f"{shard.tar}: unreadable after {count} samples ({reason(exc)}); "
