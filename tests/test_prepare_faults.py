@@ -490,7 +490,9 @@ def wait_for(condition, timeout: float, every: float = 0.02):
 
 
 def start_prepare(tmp_path: Path, env: dict, *args) -> subprocess.Popen:
-    """alexnet-prepare in a session of its own (its pid is its process group's id), stderr to a file."""
+    """alexnet-prepare in a session of its own (its pid is its process group's id), stderr to a file.
+    SIGINT at its default, as in a terminal's foreground job: a test run started in the background
+    by a shell inherits it ignored, and the command would rightly not see Ctrl-C."""
     return subprocess.Popen(
         [str(BIN / "alexnet-prepare"), *map(str, args)],
         cwd=tmp_path,
@@ -498,6 +500,7 @@ def start_prepare(tmp_path: Path, env: dict, *args) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "stderr.txt", "w"),  # noqa: SIM115 (the child holds it)
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
