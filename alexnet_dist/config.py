@@ -41,6 +41,7 @@ BadImages = choice("BadImages", "skip error")
 Augment = choice("Augment", "paper modern")
 OptimImpl = choice("OptimImpl", "foreach loop fused")
 CommHook = choice("CommHook", "none bf16 fp16")
+Backend = choice("Backend", "auto nccl gloo")
 LoggerName = choice("LoggerName", "wandb csv")
 SignalName = choice("SignalName", "USR1 USR2 TERM")
 
@@ -135,6 +136,7 @@ class Ddp:
     timeout_s: int = 600
     bucket_cap_mb: int = 25
     comm_hook: CommHook = CommHook.none
+    backend: Backend = Backend.auto
 
 
 @dataclass

@@ -1,50 +1,35 @@
 #!/usr/bin/env bash
-# The GPU measurements in docs/performance.md, as run on a lent single-GPU machine whose image has
-# torch and lightning but not hydra/webdataset: those come from wheels in .whl/ (pure Python).
-# Usage, from the repository root: bash launch/gpu-check.sh   (writes results to $OUT or /tmp/out;
-# SKIP_MODEL=1 leaves out the model-only benchmarks)
+# The GPU check (launch/gpu_check.py): figures of the DALI GPU loader, both networks, the 2012
+# recipe end to end, DDP, bad JPEGs and kill-and-resume, as JSON lines in OUT_DIR.
+#
+#   bash launch/gpu-check.sh wheels      on a machine that reaches PyPI, from the repository root:
+#                                        .whl/ gets this project and the pure-Python packages a stock
+#                                        CUDA/PyTorch image lacks (hydra, omegaconf, webdataset, ...)
+#   bash launch/gpu-check.sh OUT_DIR [gpu_check.py options]
+#                                        on the GPU machine, from the repository root, with .whl/
+#                                        and DALI there (DALI: ../shared/tools/dali-ferry.sh, whose
+#                                        `env` must be sourced first); at most 8 minutes
+#
+# Where every package is already installed (a venv with alexnet_dist), .whl/ is not needed; on a
+# machine without a GPU the same commands run at toy sizes (--quick), which is how it is tested.
 set -euo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
+if [ "${1:-}" = wheels ]; then
+    rm -rf .whl && mkdir -p .whl
+    python3 -m pip wheel -q --no-deps -w .whl . "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3" \
+        "antlr4-python3-runtime==4.9.3" "webdataset>=0.2.100,<2" "braceexpand>=0.1.7"
+    ls .whl
+    exit 0
+fi
+out=${1:?usage: bash launch/gpu-check.sh OUT_DIR [--quick] [--parts a,b,...]   (or: wheels)}
+shift
+here=$(cd "$(dirname "$0")" && pwd)
+if [ -d .whl ]; then  # this checkout's own code and its pure-Python dependencies, beside the image's
+    python3 -m pip install -q --no-index --no-deps --target /tmp/gpu-check-site .whl/*
+    export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
+    export PATH=/tmp/gpu-check-site/bin:$PATH
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
-bench="python3 -m alexnet_dist.cli.bench"
-[ -n "${SKIP_MODEL:-}" ] || {
-    for model in alexnet2012 alexnet_owt; do
-        for precision in fp32 bf16; do
-            $bench model --model "$model" --precision "$precision" --batch-size 256 --steps 50
-        done
-        $bench model --model "$model" --precision bf16 --channels-last --batch-size 256 --steps 50
-    done
-    $bench model --model alexnet2012 --precision bf16 --channels-last --batch-size 1024 --steps 30
-} | tee "$OUT/model.jsonl"
-# 256x256 JPEG shards, like the paper's storage, 100 classes of synthetic pictures
-python3 -m alexnet_dist.cli.prepare synthetic --out /tmp/syn256 --size 256 --classes 100 \
-    --train-count 25600 --val-count 2000 --workers 16 --min-shards 32 2>/dev/null
-{
-    for workers in 4 8 14; do
-        $bench loader --loader wds --data /tmp/syn256 --size 224 --batch-size 256 --workers $workers --steps 40
-    done
-    if python3 -c "import nvidia.dali" 2>/dev/null; then  # the DALI wheel must be installed on the machine
-        for threads in 2 4 8; do
-            $bench loader --loader dali --device gpu --data /tmp/syn256 --size 224 --batch-size 256 --threads $threads --steps 100
-        done
-    fi
-} | tee "$OUT/loader.jsonl"
-# end to end: the 2012 network and recipe, bf16, two epochs; DALI (GPU decoding) when installed
-LOADER=$(python3 -c "import nvidia.dali" 2>/dev/null && echo "loader=dali" || echo "loader=wds loader.workers=14")
-python3 -m alexnet_dist.cli.train experiment=alexnet2012 data.root=/tmp/syn256 logger=csv run_id=gpu \
-    paths.runs=/tmp/runs trainer.max_epochs=2 trainer.precision=bf16-mixed $LOADER \
-    +trainer.enable_progress_bar=false 2>&1 | grep -v Warning | tail -5
-cp /tmp/runs/alexnet2012/gpu/results.json "$OUT/train_results.json"
-cp /tmp/runs/alexnet2012/gpu/logs/version_0/metrics.csv "$OUT/train_metrics.csv"
-# the DDP code path on a GPU (NCCL), one process: a short run must finish and report world_size 1
-python3 -m alexnet_dist.cli.train experiment=alexnet2012 data.root=/tmp/syn256 logger=csv run_id=ddp \
-    paths.runs=/tmp/runs trainer.max_epochs=1 trainer.precision=bf16-mixed $LOADER \
-    trainer.strategy=ddp trainer.limit_train_batches=20 +trainer.enable_progress_bar=false 2>&1 | tail -2
-cp /tmp/runs/alexnet2012/ddp/results.json "$OUT/ddp_results.json"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU: --quick"
+python3 -c "import sys, torch, lightning; print('python', sys.version.split()[0], 'torch', torch.__version__, 'lightning', lightning.__version__)"
+python3 -c "import nvidia.dali as d; print('dali', d.__version__)" || echo "DALI does not import: parts a, c-f need it"
+exec python3 "$here/gpu_check.py" "$out" "$@"

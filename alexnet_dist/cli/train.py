@@ -268,6 +268,7 @@ def make_trainer(s: Train, run_dir: Path, slurm, callbacks: list, loggers: list)
             timeout=timedelta(seconds=s.ddp.timeout_s),
             bucket_cap_mb=s.ddp.bucket_cap_mb,
             ddp_comm_hook=comm_hook(str(s.ddp.comm_hook)),
+            process_group_backend=None if s.ddp.backend == "auto" else str(s.ddp.backend),
         )
     if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
         args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
