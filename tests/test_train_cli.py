@@ -220,6 +220,11 @@ def test_epoch_milestones_hold_when_only_max_steps_ends_the_run(tmp_path, synthe
             ["optim.layer_rates=[{{layer:fc9,from_epoch:1,lr:0.1}}]"],
             "error: optim.layer_rates names fc9, which this model has no",
         ),
+        pytest.param(
+            ["ddp.backend=nccl", "trainer.strategy=ddp"],
+            "error: ddp.backend=nccl: NCCL needs CUDA GPUs and a CUDA build of torch; use ddp.backend=gloo",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="NCCL may work on this machine"),
+        ),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, synthetic_root, cli_env, override, message):

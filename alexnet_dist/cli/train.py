@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger
@@ -263,12 +264,15 @@ def comm_hook(name: str):
 
 def make_trainer(s: Train, run_dir: Path, slurm, callbacks: list, loggers: list) -> pl.Trainer:
     args = dict(s.trainer)
+    backend = None if s.ddp.backend == "auto" else str(s.ddp.backend)  # auto: Lightning's pick
+    if backend == "nccl" and not (torch.distributed.is_nccl_available() and torch.cuda.is_available()):
+        raise ConfigError("ddp.backend=nccl: NCCL needs CUDA GPUs and a CUDA build of torch; use ddp.backend=gloo")
     if args["strategy"] == "ddp":  # the same, with a bound on how long a collective may wait
         args["strategy"] = DDPStrategy(
             timeout=timedelta(seconds=s.ddp.timeout_s),
             bucket_cap_mb=s.ddp.bucket_cap_mb,
             ddp_comm_hook=comm_hook(str(s.ddp.comm_hook)),
-            process_group_backend=None if s.ddp.backend == "auto" else str(s.ddp.backend),
+            process_group_backend=backend,
         )
     if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
         args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
