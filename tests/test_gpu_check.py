@@ -67,3 +67,9 @@ def test_every_part_of_the_gpu_check_runs_and_reports_its_figures(tmp_path):
     assert resume["killed_after"].startswith("step-") and resume["steps"][0] == resume["steps"][1] > 0
     # deterministic on the CPU: two uninterrupted runs and the killed-and-resumed one are bit-identical
     assert resume["uninterrupted_max_abs_diff"] == 0.0 and resume["resumed_max_abs_diff"] == 0.0
+
+    (goals,) = lines(out, "goals")  # the goals beside the best figure of each kind
+    assert goals["loader_img_s"] == max(x["images_per_sec"] for x in loader if x["augment"] == "paper")
+    assert goals["owt_img_s"] == model[2]["images_per_sec"] and goals["end_to_end_img_s"] == (
+        e2e["train_images_per_sec"] or None
+    )
