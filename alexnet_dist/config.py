@@ -143,6 +143,7 @@ class Ddp:
 class Compute:
     channels_last: bool = False
     compile: bool = False
+    fuse_norms: bool = False  # compile only the LRN and spatial-norm blocks (models/layers.py)
 
 
 @dataclass

@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from alexnet_dist.errors import ConfigError
 from alexnet_dist.models import AlexNet2012, create_model
-from alexnet_dist.models.layers import SpatialNorm, TowerLRN
+from alexnet_dist.models.layers import SpatialNorm, TowerLRN, fuse_norms
 
 
 def n_params(model):
@@ -153,3 +155,78 @@ def test_channels_last_and_compiled_models_compute_the_same_and_save_the_same_na
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(plain(x), fast(x), atol=1e-4)
+
+
+@pytest.fixture
+def inductor():
+    """Fresh dynamo caches, so each test compiles its own shapes (not ones an earlier test made
+    dynamic), and inductor's scalar C++ kernels: the vectorised ones hold the same fused
+    arithmetic but take half a minute to generate for SpatialNorm's backward on 2 cores."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+def forward_backward(module, x, grad):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(grad)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize(
+    "block,shape",
+    [
+        (lambda: TowerLRN(2), (2, 96, 55, 55)),  # alexnet2012's norm1: 48 channels a tower
+        (lambda: TowerLRN(2), (2, 256, 27, 27)),  # its norm2: 128 a tower
+        (lambda: TowerLRN(1), (2, 96, 13, 13)),
+        (lambda: TowerLRN(2), (2, 6, 5, 5)),  # 3 channels a tower: every window crosses an edge
+        (SpatialNorm, (2, 256, 27, 27)),  # snorm2
+    ],
+    ids=["lrn-96", "lrn-256", "lrn-one-tower", "lrn-3-a-tower", "spatial-256"],
+)
+def test_fused_norm_blocks_compute_what_the_plain_ones_do(inductor, block, shape):
+    torch.manual_seed(0)
+    x, grad = torch.randn(shape) * 30, torch.randn(shape)  # large enough that the norms matter
+    plain, fused = block(), block()
+    assert fuse_norms(fused) == 1
+    y, dx = forward_backward(plain, x, grad)
+    y_fused, dx_fused = forward_backward(fused, x, grad)
+    assert inductor["stats"]["unique_graphs"] == 1  # compiled, not fallen back to eager
+    torch.testing.assert_close(y_fused, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_fused, dx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,size,blocks", [pytest.param("alexnet2012", 224, 3, marks=pytest.mark.slow), ("alexnet_small", 32, 2)]
+)
+def test_fused_norms_leave_the_logits_the_gradients_and_the_names_as_they_were(inductor, name, size, blocks):
+    # float64: max-pooling sends each window's gradient to its largest input, and in float32 a
+    # one-ulp difference in a norm's output can swap two near-equal ones, moving a whole entry
+    # of the weight gradients; in float64 the two agree to ~1e-16 everywhere.
+    torch.manual_seed(0)
+    plain = create_model(name, 10, dropout=0.0).double()
+    fused = copy.deepcopy(plain)
+    assert fuse_norms(fused) == blocks
+    assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints interchange
+    x, labels = torch.randn(1, 3, size, size, dtype=torch.float64), torch.tensor([3])
+    logits = {}
+    for key, model in (("plain", plain), ("fused", fused)):
+        logits[key] = model(x)
+        F.cross_entropy(logits[key], labels).backward()
+    torch.testing.assert_close(logits["fused"], logits["plain"], rtol=1e-9, atol=1e-12)
+    grads = [{name: p.grad for name, p in model.named_parameters()} for model in (fused, plain)]
+    torch.testing.assert_close(*grads, rtol=1e-9, atol=1e-12)  # a mismatch names the parameter
+
+
+def test_classifier_keeps_fuse_norms_and_leaves_it_to_a_whole_model_compile():
+    from alexnet_dist.training.module import Classifier
+
+    spec = {"name": "alexnet_small", "num_classes": 10, "width": 8, "fc": 32}
+    fused = Classifier(spec, optim={}, global_batch=4, fuse_norms=True)
+    assert fused.hparams.fuse_norms and fused.net is fused.model
+    assert fused.model.norm1._compiled_call_impl is not None
+    both = Classifier(spec, optim={}, global_batch=4, compile=True, fuse_norms=True)
+    assert both.net is not both.model and both.model.norm1._compiled_call_impl is None

@@ -332,7 +332,8 @@ def test_a_corrupt_training_image_is_skipped_counted_and_named_or_stops_a_strict
 
 
 def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, synthetic_root, cli_env):
-    # torch.compile is checked on the model (tests/test_models.py): compiling costs a minute here.
+    # torch.compile of the whole model is checked on the model (tests/test_models.py): compiling
+    # it costs a minute here; compiling the norm blocks alone (fuse_norms) far less.
     run_cli(
         "alexnet-train",
         *SMOKE,
@@ -342,14 +343,17 @@ def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, syntheti
         "compute.channels_last=true",
         "loader.layout=NHWC",
         "optim.impl=fused",
+        "compute.fuse_norms=true",
         "trainer.max_epochs=2",
         cwd=tmp_path,
         env=cli_env,
     )
     results = json.loads((tmp_path / "runs/smoke/fast/results.json").read_text())
     assert results["val_top1"] > 0.6
-    state = torch.load(tmp_path / "runs/smoke/fast/checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    assert all(not k.startswith("net.") and "_orig_mod" not in k for k in state)  # the plain model's names
+    ckpt = torch.load(tmp_path / "runs/smoke/fast/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["fuse_norms"] is True
+    # the plain model's names
+    assert all(not k.startswith("net.") and "_orig_mod" not in k for k in ckpt["state_dict"])
 
 
 def test_ddp_with_bf16_gradient_compression_and_small_buckets(tmp_path, synthetic_root, cli_env):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError
-from ..models import create_model
+from ..models import compiled, create_model
 from . import bench_scale, one_line_errors
 from .bench_scale import WORLDS, parse_worlds
 
@@ -44,6 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=224, help="input side for model mode; crop for loader mode")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="model mode: torch.compile the whole model")
+    p.add_argument(
+        "--fuse-norms", action="store_true", help="model mode: torch.compile only the LRN and spatial-norm blocks"
+    )
     p.add_argument(
         "--data", help="loader mode: where manifest.json is (a folder, s3://bucket/prefix or http(s)://host/path)"
     )
@@ -131,21 +135,23 @@ def bench_model(args) -> dict:
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
-    def step():
+    def step(net):
         with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        step()
-    for _ in range(args.warmup):
-        step()
+    with FlopCounterMode(display=False) as counter:  # on the plain model: the arithmetic is the same
+        step(model)
+    net = compiled(model, args.compile, args.fuse_norms)
+    compiling = args.compile or args.fuse_norms
+    for _ in range(max(args.warmup, 1 if compiling else 0)):  # the first call compiles: never timed
+        step(net)
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        step(net)
     sync(device)
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -162,6 +168,8 @@ def bench_model(args) -> dict:
         "size": args.size,
         "precision": args.precision,
         "channels_last": args.channels_last,
+        "compile": args.compile,
+        "fuse_norms": args.fuse_norms,
         "steps": args.steps,
     }
 

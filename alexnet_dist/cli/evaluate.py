@@ -152,8 +152,10 @@ def evaluate(args: dict) -> dict:
         }
         ckpt = {"state_dict": {f"model.{k}": v for k, v in ckpt.items()}}
     else:
-        # what rebuilds the network (checkpoints of earlier versions hold a few more settings)
-        wanted = set(inspect.signature(Classifier).parameters) - {"compile"}
+        # what rebuilds the network (checkpoints of earlier versions hold a few more settings);
+        # not the compile settings: one pass over the test set does not repay the compilation,
+        # and the plain model computes the same (tests/test_models.py)
+        wanted = set(inspect.signature(Classifier).parameters) - {"compile", "fuse_norms"}
         hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in wanted}
     module = Classifier(**hparams).eval()
     if problem := mismatch(ckpt["state_dict"], module.state_dict()):

@@ -175,6 +175,7 @@ def train(cfg: DictConfig) -> dict:
         seed=s.seed,
         channels_last=s.compute.channels_last,
         compile=s.compute.compile,
+        fuse_norms=s.compute.fuse_norms,
         agreement=agreement,
     )
     ckpt_path = resume_checkpoint(s.resume, ckpt_dir)

@@ -47,3 +47,20 @@ class SpatialNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, scale={self.scale}, pow={self.pow}"
+
+
+def fuse_norms(model: nn.Module) -> int:
+    """torch.compile every TowerLRN and SpatialNorm of `model` in place; returns how many.
+
+    Each block is a chain of memory-bound elementwise steps (square, pad, window sum, pow, multiply)
+    that eager mode runs as about ten kernels, each reading and writing the whole activation;
+    inductor fuses a block into one forward and one backward kernel with the same formula, so the
+    results agree with the plain block within float rounding (tests/test_models.py). Only these
+    blocks are compiled: the convolutions and the rest stay eager and start at once. Compiling in
+    place (nn.Module.compile) keeps the module tree, so state_dict names, and thus checkpoints,
+    are those of the plain model; the blocks have no parameters of their own.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, (TowerLRN, SpatialNorm))]
+    for block in blocks:
+        block.compile()
+    return len(blocks)

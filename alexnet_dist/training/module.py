@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..collectives import gather_to_rank_zero
 from ..config import NonFinite, Optim, ScheduleName, make, plain
 from ..errors import ConfigError, TrainingError
-from ..models import create_model
+from ..models import compiled, create_model
 from .agreement import StepAgreement
 from .checkpoint import rng_state, set_rng_state
 from .optim import build_optimizer, param_groups, scaled_lr
@@ -37,6 +37,7 @@ class Classifier(pl.LightningModule):
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        fuse_norms: bool = False,
         agreement: StepAgreement | None = None,
     ):
         super().__init__()
@@ -44,14 +45,14 @@ class Classifier(pl.LightningModule):
         # plain values only: checkpoints load with weights_only=True
         self.save_hyperparameters(
             dict(model=model, optim=plain(optim), global_batch=global_batch, seed=seed)
-            | dict(channels_last=channels_last, compile=compile)
+            | dict(channels_last=channels_last, compile=compile, fuse_norms=fuse_norms)
         )
         self.model = create_model(**model)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        # The compiled model shares the parameters; kept off the module tree so checkpoints hold
-        # the plain model's names either way.
-        object.__setattr__(self, "net", torch.compile(self.model) if compile else self.model)
+        # A compiled model shares the parameters; kept off the module tree so checkpoints hold
+        # the plain model's names either way (fused norm blocks are compiled in place).
+        object.__setattr__(self, "net", compiled(self.model, compile, fuse_norms))
         self.optim = optim
         self.steps_per_epoch, self.total_steps = 1, 1  # set with the optimizer (optimizer_and_schedule)
         self.global_batch = global_batch
