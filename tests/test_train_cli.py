@@ -332,8 +332,8 @@ def test_a_corrupt_training_image_is_skipped_counted_and_named_or_stops_a_strict
 
 
 def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, synthetic_root, cli_env):
-    # torch.compile of the whole model is checked on the model (tests/test_models.py): compiling
-    # it costs a minute here; compiling the norm blocks alone (fuse_norms) far less.
+    # torch.compile is checked on the model (tests/test_models.py): compiling costs a minute here;
+    # compute.fuse_norms goes through alexnet-train in tests/test_gpu_check.py (part c).
     run_cli(
         "alexnet-train",
         *SMOKE,
@@ -343,7 +343,6 @@ def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, syntheti
         "compute.channels_last=true",
         "loader.layout=NHWC",
         "optim.impl=fused",
-        "compute.fuse_norms=true",
         "trainer.max_epochs=2",
         cwd=tmp_path,
         env=cli_env,
