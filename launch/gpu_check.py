@@ -42,7 +42,9 @@ class Check:
         self.out, self.work, self.quick = out, work, quick
         self.gpu = torch.cuda.is_available() and not quick
         self.device = "gpu" if self.gpu else "cpu"
-        self.data = work / "syn256"
+        self.data = work / "syn256"  # made once, checked again by each later invocation
+        # new runs each invocation: the runs of an earlier one would be resumed, already finished
+        self.runs = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
         self.started = time.monotonic()
         # inductor compiles plain C++ loops several times faster than vectorised ones on two cores
         self.env = {"TORCHINDUCTOR_VEC_ISA_OK": "0"} if quick else {}
@@ -134,14 +136,14 @@ class Check:
         steps = quick if self.quick else ["data.batch_size=256"]
         return [
             *["experiment=alexnet2012", f"data.root={self.data}", "logger=csv", f"run_id={run_id}"],
-            *[f"paths.runs={self.work / 'runs'}", "loader=dali", "+trainer.enable_progress_bar=false"],
+            *[f"paths.runs={self.runs}", "loader=dali", "+trainer.enable_progress_bar=false"],
             *(["trainer.precision=bf16-mixed"] if self.gpu else ["trainer.accelerator=cpu"]),
             *steps,
             *extra,
         ]
 
     def results(self, run_id: str) -> dict:
-        return json.loads((self.work / "runs" / "alexnet2012" / run_id / "results.json").read_text())
+        return json.loads((self.runs / "alexnet2012" / run_id / "results.json").read_text())
 
     def part_c(self) -> None:
         steps = [] if self.quick else ["trainer.max_steps=300"]
@@ -213,7 +215,7 @@ class Check:
         data = self.work / "small"
         counts = ["--train-count", "320", "--val-count", "64"] if self.quick else []  # 10 or 63 steps an epoch
         self.run([PY, "-m", "alexnet_dist.cli.prepare", "synthetic", "--out", str(data), *counts], 120)
-        runs = self.work / "resume"
+        runs = self.runs / "resume"
         args = [
             *["experiment=smoke", f"data.root={data}", "logger=csv", "+trainer.enable_progress_bar=false"],
             *[
