@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,8 @@ def test_every_part_of_the_gpu_check_runs_and_reports_its_figures(tmp_path):
 
     (e2e,) = lines(out, "c")
     assert (e2e["model"], e2e["loader"], e2e["world_size"], e2e["skipped_images"]) == ("alexnet2012", "dali", 1, 0)
+    (saved,) = (tmp_path / "work" / "runs").glob("*/alexnet2012/e2e/checkpoints/last.ckpt")
+    assert torch.load(saved, weights_only=True)["hyper_parameters"]["fuse_norms"] is True  # compute.fuse_norms=true
     ddp = lines(out, "d")
     assert [(x["what"], x["world_size"], x["loader"]) for x in ddp] == [
         ("one process, gloo", 1, "dali"),

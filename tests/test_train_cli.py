@@ -350,7 +350,7 @@ def test_speed_options_train_as_well_bf16_channels_last_fused(tmp_path, syntheti
     results = json.loads((tmp_path / "runs/smoke/fast/results.json").read_text())
     assert results["val_top1"] > 0.6
     ckpt = torch.load(tmp_path / "runs/smoke/fast/checkpoints/last.ckpt", weights_only=True)
-    assert ckpt["hyper_parameters"]["fuse_norms"] is True
+    assert ckpt["hyper_parameters"]["fuse_norms"] is False  # the default
     # the plain model's names
     assert all(not k.startswith("net.") and "_orig_mod" not in k for k in ckpt["state_dict"])
 
