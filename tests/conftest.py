@@ -1,13 +1,19 @@
+import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+# Imported here, at the start of the session: Lightning binds its log handler to the stderr of the
+# moment of import, which must not be one test's captured stream (train_here).
+from alexnet_dist.cli import train as train_cli
 from alexnet_dist.data import sources
 from alexnet_dist.data.shards import write_dataset
 
@@ -69,6 +75,51 @@ def start_cli(name: str, *args, cwd: Path, env: dict) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+@dataclass
+class Outcome:
+    """How a command run inside the test process ended: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def train_here(tmp_path, monkeypatch, capsys, cli_env):
+    """alexnet-train run inside the test process, from tmp_path, as a user's command line would run
+    it (Hydra's own main, the one-line errors, exit status): for what is decided before or as
+    training starts, without paying for a new Python that imports torch each time. Training itself,
+    DDP and signals are tested through real processes (run_cli)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    def run(*args) -> Outcome:
+        monkeypatch.chdir(tmp_path)
+        for key in set(os.environ) - set(cli_env):
+            monkeypatch.delenv(key)
+        for key, value in cli_env.items():
+            if os.environ.get(key) != value:
+                monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", ["alexnet-train", *map(str, args)])
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+        root_handlers = logging.root.handlers[:]  # Hydra sets its own, on this test's captured streams
+        capsys.readouterr()
+        GlobalHydra.instance().clear()
+        try:
+            train_cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            GlobalHydra.instance().clear()
+            logging.root.handlers[:] = root_handlers
+            for signum, handler in handlers.items():  # the training installs its own
+                signal.signal(signum, handler)
+        out = capsys.readouterr()
+        return Outcome(code, out.out, out.err)
+
+    return run
 
 
 def run_cli(

@@ -2,6 +2,7 @@ import importlib.resources
 import subprocess
 
 import pytest
+import torch
 from conftest import BIN
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -10,6 +11,7 @@ from alexnet_dist.config import load
 from alexnet_dist.models import create_model
 
 CONF = importlib.resources.files("alexnet_dist.conf")
+SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
 EXPERIMENTS = sorted(p.name.removesuffix(".yaml") for p in (CONF / "experiment").iterdir() if p.name.endswith(".yaml"))
 
 
@@ -73,3 +75,72 @@ def test_settings_made_outside_alexnet_train_are_checked_the_same_way():
         make(Data, {"root": "/data", "test_views": 5})
     with pytest.raises(ConfigError, match=r"name: Invalid value 'fast', expected one of \[auto, dali, wds\]"):
         make(Loader, {"name": "fast"})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            ["data.root={tmp}/absent"],
+            "error: data.root={tmp}/absent: no such directory; make shards with `alexnet-prepare",
+        ),
+        (["data.root={tmp}"], "error: {tmp}/manifest.json: missing; {tmp} holds no shards made by alexnet-prepare"),
+        (
+            ["model.name=vgg"],
+            "error: model.name=vgg: unknown model; choose one of alexnet2012, alexnet_owt, alexnet_small",
+        ),
+        (
+            ["data.batch_size=33", "trainer.devices=2", "trainer.strategy=ddp"],
+            "error: data.batch_size=33 is the global batch and must divide by the 2 processes",
+        ),
+        (["data.batch_size=4096"], "error: data.batch_size=4096 is larger than the training set (2000 images)"),
+        (
+            ["data.batch_size=abc"],
+            "error: data.batch_size: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        (["+data.colour=1"], "error: data.colour: Key 'colour' not in 'Data'"),
+        (
+            ["+model.foo=1"],
+            "error: model.foo: not a setting of model alexnet_small; its settings: dropout, fc, lrn, width",
+        ),
+        (["+trainer.max_epoch=3"], "error: trainer.max_epoch: not an argument of lightning.pytorch.Trainer"),
+        (["+trainer.logger=false"], "error: trainer.logger: set by alexnet-train itself"),
+        (["trainer.max_epochs=-1"], "error: trainer.max_epochs=-1 and trainer.max_steps=-1 give the learning-rate"),
+        (
+            ["optim.schedule.name=linear"],
+            "error: optim.schedule.name: Invalid value 'linear', expected one of [step, plateau",
+        ),
+        (
+            ["loader.dtype=bfloat16"],
+            "error: loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not 32-true",
+        ),
+        (
+            ["data.mean_image=true"],
+            "error: data.mean_image=true but {tmp_data}/mean_image.npy is missing; run alexnet-prepare stats",
+        ),
+        (
+            ["optim.layer_rates=[{{layer:fc9,from_epoch:1,lr:0.1}}]"],
+            "error: optim.layer_rates names fc9, which this model has no",
+        ),
+        pytest.param(
+            ["ddp.backend=nccl", "trainer.strategy=ddp"],
+            "error: ddp.backend=nccl: NCCL needs CUDA GPUs and a CUDA build of torch; use ddp.backend=gloo",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="NCCL may work on this machine"),
+        ),
+    ],
+)
+def test_bad_configuration_stops_with_one_line(tmp_path, synthetic_root, train_here, override, message):
+    override = [o.format(tmp=tmp_path) for o in override]
+    proc = train_here(*SMOKE, f"data.root={synthetic_root}", *override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and errors[0].startswith(message.format(tmp=tmp_path, tmp_data=synthetic_root)), (
+        proc.stderr[-2000:]
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_experiment_lists_the_choices(train_here):
+    proc = train_here("experiment=nope")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "Could not find 'experiment/nope'" in proc.stderr and "fashion_mnist" in proc.stderr
