@@ -13,8 +13,9 @@ from ..collectives import gather_to_rank_zero
 from ..config import NonFinite, Optim, ScheduleName, make, plain
 from ..errors import ConfigError, TrainingError
 from ..models import compiled, create_model
-from .agreement import StepAgreement
+from .agreement import loss_is_finite_everywhere
 from .checkpoint import rng_state, set_rng_state
+from .lightning_seams import training_batches
 from .optim import build_optimizer, param_groups, scaled_lr
 from .schedules import lr_factor
 
@@ -38,7 +39,6 @@ class Classifier(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         fuse_norms: bool = False,
-        agreement: StepAgreement | None = None,
     ):
         super().__init__()
         optim = make(Optim, optim)
@@ -60,8 +60,6 @@ class Classifier(pl.LightningModule):
         self.plateau = {"best": -1.0, "bad_epochs": 0, "drops": 0}
         self.skipped_steps = 0  # non-finite losses skipped (optim.on_nonfinite=skip)
         self.rng_to_restore = None
-        # settled in each training step with the loss's finiteness (see agreement.py)
-        self.agreement = agreement or StepAgreement()
 
     def on_train_start(self):
         if self.rng_to_restore is not None:  # resumed: continue the generators where they stopped
@@ -77,7 +75,8 @@ class Classifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        if not self.agreement.settle(loss):  # all ranks skip a step together
+        # all ranks skip a step together; asked in the step's one agreement (agreement.py)
+        if not loss_is_finite_everywhere(loss, self.trainer):
             if self.optim.on_nonfinite == NonFinite.skip:
                 self.skipped_steps += 1
                 self.log("skipped_steps", float(self.skipped_steps))
@@ -205,9 +204,7 @@ class Classifier(pl.LightningModule):
             raise ConfigError(
                 "trainer.max_epochs=-1 and trainer.max_steps=-1 give the learning-rate schedule no end; set one of them"
             )
-        if not math.isfinite(self.trainer.num_training_batches):  # not counted yet with max_epochs=-1
-            self.trainer.fit_loop.setup_data()
-        batches = self.trainer.num_training_batches  # still infinite for a loader without a length
+        batches = training_batches(self.trainer)  # infinite for a loader without a length
         per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches) else total
         return self.optimizer_and_schedule(int(per_epoch), int(total))
 

@@ -17,6 +17,7 @@ import torch
 
 from .agreement import StepAgreement
 from .checkpoint import LastCheckpoint
+from .lightning_seams import silence_sigterm_broadcast, stop_without_validating
 
 
 def submitit_signal() -> int | None:
@@ -73,11 +74,7 @@ class Preemption(pl.Callback):
         if stage != "fit":
             return  # the final validation: a signal there stops at once (on_train_end)
         self._listen()
-        loop = trainer.fit_loop.epoch_loop
-        if hasattr(loop, "_broadcast_sigterm_tensor"):
-            # Lightning (2.6) broadcasts rank zero's SIGTERM flag before every step, a collective
-            # of its own; SIGTERM is handled here instead and travels in the step's agreement.
-            loop._broadcast_sigterm_tensor = lambda: None
+        silence_sigterm_broadcast(trainer)  # SIGTERM is handled here and travels in the step's agreement
 
     def on_train_start(self, trainer, pl_module):
         # Again, now that the Trainer has set its own handlers: its SIGTERM handler would end the
@@ -123,10 +120,7 @@ class Preemption(pl.Callback):
         if not (preempt or terminate):
             return
         self.saver.save(trainer)
-        trainer.should_stop = True
-        # Leave now: Lightning would validate the cut epoch before stopping (as for early stopping),
-        # a whole pass over the val set inside the scheduler's grace period.
-        trainer.limit_val_batches = 0
+        stop_without_validating(trainer)
         if preempt:
             self.preempted_at = trainer.global_step
         else:

@@ -1,0 +1,33 @@
+"""The places where alexnet_dist reaches past Lightning's public API, gathered here with the reason
+for each. tests/test_lightning_seams.py runs each against the installed Lightning and fails when a
+release renames or changes what it uses, instead of preemption quietly breaking on a cluster."""
+
+import math
+
+import lightning.pytorch as pl
+
+
+def silence_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    """Lightning (2.6) broadcasts rank zero's SIGTERM flag before every training step, a collective
+    of its own; alexnet_dist handles SIGTERM itself and sends it in the step's one agreement
+    (agreement.py), so that broadcast is switched off. A Lightning without it needs nothing."""
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = lambda: None
+
+
+def stop_without_validating(trainer: pl.Trainer) -> None:
+    """Ends the fit at this step boundary without the validation Lightning would run for the cut
+    epoch (as for early stopping): a whole pass over the val set inside a scheduler's grace period.
+    The fit's last validation is the only reader of limit_val_batches after this point."""
+    trainer.should_stop = True
+    trainer.limit_val_batches = 0
+
+
+def training_batches(trainer: pl.Trainer) -> float:
+    """The training loader's batches per epoch, counted now if the Trainer has not yet (it counts
+    them after configure_optimizers when trainer.max_epochs=-1); infinite for a loader without a
+    length."""
+    if not math.isfinite(trainer.num_training_batches):
+        trainer.fit_loop.setup_data()
+    return trainer.num_training_batches
