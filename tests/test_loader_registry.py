@@ -52,6 +52,14 @@ def test_a_registered_loader_is_a_setting_and_built_by_the_data_module(table, sy
     assert built == ["train"] and batch.images.shape[0] == 50
 
 
+def test_a_key_of_another_loader_is_ignored_and_a_key_of_none_refused():
+    # loader=wds reads loader.workers and ignores DALI's keys, so an experiment may set both
+    assert own_keys("wds") == ("workers",) and set(own_keys("dali")) == {"device", "threads", "layout"}
+    assert make(Loader, {"name": "wds", "threads": 4}).threads == 4
+    with pytest.raises(ConfigError, match=r"^foo: Key 'foo' not in 'Loader'; fix the override"):
+        make(Loader, {"name": "wds", "foo": 1})
+
+
 def test_auto_takes_the_first_loader_that_runs_here_and_a_chosen_one_that_cannot_is_refused(
     table, synthetic_root, capsys
 ):
