@@ -163,7 +163,7 @@ Loader.__doc__ = "Every loader's settings, flat: LoaderCommon's and each LOADERS
 
 
 def own_keys(name: str) -> tuple[str, ...]:
-    """The loader.KEYs that loader `name` (a LOADERS name) alone reads."""
+    """The loader.KEYs of loader `name` (a LOADERS name) beyond those every loader reads."""
     return tuple(f.name for f in fields(LOADERS[name].settings))
 
 
