@@ -7,7 +7,9 @@ package takes as arguments. `model` and `trainer` stay open: their keys are the 
 arguments and lightning.pytorch.Trainer's, checked against those signatures where they are used.
 """
 
-from dataclasses import dataclass, field
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -33,7 +35,6 @@ def choice(name: str, values: str) -> type[Choice]:
 OptimName = choice("OptimName", "krizhevsky sgd lars")
 ScheduleName = choice("ScheduleName", "step plateau cosine constant")
 NonFinite = choice("NonFinite", "stop skip")
-LoaderName = choice("LoaderName", "auto dali wds")
 LoaderDevice = choice("LoaderDevice", "auto cpu gpu")
 Layout = choice("Layout", "NCHW NHWC")
 DType = choice("DType", "float32 bfloat16")
@@ -67,19 +68,103 @@ class Data:
         check_views(self.test_views, "data.test_views")
 
 
-@dataclass
-class Loader:
-    """Both loaders' settings; the ones marked with a loader are read by that loader only."""
+def needs_package(package: str, title: str, extra: str) -> Callable[[], str | None]:
+    """A loader's `missing`: why `package` does not import here, or None when it does."""
 
-    name: LoaderName = LoaderName.auto
+    def missing() -> str | None:
+        try:
+            importlib.import_module(package)
+        except (ImportError, OSError) as exc:  # OSError: a wheel whose native libraries do not load
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return f"{title} does not import here ({why}); install it with pip install 'alexnet_dist[{extra}]'"
+        return None
+
+    return missing
+
+
+@dataclass
+class WdsSettings:
+    """The webdataset loader's own settings (data/wds.py)."""
+
+    workers: int = 2  # worker processes per rank (0: load in the training process)
+
+
+@dataclass
+class DaliSettings:
+    """NVIDIA DALI's own settings (data/dali.py)."""
+
+    device: LoaderDevice = LoaderDevice.auto  # auto: gpu when the model trains on a GPU, else cpu
+    threads: int = 2  # DALI CPU threads per rank
+    layout: Layout = Layout.NCHW  # NHWC: channels-last memory (the webdataset loader gives NCHW only)
+
+
+@dataclass(frozen=True)
+class LoaderEntry:
+    """One loader of the LOADERS table: everything the rest of the package asks about it."""
+
+    module: str  # the module whose `build(plan, augment, settings, ...)` makes it; imported only then
+    settings: type  # its own settings, loader.KEY for each field; the keys every loader reads are in Loader
+    title: str  # what one-line notices call it
+    reads_http: bool  # takes shards from http(s):// (every loader takes local paths and s3://)
+    missing: Callable[[], str | None] = lambda: None  # why it cannot run here; None when it can
+
+
+# The loaders, in the order loader=auto tries them: the first that runs here and can read the data.
+# A new loader is a module in data/ with a `build` like wds.py's, one entry here (with its settings
+# dataclass above) and a conf/loader/NAME.yaml.
+LOADERS: dict[str, LoaderEntry] = {
+    "dali": LoaderEntry(
+        "alexnet_dist.data.dali",
+        DaliSettings,
+        "DALI",
+        reads_http=False,  # its readers take local files and s3:// only
+        missing=needs_package("nvidia.dali", "NVIDIA DALI", "dali"),
+    ),
+    "wds": LoaderEntry("alexnet_dist.data.wds", WdsSettings, "the webdataset loader", reads_http=True),
+}
+
+
+@dataclass
+class LoaderCommon:
+    """The settings every loader reads."""
+
+    name: str = "auto"  # a name in LOADERS, or auto
     shuffle_buffer: int = 2000
     prefetch: int = 2
     dtype: DType = DType.float32  # what batches are normalised to
     bad_images: BadImages = BadImages.skip
-    workers: int = 2  # wds: worker processes per rank (0: in the training process)
-    device: LoaderDevice = LoaderDevice.auto  # dali
-    threads: int = 2  # dali
-    layout: Layout = Layout.NCHW  # dali
+
+    def __post_init__(self):
+        if self.name != "auto" and self.name not in LOADERS:
+            raise ConfigError(
+                f"loader.name: Invalid value '{self.name}', expected one of [{', '.join(['auto', *LOADERS])}]; "
+                "fix the override or the config file"
+            )
+
+
+def own_fields() -> list[tuple[str, Any, Any]]:
+    """Every loader's own settings as (name, type, field) for the flat Loader group. A key two
+    loaders share must mean the same to both: the same type and default."""
+    seen = {}
+    for name, entry in LOADERS.items():
+        for f in fields(entry.settings):
+            if f.name in seen and seen[f.name][:2] != (f.type, f.default):
+                raise TypeError(f"loader.{f.name}: loader {name} declares it unlike another loader does")
+            seen[f.name] = (f.type, f.default, field(default=f.default))
+    return [(key, kind, spec) for key, (kind, _, spec) in seen.items()]
+
+
+# loader.KEY on the command line, flat for every loader (loader=wds loader.workers=0, loader=dali
+# loader.threads=4): the keys every loader reads and each loader's own. A run reads its loader's own
+# keys and ignores another loader's, so an experiment may set both (loader=auto may pick either).
+# A key of no loader is refused in one line, naming it.
+Loader = make_dataclass("Loader", own_fields(), bases=(LoaderCommon,))
+Loader.__doc__ = "Every loader's settings, flat: LoaderCommon's and each LOADERS entry's own."
+
+
+def own_keys(name: str) -> tuple[str, ...]:
+    """The loader.KEYs of loader `name` (a LOADERS name) beyond those every loader reads."""
+    return tuple(f.name for f in fields(LOADERS[name].settings))
 
 
 @dataclass

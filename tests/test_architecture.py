@@ -12,20 +12,22 @@ PACKAGE = Path(alexnet_dist.__file__).parent
 LAYERS = [
     {"store"},
     {"transforms", "normalize"},
-    {"manifest", "sources", "images", "shards", "stats", "index"},
+    {"shard_index", "manifest", "sources", "images", "shards", "stats", "index"},
     {"plan"},
     {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
     {"datamodule"},
 ]
-# Imports within a layer: normalisation uses the geometry; the image conversion takes the sources'
-# samples; the writer uses both, reads the manifest and clears stale statistics; the statistics read
-# the manifest; the indexer of other tools' tars writes with the writer's helpers; the loaders
+# Imports within a layer: normalisation uses the geometry; the manifest check, the writer and the
+# statistics read and write DALI index files through shard_index; the image conversion takes the
+# sources' samples; the writer uses both, reads the manifest and clears stale statistics; the
+# statistics read the manifest; the indexer of other tools' tars writes with the writer's helpers; the loaders
 # share the contract in loader.py and never import each other.
 WITHIN = {
     "normalize": {"transforms"},
     "images": {"sources"},
-    "shards": {"manifest", "sources", "images", "stats"},
-    "stats": {"manifest"},
+    "manifest": {"shard_index"},
+    "shards": {"manifest", "sources", "images", "stats", "shard_index"},
+    "stats": {"manifest", "shard_index"},
     "index": {"manifest", "shards"},
     "wds": {"loader"},
     "dali": {"loader", "dali_pipeline"},

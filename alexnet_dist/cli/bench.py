@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..config import LOADERS, own_keys
 from ..errors import ConfigError
 from ..models import compiled, create_model
 from . import bench_scale, one_line_errors
@@ -57,7 +58,7 @@ def parse_args(argv=None):
         "run; adds a line with the ratio of the two speeds",
     )
     p.add_argument(
-        "--loader", choices=["auto", "dali", "wds"], default="auto", help="which loader (auto: DALI where it imports)"
+        "--loader", choices=["auto", *LOADERS], default="auto", help="which loader (auto: DALI where it imports)"
     )
     p.add_argument(
         "--augment",
@@ -116,7 +117,7 @@ def data_module(args, target: torch.device, **loader):
         raise ConfigError(f"{args.mode} mode needs --data DIR (a folder made by alexnet-prepare)")
     loader = {
         "name": args.loader,
-        "workers": args.workers,
+        "workers": args.workers,  # each loader reads its own of these and ignores the other's
         "threads": args.threads,
         "shuffle_buffer": args.shuffle_buffer,
         **loader,
@@ -202,7 +203,8 @@ def bench_loader(args) -> dict:
         "augment": args.augment,
         "batch_size": args.batch_size,
         "crop": args.size,
-        **({"workers": args.workers} if data.loader_name == "wds" else {"threads": args.threads}),
+        # the loader's own settings that this command sets (--workers, --threads)
+        **{key: getattr(args, key) for key in ("workers", "threads") if key in own_keys(data.loader_name)},
         "steps": args.steps,
         "images": images,
         "seconds": round(seconds, 3),

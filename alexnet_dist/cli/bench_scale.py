@@ -28,6 +28,7 @@ The wds loader runs in the process itself (loader.workers=0) so that its reads a
 
 import argparse
 import ctypes
+import importlib
 import io
 import json
 import os
@@ -40,6 +41,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from ..config import LOADERS
 from ..errors import ConfigError
 
 WORLDS = (8, 64, 512, 1024)
@@ -115,8 +117,7 @@ def one_rank(root: Path, loader: str, world: int, rank: int, batch: int, crop: i
     from ..data.datamodule import ShardDataModule
     from ..training.checkpoint import rng_state
 
-    if loader == "dali":
-        from ..data import dali  # noqa: F401  (imports nvidia.dali before the clock starts)
+    importlib.import_module(LOADERS[loader].module)  # DALI's imports nvidia.dali: before the clock starts
 
     folders = [root, *(p for p in root.iterdir() if p.is_dir())]
     start_rss, opens, before = rss_mb(), Opens(folders), read_bytes()
@@ -212,14 +213,12 @@ def make_tiny_set(out: Path, train: int, val: int, classes: int, shards: int, si
 def run(args) -> list[dict]:
     """Makes the data set when needed, then measures each loader at each world size, every rank
     in a fresh process."""
-    from ..data.loader_choice import choose_loader
-
     if not args.data:
         raise ConfigError("scale mode needs --data DIR (where the tiny data set is, or is to be written)")
     root = Path(args.data).expanduser().resolve()
     make_tiny_set(root, args.samples, args.val_samples, args.num_classes, args.shards, args.image_size)
-    both = ["wds", "dali"] if choose_loader("auto") == "dali" else ["wds"]
-    loaders = [args.loader] if args.loader != "auto" else both
+    here = [name for name, entry in LOADERS.items() if entry.missing() is None]  # the loaders that run here
+    loaders = [args.loader] if args.loader != "auto" else here
     rows = []
     for loader in loaders:
         for world in args.worlds:

@@ -23,7 +23,6 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import time
 import weakref
 from pathlib import Path
 
@@ -32,10 +31,10 @@ import torch
 
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
-from . import store
+from . import shard_index, store
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
 from .loader import BadImage, Batch, all_skipped, parse_label
-from .manifest import check_end, check_tar, index_entry, tar_header
+from .manifest import check_end, check_tar, tar_header
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation
 
@@ -114,20 +113,12 @@ def slice_index(piece: Piece, path: Path) -> str:
     offsets stay those of the whole tar) and returns the path."""
     shard = piece.shard
     size = check_tar(shard)  # checked by another rank's share at start; gone since?
-    try:
-        entries = store.read_text(shard.index).splitlines()[1:]  # a garbled line is named by index_entry
-    except store.Missing:
-        raise DataError(f"{shard.index}: DALI index file missing; re-run alexnet-prepare (it writes them)") from None
-    if len(entries) != shard.count:
-        raise DataError(
-            f"{shard.index}: lists {len(entries)} samples but manifest.json says {shard.count}; re-run alexnet-prepare"
-        )
-    part = entries[piece.start : piece.stop]
-    (offset, _, _), (_, end, _) = index_entry(part[0], shard.index), index_entry(part[-1], shard.index)
+    part = shard_index.read(shard)[piece.start : piece.stop]
+    (offset, _, _), (_, end, _) = shard_index.entry(part[0], shard.index), shard_index.entry(part[-1], shard.index)
     check_end(shard.tar, end, size)  # samples lie in index order: the slice's last one ends last
     # Another tool's shard may hold samples after its index's last (left out by alexnet-prepare index).
     check_contents(shard.tar, offset, end if piece.stop == shard.count and shard.exact else None)
-    path.write_text(f"v1.2 {len(part)}\n" + "\n".join(part) + "\n")
+    path.write_text(shard_index.text(part))
     return str(path)
 
 
@@ -145,6 +136,10 @@ def start_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
         return build_pipeline(spec, substitute, checkpoint)
     except RuntimeError as exc:
         reason = dali_reason(exc)
+        if unreachable(spec, reason):
+            raise store.Transient(
+                f"cannot read the shards ({reason}); check that the store is reachable", reason
+            ) from None
         found = re.search(r'Underful sample detected at index file at "(.+)" line (\d+)', reason)
         if found:  # the index lists a sample with fewer parts than .jpg + .cls
             index, line = Path(found[1]), int(found[2])
@@ -176,32 +171,22 @@ def unreachable(spec: PipelineSpec, reason: str) -> bool:
     return any(store.is_remote(tar) for tar in spec.tars) and any(sign in reason for sign in NETWORK_TROUBLE)
 
 
-def reaching(spec: PipelineSpec, attempt, first: str | None = None):
-    """attempt(), tried again after store.WAITS while DALI cannot reach the shards' store (its own
-    S3 client does not retry), `first` the reason of a failure before; then one line naming the
-    shards, as the webdataset loader's reads do (store.retrying)."""
-    reason, tries, started = first, int(first is not None), time.monotonic()
-    while True:
-        if reason is not None:
-            if tries > len(store.WAITS):
-                break
-            time.sleep(store.WAITS[tries - 1])
-        try:
-            return attempt()
-        except (RuntimeError, DataError) as exc:
-            reason, tries = dali_reason(exc), tries + 1
-            # start_pipeline's own line: keep only what DALI said
-            reason = re.sub(r"^cannot read the shards \((.*)\); re-create them with alexnet-prepare$", r"\1", reason)
-            if not unreachable(spec, reason):
-                if isinstance(exc, DataError):
-                    raise
-                raise DataError(f"the DALI {spec.mode} pipeline stopped: {reason}") from None
+def run_failure(spec: PipelineSpec, exc: RuntimeError) -> DataError:
+    """A pipeline run's failure: Transient when the shards' store could not be reached (tried
+    again by `reaching`), else final."""
+    reason = dali_reason(exc)
+    if unreachable(spec, reason):
+        return store.Transient(f"the DALI {spec.mode} pipeline cannot reach the shards ({reason})", reason)
+    return DataError(f"the DALI {spec.mode} pipeline stopped: {reason}")
+
+
+def reaching(spec: PipelineSpec, attempt, failed: str | None = None):
+    """attempt() under the store's retry policy (store.retry), as the webdataset loader's reads
+    are: DALI's own S3 client does not retry. `failed`: why a first try, already made, failed. The
+    last line names the pass's shards."""
     shards = ", ".join(spec.tars[:2]) + (f" and {len(spec.tars) - 2} more" if len(spec.tars) > 2 else "")
-    raise store.Unreachable(
-        f"{shards}: cannot be read ({reason}) after {tries} tries over {time.monotonic() - started:.0f} s; "
-        "check that the store is reachable, then run the same command again (a training run resumes from its "
-        "last checkpoint)"
-    )
+    first = store.Transient(failed, failed) if failed is not None else None
+    return store.retry(shards, attempt, first)
 
 
 class DaliLoader:
@@ -270,7 +255,7 @@ class DaliLoader:
                 flush=True,
             )
             checkpoint = None
-            self.pipe = start_pipeline(spec, Substitute(spec.batch_size))
+            self.pipe = reaching(spec, lambda: start_pipeline(spec, Substitute(spec.batch_size)))
         if done and checkpoint is None:  # no saved pipeline state (e.g. switched loaders): replay
             for i in range(done):
                 self.pipe, _ = self._run(self.pipe, spec, i, self.pipe.checkpoint())
@@ -291,9 +276,12 @@ class DaliLoader:
 
                 def again():
                     pipe = start_pipeline(spec, Substitute(spec.batch_size), before)
-                    return pipe, pipe.run()
+                    try:
+                        return pipe, pipe.run()
+                    except RuntimeError as exc:
+                        raise run_failure(spec, exc) from None
 
-                return reaching(spec, again, first=reason)
+                return reaching(spec, again, failed=reason)
             # An image that cannot be read fails in the header peek (or, cut short, in the decoder);
             # an assertion is a configuration fault, and probing after one crashed DALI.
             image_error = "peek_image_shape" in str(exc) or ("decoders" in str(exc) and "Assert" not in str(exc))
@@ -366,10 +354,12 @@ def build(
     position,
     device: torch.device,
     min_side: int | None = None,
+    worker_signals: tuple[int, ...] = (),
 ) -> DaliLoader:
     """The DALI loader of `plan`, decoding on `device`'s GPU (loader.device=auto or gpu) or on the
     CPU. DALI cuts crops out of the stored image (after val_resize in evaluation), so every stored
-    image must be at least that large: `min_side` (the manifest's) is checked against the crop."""
+    image must be at least that large: `min_side` (the manifest's) is checked against the crop.
+    `worker_signals` do not matter here: DALI runs threads, not worker processes."""
     kind = str(settings.device)
     if kind == "auto":
         kind = "gpu" if device.type == "cuda" else "cpu"

@@ -1,5 +1,5 @@
 """The LightningDataModule: wiring only. It reads the manifest, makes each pass's EpochPlan for this
-rank, builds the configured loader (DALI or webdataset) from it, and normalises the loader's
+rank, builds the configured loader from it (through config.LOADERS), and normalises the loader's
 uint8 batches on the training device."""
 
 import lightning.pytorch as pl
@@ -9,9 +9,8 @@ from ..collectives import gather_to_rank_zero
 from ..config import Data, DType
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
-from . import wds
+from . import loader_choice
 from .loader import Batch, Loader
-from .loader_choice import choose_loader
 from .manifest import Manifest
 from .normalize import DeviceNormalize
 from .plan import EpochPlan, make_plan, position
@@ -44,7 +43,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataError(f"{self.manifest.path}: needs both a train and a val split")
         splits = self.manifest.data["splits"]
         over_http = any(s.tar.startswith(("http://", "https://")) for sp in splits for s in self.manifest.shards(sp))
-        self.loader_name = choose_loader(str(loader.name), over_http)  # dali or wds from here on
+        self.loader_name = loader_choice.choose_loader(loader.name, over_http)  # a LOADERS name from here on
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
         stats = read_stats(self.manifest)
         self.augment = Augmentation.of(data, (stats["pca_std"], stats["pca_vectors"]) if stats else None)
@@ -112,17 +111,17 @@ class ShardDataModule(pl.LightningDataModule):
         if not self.checked:
             self.manifest.check_share(plan.rank, plan.world)
             self.checked = True
-        common = dict(
+        loader = loader_choice.build(
+            self.loader_name,
+            plan,
+            self.augment,
+            self.loader_settings,
             num_classes=self.num_classes,
             position=self.position if train else (lambda: (0, 0)),
             device=self.training_device(),
+            min_side=self.manifest.min_side,
+            worker_signals=self.worker_signals,
         )
-        if self.loader_name == "dali":
-            from . import dali  # imports nvidia.dali
-
-            loader = dali.build(plan, self.augment, self.loader_settings, **common, min_side=self.manifest.min_side)
-        else:
-            loader = wds.build(plan, self.augment, self.loader_settings, **common, worker_signals=self.worker_signals)
         if train and self.loader_states:
             loader.restore(self.loader_states[min(plan.rank, len(self.loader_states) - 1)])
         self.loaders[mode] = loader

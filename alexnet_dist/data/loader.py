@@ -1,6 +1,8 @@
 """What every loader is: built from an EpochPlan, the run's Augmentation and its loader settings
-(`build(plan, augment, settings, device) -> Loader` in wds.py and dali.py), it yields `Batch`es of
-uint8 images that DeviceNormalize turns into inputs on the training device."""
+by its module's `build(plan, augment, settings, *, num_classes, position, device, min_side,
+worker_signals) -> Loader` (wds.py, dali.py; config.LOADERS names the module), it yields `Batch`es
+of uint8 images that DeviceNormalize turns into inputs on the training device. Every build takes
+every keyword and uses what concerns it."""
 
 from typing import NamedTuple, Protocol
 

@@ -1,48 +1,48 @@
-"""Which loader a run uses. loader=auto (the default) takes DALI where it imports and falls back to
-the webdataset loader, saying so in one line, so a plain install trains without the `dali` extra."""
+"""Which loader a run uses, and building it, both through config.LOADERS. loader=auto (the default)
+takes the first loader of the table that runs here and reads where the shards are, saying so in
+one line when it passes one over: DALI where it imports, else the webdataset loader, so a plain
+install trains without the `dali` extra."""
 
+import importlib
 import sys
 
 from lightning.pytorch.utilities import rank_zero_only
 
+from ..config import LOADERS
 from ..errors import ConfigError
 
 
-def dali_missing() -> str | None:
-    """Why NVIDIA DALI cannot be used here, or None when it imports."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except (ImportError, OSError) as exc:  # OSError: a wheel whose native libraries do not load
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return None
-
-
 def choose_loader(name: str, over_http: bool = False) -> str:
-    """The loader to build for loader.name=`name` (auto, dali or wds): dali or wds. DALI's readers
-    take local files and s3:// but no http(s):// (`over_http`: the shards are there)."""
-    if name == "wds":
-        return name
-    if over_http:
-        if name == "dali":
+    """The loader to build for loader.name=`name` (auto or a LOADERS name): a LOADERS name.
+    `over_http`: the shards are on http(s)://, which not every loader reads."""
+    readers = " or ".join(f"loader={n}" for n, e in LOADERS.items() if e.reads_http)
+    if name != "auto":
+        entry = LOADERS[name]
+        if over_http and not entry.reads_http:
             raise ConfigError(
-                "loader=dali reads shards from local disk and s3:// only, and data.root's shards are on "
-                "http(s)://; use loader=wds (or loader=auto)"
+                f"loader={name} reads shards from local disk and s3:// only, and data.root's shards are on "
+                f"http(s)://; use {readers} (or loader=auto)"
             )
-        notice("loader=auto uses the webdataset loader: DALI reads no http(s):// shards")
-        return "wds"
-    missing = dali_missing()
-    if missing and name == "dali":
-        raise ConfigError(
-            f"loader=dali but NVIDIA DALI does not import here ({missing}); install it with "
-            "pip install 'alexnet_dist[dali]', or use loader=auto or loader=wds"
-        )
-    if missing:
-        notice(
-            f"loader=auto uses the webdataset loader: NVIDIA DALI does not import here ({missing}); "
-            "pip install 'alexnet_dist[dali]' for DALI"
-        )
-        return "wds"
-    return "dali"
+        missing = entry.missing()
+        if missing:
+            others = " or ".join(f"loader={n}" for n in ["auto", *LOADERS] if n != name)
+            raise ConfigError(f"loader={name} but {missing}, or use {others}")
+        return name
+    passed = []  # (entry, why) of the loaders auto passed over
+    for candidate, entry in LOADERS.items():
+        why = f"{entry.title} reads no http(s):// shards" if over_http and not entry.reads_http else entry.missing()
+        if why is None:
+            if passed:
+                notice(f"loader=auto uses {entry.title}: {passed[0]}")
+            return candidate
+        passed.append(why)
+    raise ConfigError(f"loader=auto finds no loader that runs here: {'; '.join(passed)}")
+
+
+def build(name: str, plan, augment, settings, **common):
+    """Loader `name` (a LOADERS name) of `plan`, by its module's build; the module is imported only
+    now, so DALI's (which imports nvidia.dali) only when DALI is used."""
+    return importlib.import_module(LOADERS[name].module).build(plan, augment, settings, **common)
 
 
 def notice(text: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from . import store
+from . import shard_index, store
 
 MANIFEST = "manifest.json"
 
@@ -52,54 +52,14 @@ def check_shard(shard: Shard, manifest=MANIFEST) -> None:
             raise DataError(f"{shard.tar}: not a file (a directory?); re-create it with alexnet-prepare")
         if not os.access(shard.tar, os.R_OK):
             raise DataError(f"{shard.tar}: not readable (permissions); fix them or re-create it with alexnet-prepare")
-    index = shard.index
-    try:
-        with store.open_file(index) as f:
-            header = f.readline(100).split()
-            # The last line is enough for the end: samples lie in the tar in the index's order.
-            f.seek(max(f.tell(), f.seek(0, os.SEEK_END) - 4096))
-            entries = f.read().decode(errors="replace").strip().splitlines()
-    except store.Missing:
+    count, last = shard_index.ends(shard)
+    if count != shard.count:
         raise DataError(
-            f"{index}: DALI index file of {shard.tar} missing; re-run alexnet-prepare (it writes them)"
-        ) from None
-    except OSError as exc:
-        raise DataError(
-            f"{index}: cannot be read ({exc.strerror or exc}); fix its permissions or re-run alexnet-prepare"
-        ) from None
-    if len(header) != 2 or not header[1].isdigit():
-        raise DataError(f"{index}: not a DALI index file (no 'v1.2 <count>' first line); re-run alexnet-prepare")
-    if int(header[1]) != shard.count:
-        raise DataError(
-            f"{shard.tar}: holds {int(header[1])} samples but {MANIFEST} says {shard.count} (counted by its "
+            f"{shard.tar}: holds {count} samples but {MANIFEST} says {shard.count} (counted by its "
             "index file); re-run alexnet-prepare so shards and manifest agree"
         )
     if shard.count:  # a shard whose every image was skipped lists none
-        check_end(shard.tar, index_entry(entries[-1] if entries else "", index)[1], size)
-
-
-def index_entry(line: str, index) -> tuple[int, int, str]:
-    """(data offset, end, key) of a sample's line in a DALI index file, "ext offset size name" per
-    member (.jpg, .cls): where its first member's data starts, where its last one's ends, and its
-    key. Anything else (a hand edit, a cut or garbled file) is one line naming the index file."""
-    fields = line.split()
-    try:
-        offsets, sizes = [int(f) for f in fields[1::4]], [int(f) for f in fields[2::4]]
-        # every member's data follows its own tar header, so no offset is below one block
-        if len(fields) < 4 or len(fields) % 4 or min(offsets) < tarfile.BLOCKSIZE or min(sizes) < 0:
-            raise ValueError
-    except ValueError:
-        raise DataError(
-            f"{index}: not a DALI index file (a sample's line reads {line.strip()[:80]!r}); re-run alexnet-prepare"
-        ) from None
-    return min(offsets), max(o + s for o, s in zip(offsets, sizes, strict=True)), sample_key(fields[3])
-
-
-def sample_key(member: str) -> str:
-    """The sample a tar member belongs to, by webdataset's rule: its folder and its name up to the
-    first dot (`a/b.seg.jpg` belongs to `a/b`)."""
-    folder, _, name = member.rpartition("/")
-    return f"{folder}/{name.split('.', 1)[0]}" if folder else name.split(".", 1)[0]
+        check_end(shard.tar, shard_index.entry(last, shard.index)[1], size)
 
 
 def check_end(tar: str, end: int, size: int | None = None) -> None:

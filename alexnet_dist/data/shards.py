@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError
+from . import shard_index
 from .images import STORAGE_RULES, encode
 from .manifest import MANIFEST
 from .sources import Sample, Source
@@ -50,8 +51,8 @@ def index_line(members: list[tuple[str, int, int, str]]) -> str:
 
 
 def write_index(path: Path, lines: list[str]) -> None:
-    """A DALI index file: "v1.2 <count>", then one line per sample (index_line)."""
-    write_atomically(path, f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    """A DALI index file of these samples' lines (index_line)."""
+    write_atomically(path, shard_index.text(lines))
 
 
 def channel_stats(sums, squares, pixels: int) -> dict:

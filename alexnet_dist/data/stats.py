@@ -5,7 +5,6 @@ mean_image.npy / mean_image.png; the loaders use the axes for the colour noise w
 exists, Krizhevsky's own values otherwise."""
 
 import io
-import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -14,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
-from . import store
-from .manifest import Manifest, check_shard, index_entry, tar_header
+from . import shard_index, store
+from .manifest import Manifest, check_shard, tar_header
 
 STATS = "stats.json"
 
@@ -26,11 +25,10 @@ def sample_images(manifest: Manifest, count: int):
     per_shard = max(1, -(-count // len(shards)))
     for shard in shards:
         check_shard(shard, manifest.path)
-        with store.open_file(shard.index) as f:
-            lines = [line.decode(errors="replace") for line in itertools.islice(f, 1, per_shard + 1)]
+        lines = shard_index.read(shard)[:per_shard]
         with store.open_file(shard.tar) as f:
             for line in lines:
-                _, _, key = index_entry(line, shard.index)
+                _, _, key = shard_index.entry(line, shard.index)
                 jpg = image_member(line)
                 tar_header(f, shard.tar, jpg[0] - tarfile.BLOCKSIZE)  # a member's header, not zeros or other bytes
                 data = f.read(jpg[1])

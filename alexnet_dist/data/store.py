@@ -83,6 +83,36 @@ class Unreachable(DataError):
     """The store did not answer, or answered with a server error, through every try."""
 
 
+class Transient(DataError):
+    """A failure that may pass (a connection refused, reset or timed out, a server error): what
+    `retry` tries again. `why` is what went wrong, for the line that ends the tries."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
+
+
+def retry(location: str, attempt, failed: Transient | None = None):
+    """The one retry policy for reading from a store: attempt() until it returns; after a Transient
+    failure again after each of WAITS, any other error at once. `failed`: a first try, already made,
+    that failed. When every try failed, Unreachable names `location` and the last failure's why."""
+    started, tries = time.monotonic(), 0
+    while True:
+        if failed is not None:
+            tries += 1
+            if tries > len(WAITS):
+                raise Unreachable(
+                    f"{location}: cannot be read ({failed.why}) after {tries} tries over "
+                    f"{time.monotonic() - started:.0f} s; check that the store is reachable, then run the same "
+                    "command again (a training run resumes from its last checkpoint)"
+                )
+            time.sleep(WAITS[tries - 1])
+        try:
+            return attempt()
+        except Transient as exc:
+            failed = exc
+
+
 def failure(exc: Exception) -> tuple[str, bool]:
     """(why, worth trying again) for an error of a request: only what may pass (a connection refused,
     reset or timed out, a server error) is tried again; a refusal, bad settings or a bad URL are not."""
@@ -121,10 +151,11 @@ def is_urllib3(exc: Exception) -> bool:
 
 
 def retrying(location: str, request):
-    """request() tried until it succeeds, after each of WAITS; what is not worth trying again (a
-    missing file, a refusal, bad settings) at once. Then one line naming the location."""
-    started = time.monotonic()
-    for attempt in range(len(WAITS) + 1):
+    """request() (one request to the store) under the retry policy, its errors told apart by their
+    type (`failure`): a missing file, a refusal or bad settings stop at once, in one line naming
+    the location; what may pass is tried again."""
+
+    def attempt():
         try:
             return request()
         except Exception as exc:
@@ -134,13 +165,9 @@ def retrying(location: str, request):
                 raise Missing(f"{location}: no such file ({why})") from None
             if not again:
                 raise DataError(f"{location}: cannot be read ({why}); check the location and the settings") from None
-            if attempt == len(WAITS):
-                raise Unreachable(
-                    f"{location}: cannot be read ({why}) after {attempt + 1} tries over "
-                    f"{time.monotonic() - started:.0f} s; check that the store is reachable, then run the same "
-                    "command again (a training run resumes from its last checkpoint)"
-                ) from None
-            time.sleep(WAITS[attempt])
+            raise Transient(f"{location}: cannot be read ({why})", why) from None
+
+    return retry(location, attempt)
 
 
 def is_missing(exc: Exception) -> bool:

@@ -29,9 +29,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
-from . import store
+from . import shard_index, store
 from .loader import BadImage, Batch, all_skipped, parse_label
-from .manifest import index_entry, tar_header
+from .manifest import tar_header
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation, center_crop, colour_shift, crop_box, random_crop_flip, ten_views
 
@@ -279,17 +279,8 @@ def start_of(piece: Piece) -> tuple[int, list[str]]:
     (every shard has one: the start-up check, Manifest.check_share, requires it). A piece that
     starts inside the shard starts at its first sample's header, so a rank skips to its slice
     without reading the samples before it (a whole shard of full-size images, at worst)."""
-    index = piece.shard.index
-    try:
-        with store.open_file(index) as f:
-            lines = f.read().decode(errors="replace").splitlines()[1:]  # after the "v1.2 <count>" header
-    except OSError as exc:  # removed or made unreadable since the start-up check
-        raise DataError(f"{index}: cannot be read ({exc.strerror or exc}); re-run alexnet-prepare") from None
-    if len(lines) != piece.shard.count:
-        raise DataError(
-            f"{index}: lists {len(lines)} samples but manifest.json says {piece.shard.count}; re-run alexnet-prepare"
-        )
-    entries = [index_entry(line, index) for line in lines[piece.start : piece.stop]]
+    index, lines = piece.shard.index, shard_index.read(piece.shard)
+    entries = [shard_index.entry(line, index) for line in lines[piece.start : piece.stop]]
     keys = [key for _, _, key in entries]
     if piece.start == 0:
         return 0, keys
@@ -298,7 +289,7 @@ def start_of(piece: Piece) -> tuple[int, list[str]]:
     # Other tools' tars may give a member a pax header too (webdataset's ShardWriter does, for every
     # member: names over 100 bytes and non-ASCII ones live only there). The first header of the
     # piece's first sample begins where the previous sample's data ends, rounded up to a block.
-    end = index_entry(lines[piece.start - 1], index)[1]
+    end = shard_index.entry(lines[piece.start - 1], index)[1]
     return -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, keys
 
 
@@ -374,10 +365,12 @@ def build(
     num_classes: int,
     position,
     device: torch.device,
-    worker_signals: tuple[int, ...],
+    min_side: int | None = None,
+    worker_signals: tuple[int, ...] = (),
 ) -> EpochLoader:
     """The webdataset loader of `plan`: loader.workers processes (no more than there are batches),
-    or the training process itself with loader.workers=0."""
+    or the training process itself with loader.workers=0. `min_side` does not matter here: PIL
+    enlarges an image smaller than the crop."""
     workers = max(1, min(settings.workers, plan.batches()))
     dataset = ShardStream(
         plan,
