@@ -33,6 +33,7 @@ from ..training.checkpoint import (
     resume_checkpoint,
     set_aside_damaged_last,
 )
+from ..training.ckpt_format import CheckpointParts, FormatIO
 from ..training.module import Classifier
 from ..training.pictures import Pictures
 from ..training.preemption import Preemption
@@ -185,8 +186,12 @@ def train(cfg: DictConfig) -> dict:
         load_weights(module, Path(s.init_from))
     throughput, skipped_images = Throughput(), SkippedImages()
     run_directory = RunDirectory(run_dir, OmegaConf.to_yaml(cfg, resolve=True), first_process())
+    parts = CheckpointParts()  # what of this run's own state its checkpoints hold
+    parts.register("training", module.training_state, module.restore_training_state)
+    parts.register("loader", data.gather_loader_states, data.restore_loader_states)
     callbacks = [
         run_directory,  # first: nothing is written into the run directory before it is claimed
+        parts,
         # before the saver: the epoch-end checkpoint holds its curves
         Pictures(run_dir / "pictures", augmented=data.augmented_images),
         saver,
@@ -275,8 +280,9 @@ def make_trainer(s: Train, run_dir: Path, slurm, callbacks: list, loggers: list)
             ddp_comm_hook=comm_hook(str(s.ddp.comm_hook)),
             process_group_backend=backend,
         )
+    args["plugins"] = [FormatIO()]  # every checkpoint saved and loaded in the current format
     if slurm:  # our Preemption callback owns the requeue, not Lightning's SLURM plugin
-        args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+        args["plugins"].append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         **args,
         default_root_dir=str(run_dir),
