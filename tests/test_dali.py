@@ -214,7 +214,7 @@ def test_the_pipeline_checkpoint_resumes_a_pass_mid_epoch(coded, ahead):
 def assert_resumes_where_it_stopped(full: list, resumed, state: dict, done: int = 2):
     """`resumed`, given `state` at batch `done` of epoch 0, yields the rest of `full`, batch for batch."""
     resumed.position = lambda: (0, done)
-    resumed.load_state_dict({"loader": [state]})
+    resumed.restore_loader_states([state])
     rest = list(resumed.train_dataloader())
     assert len(rest) == len(full) - done
     for a, b in zip(full[done:], rest, strict=True):

@@ -100,7 +100,7 @@ def test_the_runs_callbacks_keep_the_order_their_hooks_rely_on(tmp_path):
     run = Run(settings(tmp_path), tmp_path / "run", "r", "seed: 0\n")
     claim = RunDirectory(tmp_path / "run", "seed: 0\n", first=True)
     try:
-        kinds = [type(c) for c in run.callbacks(claim, data=None)]
+        kinds = [type(c) for c in run.callbacks(claim, module=None, data=None)]
     finally:
         claim.release()
     # the claim first: nothing is written into the run directory before it is held

@@ -14,7 +14,6 @@ alexnet-eval ensemble probs=A.npz,B.npz,...: the metrics of the averaged probabi
 runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data.
 """
 
-import inspect
 import json
 import sys
 import zipfile
@@ -30,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config import Data, check_views, make
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError
-from ..training.checkpoint import mismatch, not_a_checkpoint, read_checkpoint
+from ..training.checkpoint import mismatch, read_checkpoint
 from . import one_line_errors
 
 # The arguments and their defaults (None: not given; see the help above for what each means).
@@ -62,6 +61,15 @@ def number(args: dict, key: str) -> int:
         return int(args[key])
     except ValueError:
         raise ConfigError(f"{key}={args[key]}: not a whole number") from None
+
+
+def read_state_dict(path: Path):
+    """(a plain state dict of another tool, None), or (None, why it cannot be loaded). Not a
+    checkpoint of alexnet-train, so no format to check."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except Exception as exc:  # a truncated zip, garbage, a pickle of objects ...
+        return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def not_a_state_dict(weights) -> str | None:
@@ -123,8 +131,8 @@ def evaluate(args: dict) -> dict:
         )
     path = Path(args["ckpt_path"])
     plain = args["model"] is not None  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
-    ckpt, problem = read_checkpoint(path)
-    if problem := problem or (not_a_state_dict(ckpt) if plain else not_a_checkpoint(ckpt)):
+    ckpt, problem = read_state_dict(path) if plain else read_checkpoint(path)
+    if problem := problem or (not_a_state_dict(ckpt) if plain else None):
         raise ConfigError(
             f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME"
         )
@@ -152,11 +160,9 @@ def evaluate(args: dict) -> dict:
         }
         ckpt = {"state_dict": {f"model.{k}": v for k, v in ckpt.items()}}
     else:
-        # what rebuilds the network (checkpoints of earlier versions hold a few more settings);
-        # not the compile settings: one pass over the test set does not repay the compilation,
-        # and the plain model computes the same (tests/test_models.py)
-        wanted = set(inspect.signature(Classifier).parameters) - {"compile", "fuse_norms"}
-        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in wanted}
+        # what rebuilds the network, without compiling it: one pass over the test set does not
+        # repay the compilation, and the plain model computes the same (tests/test_models.py)
+        hparams = {**ckpt["hyper_parameters"], "compile": False, "fuse_norms": False}
     module = Classifier(**hparams).eval()
     if problem := mismatch(ckpt["state_dict"], module.state_dict()):
         raise ConfigError(

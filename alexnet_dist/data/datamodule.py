@@ -136,14 +136,15 @@ class ShardDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test")
 
-    def state_dict(self) -> dict:
-        """Every rank's training-loader state (what resuming needs beyond the global step)."""
+    def gather_loader_states(self) -> list | None:
+        """The checkpoint's "loader" part: every rank's training-loader state (what resuming needs
+        beyond the global step), gathered to rank zero; None before training."""
         if "train" not in self.loaders:
-            return {}
-        return {"loader": gather_to_rank_zero(self.loaders["train"].state(*self.position()))}
+            return None
+        return gather_to_rank_zero(self.loaders["train"].state(*self.position()))
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loader_states = state["loader"] if "loader" in state else None
+    def restore_loader_states(self, states: list | None) -> None:
+        self.loader_states = states
 
     def skipped_images(self) -> list[str]:
         """Images this process's loaders skipped as undecodable, so far."""

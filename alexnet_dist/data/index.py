@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from . import store
-from .manifest import MANIFEST
+from .manifest import MANIFEST, MANIFEST_VERSION
 from .shards import channel_stats, forget_dataset, index_line, size_stats, write_atomically, write_index
 
 # webdataset's base_plus_ext: a name with no dot after its folder is no part of any sample.
@@ -209,7 +209,13 @@ def index_shards(
                 f"--{split} {patterns[split]}: no usable samples in its {len(indexes)} tars "
                 f"({len(skipped)} skipped{example})"
             )
-    manifest = {"version": 1, "source": "index", "classes": names, "num_classes": len(names), "splits": {}}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "source": "index",
+        "classes": names,
+        "num_classes": len(names),
+        "splits": {},
+    }
     try:
         forget_dataset(out)  # an old manifest would name index files this run rewrites
         for split in found:

@@ -19,6 +19,41 @@ from ..errors import DataError
 from . import shard_index, store
 
 MANIFEST = "manifest.json"
+# The layout of manifest.json that alexnet-prepare writes (shards.py, index.py). Manifest.read
+# brings an older one to it through MANIFEST_UPGRADES and refuses a newer one. To change the
+# layout: add the step from the current version to MANIFEST_UPGRADES, then bump this.
+MANIFEST_VERSION = 1
+
+
+def _index_beside_tar(data: dict) -> dict:
+    """Version 0, a manifest without a version (written before alexnet-prepare recorded one), may
+    name no index file for a shard: its index lies beside its tar."""
+    for info in data["splits"].values():
+        for shard in info.get("shards", []) if isinstance(info, dict) else ():
+            if isinstance(shard, dict) and isinstance(shard.get("tar"), str):
+                shard.setdefault("index", shard["tar"].removesuffix(".tar") + ".idx")
+    return data
+
+
+# MANIFEST_UPGRADES[n] turns version n into version n + 1.
+MANIFEST_UPGRADES = [("v0 -> v1: every shard names its index file", _index_beside_tar)]
+assert len(MANIFEST_UPGRADES) == MANIFEST_VERSION
+
+
+def upgrade_manifest(data: dict, path: str) -> dict:
+    """`data` (a manifest's classes and splits) brought to MANIFEST_VERSION; a newer one stops."""
+    version = data.get("version", 0)
+    if not is_count(version):
+        raise DataError(f"{path}: 'version' is not a whole number; re-run alexnet-prepare")
+    if version > MANIFEST_VERSION:
+        raise DataError(
+            f"{path}: manifest version {version} is newer than this alexnet_dist reads ({MANIFEST_VERSION}); "
+            "upgrade alexnet_dist to read it"
+        )
+    for _, step in MANIFEST_UPGRADES[version:]:
+        data = step(data)
+    data["version"] = MANIFEST_VERSION
+    return data
 
 
 @dataclass(frozen=True)
@@ -105,7 +140,7 @@ def malformed(data: dict) -> str | None:
         for number, shard in enumerate(info["shards"]):
             if not isinstance(shard, dict) or not isinstance(shard.get("tar"), str) or not is_count(shard.get("count")):
                 return f"shard {number} of split '{split}' lacks a tar name or a sample count"
-            if not isinstance(shard.get("index", ""), str):
+            if not isinstance(shard.get("index"), str):
                 return f"shard {number} of split '{split}' names no index file"
     for key, length in (("mean", 3), ("std", 3), ("image_size", 2)):  # what normalisation and crops use
         value = data.get(key)
@@ -155,6 +190,7 @@ class Manifest:
             raise DataError(f"{path}: not valid JSON ({exc}); re-run alexnet-prepare") from None
         if not isinstance(data, dict) or not isinstance(data.get("splits"), dict) or "classes" not in data:
             raise DataError(f"{path}: not a manifest of alexnet-prepare (no classes or splits); re-run it")
+        data = upgrade_manifest(data, path)
         if problem := malformed(data):
             raise DataError(f"{path}: {problem}; not as alexnet-prepare writes it: re-run alexnet-prepare")
         manifest = cls(root, data)
@@ -197,8 +233,7 @@ class Manifest:
         return [
             Shard(
                 tar=store.join(self.root, s["tar"]),
-                # manifests of early versions did not name the index: it lies beside its tar
-                index=store.join(self.root, s["index"] if "index" in s else s["tar"].removesuffix(".tar") + ".idx"),
+                index=store.join(self.root, s["index"]),
                 count=s["count"],
                 exact=exact,
             )

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from . import shard_index
 from .images import STORAGE_RULES, encode
-from .manifest import MANIFEST
+from .manifest import MANIFEST, MANIFEST_VERSION
 from .sources import Sample, Source
 from .stats import STATS
 
@@ -342,7 +342,7 @@ def write_dataset(
                 "run the same command again, with fewer --workers if memory ran out"
             ) from None
     manifest = {
-        "version": 1,
+        "version": MANIFEST_VERSION,
         "source": source_name,
         "classes": source.classes,
         "num_classes": len(source.classes),

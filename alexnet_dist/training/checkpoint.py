@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..errors import ConfigError, TrainingError
+from . import ckpt_format
 from .agreement import StepAgreement
 
 
@@ -31,24 +32,18 @@ def rng_state() -> dict:
     return state
 
 
-def _byte_tensor(value) -> torch.Tensor:
-    """A generator state saved as bytes, or as a tensor by earlier versions."""
-    return torch.frombuffer(bytearray(value), dtype=torch.uint8) if isinstance(value, bytes) else value
-
-
-def _words(value) -> np.ndarray:
-    """32-bit generator words saved as bytes, or by earlier versions as a tuple or an int64 tensor."""
-    if isinstance(value, bytes):
-        return np.frombuffer(value, np.uint32)
-    return np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value).astype(np.uint32)
+def _byte_tensor(value: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(value), dtype=torch.uint8)
 
 
 def set_rng_state(state: dict) -> None:
+    """Sets the generators from what rng_state gave (checkpoints of earlier formats are converted
+    on loading, by ckpt_format)."""
     version, words, gauss = state["python"]
-    random.setstate((version, tuple(int(w) for w in _words(words)), gauss))
+    random.setstate((version, tuple(int(w) for w in np.frombuffer(words, np.uint32)), gauss))
     torch.set_rng_state(_byte_tensor(state["torch"]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, _words(keys), *rest))
+    np.random.set_state((kind, np.frombuffer(keys, np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
@@ -177,36 +172,30 @@ class BestCheckpoint(Checkpoint):
             save_atomically(trainer, self.dir / "best.ckpt")
 
     def score_on_disk(self) -> float | None:
-        """The score an existing best.ckpt holds (this callback's state in it, or the
-        ModelCheckpoint's of earlier versions)."""
+        """The score an existing best.ckpt holds (this callback's state in it)."""
         path = self.dir / "best.ckpt"
         ckpt = read_checkpoint(path, mmap=True)[0] if path.exists() else None
-        for state in (ckpt or {}).get("callbacks", {}).values():
-            if isinstance(state, dict) and state.get("monitor") == self.monitor:
-                score = state.get("best", state.get("best_model_score"))
-                return None if score is None else float(score)
-        return None
+        state = (ckpt or {}).get("callbacks", {}).get(self.state_key, {})
+        if state.get("monitor") != self.monitor or state.get("best") is None:
+            return None
+        return float(state["best"])
 
     def state_dict(self) -> dict:
         return {"monitor": self.monitor, "best": self.best}
 
 
 def read_checkpoint(path: Path, mmap: bool = False):
-    """(what `path` holds, None), or (None, why it cannot be loaded, in one line)."""
+    """(the checkpoint at `path`, in the current format, None), or (None, why it cannot be loaded,
+    in one line). A checkpoint of a newer format is no damaged file: that stops with ConfigError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), None
-    except Exception as exc:  # a truncated zip, garbage, a pickle that is not a checkpoint ...
-        return None, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
-def not_a_checkpoint(ckpt) -> str | None:
-    return None if isinstance(ckpt, dict) and "state_dict" in ckpt else "no state_dict in it"
+        return ckpt_format.read(path, mmap=mmap), None
+    except ckpt_format.Unreadable as exc:
+        return None, str(exc)
 
 
 def loadable(path: Path) -> str | None:
     """None if `path` loads as a checkpoint, else why not (one line)."""
-    ckpt, problem = read_checkpoint(path, mmap=True)
-    return problem or not_a_checkpoint(ckpt)
+    return read_checkpoint(path, mmap=True)[1]
 
 
 def newest_good_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -257,7 +246,7 @@ def mismatch(saved: dict, own: dict) -> str | None:
 
 def check_compatible(path: Path, module: torch.nn.Module, what: str) -> None:
     """A checkpoint of another network, width or class count stops the run with both named."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = ckpt_format.read(path, mmap=True)
     problem = mismatch(ckpt["state_dict"], module.state_dict())
     if problem:
         saved = ckpt.get("hyper_parameters", {}).get("model", {})
@@ -272,4 +261,4 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     if problem := loadable(path):
         raise ConfigError(f"init_from={path}: cannot be loaded ({problem})")
     check_compatible(path, module, "init_from")
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    module.load_state_dict(ckpt_format.read(path)["state_dict"])

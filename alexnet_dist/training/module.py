@@ -164,15 +164,18 @@ class Classifier(pl.LightningModule):
             if p["bad_epochs"] > sched.patience and p["drops"] < sched.max_drops:
                 p["drops"], p["bad_epochs"] = p["drops"] + 1, 0
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["plateau"] = dict(self.plateau)
-        checkpoint["skipped_steps"] = self.skipped_steps
-        checkpoint["rng"] = gather_to_rank_zero(rng_state())  # each rank's own dropout generator
+    def training_state(self) -> dict:
+        """The checkpoint's "training" part (training/ckpt_format.py); every rank calls it."""
+        return {
+            "plateau": dict(self.plateau),
+            "skipped_steps": self.skipped_steps,
+            "rng": gather_to_rank_zero(rng_state()),  # each rank's own dropout generator
+        }
 
-    def on_load_checkpoint(self, checkpoint):
-        self.plateau = dict(checkpoint.get("plateau", self.plateau))
-        self.skipped_steps = checkpoint.get("skipped_steps", 0)
-        self.rng_to_restore = checkpoint.get("rng")
+    def restore_training_state(self, state: dict) -> None:
+        self.plateau = dict(state["plateau"])
+        self.skipped_steps = state["skipped_steps"]
+        self.rng_to_restore = state["rng"]  # None: generators seeded afresh
 
     def lr_multiplier(self, step: int) -> float:
         s = self.optim.schedule

@@ -21,6 +21,7 @@ from ..config import Train
 from ..errors import TrainingError
 from .agreement import StepAgreement
 from .callbacks import SkippedImages, Throughput
+from .ckpt_format import CheckpointParts
 from .checkpoint import (
     BestCheckpoint,
     LastCheckpoint,
@@ -75,13 +76,19 @@ class Run:
     def worker_signals(self) -> tuple[int, ...]:
         return self.preemption.worker_signals
 
-    def callbacks(self, claim: RunDirectory, data: pl.LightningDataModule) -> list[pl.Callback]:
+    def callbacks(self, claim: RunDirectory, module, data) -> list[pl.Callback]:
         """The run's callbacks. Two orders matter, each tested in tests/test_run.py: the claim
         first (nothing is written into the run directory before it is held), and the pictures
         before the saver (a checkpoint holds the curves up to its own step). Lightning moves
         BestCheckpoint, a Checkpoint, to the end of the list; nothing depends on where it lands."""
+        parts = CheckpointParts()  # what of the module's and the data's own state checkpoints hold
+        if hasattr(module, "training_state"):
+            parts.register("training", module.training_state, module.restore_training_state)
+        if hasattr(data, "gather_loader_states"):
+            parts.register("loader", data.gather_loader_states, data.restore_loader_states)
         return [
             claim,
+            parts,
             Pictures(self.run_dir / "pictures", augmented=getattr(data, "augmented_images", lambda: None)),
             self.saver,
             self.preemption,
@@ -110,7 +117,7 @@ class Run:
         claim = RunDirectory(self.run_dir, self.config_yaml, first_process())
         # a refused run (the directory is another live run's) writes no log or W&B run beside that one
         loggers = [] if claim.refused else make_loggers()
-        trainer = build_trainer(self.s, self.run_dir, self.slurm, self.callbacks(claim, data), loggers)
+        trainer = build_trainer(self.s, self.run_dir, self.slurm, self.callbacks(claim, module, data), loggers)
         if ckpt_path and trainer.is_global_zero and not claim.refused:
             print(f"resuming from {ckpt_path}", flush=True)
             set_aside_damaged_last(ckpt_path)

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from ..config import Train
 from ..errors import ConfigError
+from .ckpt_format import FormatIO
 
 # What build_trainer passes to the Trainer itself.
 TRAINER_ARGS_SET_HERE = {"default_root_dir", "callbacks", "logger", "plugins", "use_distributed_sampler"}
@@ -81,8 +82,9 @@ def build_trainer(s: Train, run_dir: Path, slurm, callbacks: list, loggers: list
             ddp_comm_hook=comm_hook(str(s.ddp.comm_hook)),
             process_group_backend=backend,
         )
+    args["plugins"] = [FormatIO()]  # every checkpoint saved and loaded in the current format
     if slurm:  # the run's Preemption callback owns the requeue, not Lightning's SLURM plugin
-        args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+        args["plugins"].append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         **args,
         default_root_dir=str(run_dir),
