@@ -3,6 +3,7 @@ places alexnet_dist reaches past Lightning's public API (training/lightning_seam
 is run against the installed Lightning, so a release that renames what it uses fails here."""
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -68,32 +69,37 @@ class Ask(pl.Callback):
         self.taken.append(self.agreement.take("now"))
 
 
-def test_a_users_module_gets_the_agreement_settled_once_a_step_whatever_the_callback_order(tmp_path):
-    for order in ("agreement first", "agreement last"):
-        agreement = StepAgreement()
-        ask = Ask(agreement)
-        settles = []
-        settle = agreement.settle
-        agreement.settle = lambda loss=None: settles.append(loss) or settle(loss)
-        callbacks = [agreement, ask] if order == "agreement first" else [ask, agreement]
-        trainer(tmp_path, callbacks).fit(Plain(), loader())
-        assert ask.taken == [0, 0, 1, 0], order  # the question's answer, agreed at the step it was yes
-        assert settles == [None] * 4, order  # once a step, by the first take: no loss from this module
+class Counting(StepAgreement):
+    """The agreement, noting each settle: with a loss (the module's) or without (a take's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.with_loss = []
+
+    def settle(self, loss=None):
+        self.with_loss.append(loss is not None)
+        return super().settle(loss)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["agreement-first", "agreement-last"])
+def test_a_users_module_gets_the_agreement_settled_once_a_step_whatever_the_callback_order(tmp_path, first):
+    agreement = Counting()
+    ask = Ask(agreement)
+    trainer(tmp_path, [agreement, ask] if first else [ask, agreement]).fit(Plain(), loader())
+    assert ask.taken == [0, 0, 1, 0]  # the question's answer, agreed at the step it was yes
+    assert agreement.with_loss == [False] * 4  # once a step, by the first take: no loss from this module
 
 
 def test_the_classifier_settles_the_agreement_with_its_loss_no_second_collective(tmp_path):
     from alexnet_dist.training.module import Classifier
 
-    agreement = StepAgreement()
+    agreement = Counting()
     ask = Ask(agreement)
-    losses = []
-    settle = agreement.settle
-    agreement.settle = lambda loss=None: losses.append(loss is not None) or settle(loss)
     module = Classifier({"name": "alexnet_small", "num_classes": 2, "width": 4, "fc": 8}, {}, global_batch=4)
     images = torch.randint(0, 255, (16, 3, 28, 28), generator=torch.Generator().manual_seed(0)).float()
     data = DataLoader(TensorDataset(images, torch.randint(0, 2, (16,))), 4)
     trainer(tmp_path, [ask, agreement]).fit(module, data)
-    assert losses == [True] * 4 and ask.taken == [0, 0, 1, 0]
+    assert agreement.with_loss == [True] * 4 and ask.taken == [0, 0, 1, 0]
 
 
 def test_the_runs_callbacks_keep_the_order_their_hooks_rely_on(tmp_path):

@@ -21,7 +21,6 @@ from ..config import Train
 from ..errors import TrainingError
 from .agreement import StepAgreement
 from .callbacks import SkippedImages, Throughput
-from .ckpt_format import CheckpointParts
 from .checkpoint import (
     BestCheckpoint,
     LastCheckpoint,
@@ -30,6 +29,7 @@ from .checkpoint import (
     resume_checkpoint,
     set_aside_damaged_last,
 )
+from .ckpt_format import CheckpointParts
 from .pictures import Pictures
 from .preemption import Preemption
 from .run_dir import RunDirectory, first_process
