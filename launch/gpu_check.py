@@ -92,7 +92,7 @@ class Check:
 
     def bench(self, mode: str, *args: str, limit: float) -> list[dict]:
         steps = ["--batch-size", "4", "--steps", "2", "--warmup", "1"] if self.quick else []
-        return self.json_lines(self.run([PY, "-m", "alexnet_dist.cli.bench", mode, *args, *steps], limit))
+        return self.json_lines(self.run([PY, "-m", "alexnet_dist.bench.cli", mode, *args, *steps], limit))
 
     def part_a(self) -> None:
         for augment in ("paper", "modern"):

@@ -67,3 +67,23 @@ def test_data_modules_import_only_the_layers_above_them_and_never_training():
 def test_models_import_neither_data_nor_training():
     for path in (PACKAGE / "models").glob("*.py"):
         assert not {t for t in imported(path) if t.split(".")[0] in ("data", "training", "cli")}, path.name
+
+
+def test_training_knows_no_data_format_entry_point_or_measuring_tool():
+    """training/ takes whatever LightningModule and data module it is given: the Run gets them as
+    arguments from cli/, never by importing data/."""
+    for path in (PACKAGE / "training").glob("*.py"):
+        wrong = {t for t in imported(path) if t.split(".")[0] in ("data", "cli", "bench")}
+        assert not wrong, f"training/{path.name} imports {sorted(wrong)}"
+
+
+def test_entry_points_only_wire_and_nothing_imports_the_measuring_tools():
+    """A command in cli/ imports the library's layers and cli/__init__ (the one-line errors), never
+    another command; bench/ may use everything, and nothing uses bench/."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name != "bench":
+            wrong = {t for t in imported(path) if t.split(".")[0] == "bench"}
+            assert not wrong, f"{path.relative_to(PACKAGE)} imports {sorted(wrong)}"
+    for path in (PACKAGE / "cli").glob("*.py"):
+        siblings = {t for t in imported(path) if t.startswith("cli.") and (PACKAGE / "cli" / f"{t[4:]}.py").exists()}
+        assert not siblings, f"cli/{path.name} imports another command: {sorted(siblings)}"

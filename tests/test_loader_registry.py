@@ -7,7 +7,7 @@ import re
 import pytest
 from helpers.shards import data_module
 
-from alexnet_dist.cli import bench
+from alexnet_dist.bench import cli as bench
 from alexnet_dist.config import LOADERS, Loader, LoaderEntry, WdsSettings, make, own_keys
 from alexnet_dist.data import shard_index, store, wds
 from alexnet_dist.data.manifest import Shard

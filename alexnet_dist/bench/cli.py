@@ -10,7 +10,7 @@ baseline  a plain PyTorch loop over a plain webdataset + PIL DataLoader, same mo
 ddp       train with 1 process, then with --devices processes (DDP): the scaling efficiency
 scale     what one rank costs at start-up (time, files, bytes, memory, checkpoint state) as the
           world grows, one simulated rank at a time on a data set of ImageNet's shape in tiny
-          images, written to --data first (see bench_scale.py)
+          images, written to --data first (see scale.py)
 """
 
 import argparse
@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..cli import one_line_errors
 from ..config import LOADERS, own_keys
 from ..errors import ConfigError
 from ..models import compiled, create_model
-from . import bench_scale, one_line_errors
-from .bench_scale import WORLDS, parse_worlds
+from . import scale
+from .scale import WORLDS, parse_worlds
 
 
 def parse_args(argv=None):
@@ -282,7 +283,7 @@ def bench_train(args) -> dict | None:
 
 
 def bench_baseline(args) -> dict:
-    from ..training.baseline import run_baseline
+    from .baseline import run_baseline
 
     if not args.data:
         raise ConfigError("baseline mode needs --data DIR (a folder made by alexnet-prepare)")
@@ -309,7 +310,7 @@ def bench_ddp(args, argv) -> list[dict]:
     processes = args.devices or 2
     runs = []
     for devices in (1, processes):
-        cmd = [sys.executable, "-m", "alexnet_dist.cli.bench", "train", *rest, "--devices", str(devices)]
+        cmd = [sys.executable, "-m", "alexnet_dist.bench.cli", "train", *rest, "--devices", str(devices)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
@@ -341,7 +342,7 @@ def main(argv=None):
     if args.mode == "ddp":
         results = bench_ddp(args, argv)
     elif args.mode == "scale":
-        results = bench_scale.run(args)
+        results = scale.run(args)
     else:
         run = {"model": bench_model, "loader": bench_loader, "train": bench_train, "baseline": bench_baseline}
         results = [run[args.mode](args)]
