@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 #   make install TORCH=torch
 TORCH ?= torch==2.13.0
 SHARDS ?= data/fashion-mnist-wds
+# Test processes side by side (pytest-xdist): most tests wait on processes they start, so two
+# workers fill two cores; the SLURM tests share one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
 export DATA
 
 .PHONY: install demo test test-fast lint format clean
@@ -22,10 +25,10 @@ demo: install
 	BIN=$(BIN) SHARDS=$(SHARDS) bash launch/demo.sh
 
 test: install
-	$(BIN)/python -m pytest -q --durations=12
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" --durations=5
 
 lint: install
 	$(BIN)/ruff check alexnet_dist tests launch

@@ -20,6 +20,14 @@ from alexnet_dist.data.shards import write_dataset
 BIN = Path(sys.executable).parent
 
 
+def pytest_collection_modifyitems(items):
+    """The SLURM tests run one after another on one pytest-xdist worker: the local cluster's two
+    nodes hold one job at a time."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """2000 + 500 learnable synthetic images in 8 + 8 shards, shared by the whole session."""

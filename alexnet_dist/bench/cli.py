@@ -163,7 +163,7 @@ def bench_model(args) -> dict:
         "name": f"model/{args.model}",
         "images_per_sec": round(args.batch_size * args.steps / seconds, 1),
         "step_ms": round(1000 * seconds / args.steps, 3),
-        "tflops": round(tflops, 2),
+        "tflops": float(f"{tflops:.3g}"),  # small models on a CPU reach thousandths
         "fraction_of_bf16_peak": round(tflops / peak, 3) if peak else None,
         "device": name,
         "batch_size": args.batch_size,
