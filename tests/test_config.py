@@ -100,6 +100,14 @@ def test_settings_made_outside_alexnet_train_are_checked_the_same_way():
         ),
         (["+data.colour=1"], "error: data.colour: Key 'colour' not in 'Data'"),
         (
+            ["ddp.sync_batchnorm=true"],
+            "error: ddp.sync_batchnorm: no such setting (the nearest is ddp.backend); fix the spelling",
+        ),
+        (
+            ["trainer.max_epoch=3"],
+            "error: trainer.max_epoch: no such setting (the nearest is trainer.max_epochs); fix the spelling, or add",
+        ),
+        (
             ["+model.foo=1"],
             "error: model.foo: not a setting of model alexnet_small; its settings: dropout, fc, lrn, width",
         ),

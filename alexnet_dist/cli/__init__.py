@@ -1,8 +1,11 @@
 """Thin command-line entry points: each parses arguments and wires library parts together."""
 
+import difflib
 import errno
+import re
 import sys
 from functools import wraps
+from pathlib import Path
 
 from ..errors import UserError
 
@@ -46,5 +49,57 @@ def one_line_errors(main):
         except KeyboardInterrupt:
             print("error: interrupted (Ctrl-C); what was saved before is kept", file=sys.stderr)
             sys.exit(130)  # 128 + SIGINT, as the shell reports a process Ctrl-C ended
+
+    return run
+
+
+def flat_keys(tree, prefix: str = "") -> list[str]:
+    """Every key of a nested mapping, dotted (data.batch_size, optim.schedule.name, ...)."""
+    if not hasattr(tree, "items"):
+        return [prefix.rstrip(".")]
+    return [k for key, value in tree.items() for k in flat_keys(value, f"{prefix}{key}.")]
+
+
+def misspelt_override(argv: list[str], config_name: str = "train") -> str | None:
+    """One line for a command-line override that sets a key no config has (Hydra's own report is
+    five lines), naming the nearest key that exists; None when every key exists."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main itself reads argv with
+    from hydra.errors import HydraException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.multirun or args.help or args.hydra_help:
+        return None  # a sweep's values are checked by each job; Hydra prints the help
+    overrides = list(args.overrides)
+    if args.config_dir:  # --config-dir DIR: the user's groups and experiments too
+        overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
+    try:
+        with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
+            compose(args.config_name or config_name, overrides=overrides)
+            return None
+    except HydraException as exc:
+        wrong = re.match(r"Could not override '([^']+)'", str(exc))
+        if not wrong:
+            return None  # another problem: Hydra's own message says it
+        key = wrong.group(1)
+        rest = [o for o in overrides if not o.startswith(f"{key}=")]
+        with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
+            keys = flat_keys(compose(args.config_name or config_name, overrides=rest))
+    nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f"the nearest is {nearest[0]}" if nearest else "alexnet-train --cfg job prints every key"
+    # model.* and trainer.* are open (a model's or the Trainer's arguments): a new key is added with +
+    new = f", or add it with +{key}=VALUE" if key.split(".")[0] in ("model", "trainer") else ""
+    return f"{key}: no such setting ({hint}); fix the spelling{new}"
+
+
+def hydra_command(hydra_main, config_name: str = "train"):
+    """A Hydra entry point that answers a misspelt key in one `error:` line (exit status 2)."""
+
+    @wraps(hydra_main)
+    def run():
+        if problem := misspelt_override(sys.argv[1:], config_name):
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+        return hydra_main()
 
     return run

@@ -17,7 +17,7 @@ from ..config import Train, load
 from ..data.datamodule import ShardDataModule
 from ..training.module import Classifier
 from ..training.run import Run
-from . import one_line_errors
+from . import hydra_command, one_line_errors
 
 # conf/ of the repository, installed as the package alexnet_dist.conf; a user's own folder adds to
 # it with --config-dir DIR (or hydra.searchpath=[file://DIR]).
@@ -87,8 +87,11 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     one_line_errors(train)(cfg)
+
+
+main = hydra_command(hydra_main)
 
 
 if __name__ == "__main__":
