@@ -7,6 +7,7 @@ package takes as arguments. `model` and `trainer` stay open: their keys are the 
 arguments and lightning.pytorch.Trainer's, checked against those signatures where they are used.
 """
 
+import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
@@ -257,6 +258,27 @@ class Train:
     trainer: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class EvalData:
+    root: str | None = None  # None: data.root of the run's config.yaml
+
+
+@dataclass
+class Eval:
+    """alexnet-eval's settings (KEY=VALUE on its command line)."""
+
+    ckpt_path: str | None = None
+    views: int = 1
+    data: EvalData = field(default_factory=EvalData)
+    loader: str | None = None  # None: the run's own loader
+    batch_size: int = 100
+    probs: str | None = None
+    model: str | None = None  # for a plain state dict: the network it belongs to
+
+    def __post_init__(self):
+        check_views(self.views, "views")
+
+
 T = TypeVar("T")
 
 
@@ -270,6 +292,35 @@ def make(schema: type[T], values: Any = None) -> T:
         key = getattr(exc, "full_key", None) or schema.__name__.lower()
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"{key}: {reason}; fix the override or the config file") from None
+
+
+def flat(tree: Any, prefix: str = "") -> dict:
+    """A nested mapping's values by dotted key (data.root, optim.schedule.name, ...)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+
+def from_command_line(schema: type[T], items: list[str]) -> T:
+    """KEY=VALUE items of a command line as typed settings of `schema`: the same names, types and
+    one-line errors as alexnet-train's overrides; an unknown key names the nearest that exists."""
+    keys = flat(plain(schema()))
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item}: expected KEY=VALUE; the keys: {', '.join(keys)}")
+        if key not in keys:
+            nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            hint = f"the nearest is {nearest[0]}" if nearest else f"the keys: {', '.join(keys)}"
+            raise ConfigError(f"{key}: no such setting ({hint}); fix the spelling")
+        values[key] = value
+    return make(schema, OmegaConf.from_dotlist([f"{k}={v}" for k, v in values.items()]))
+
+
+def describe(schema: type) -> str:
+    """Every key of `schema` with its default, one per line, for a command's --help."""
+    return "\n".join(f"  {key}={'null' if value is None else value}" for key, value in flat(plain(schema())).items())
 
 
 def plain(settings: Any) -> dict:

@@ -152,3 +152,48 @@ def test_unknown_experiment_lists_the_choices(train_here):
     proc = train_here("experiment=nope")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "Could not find 'experiment/nope'" in proc.stderr and "fashion_mnist" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ckpt=run.ckpt"], "error: ckpt: no such setting (the nearest is ckpt_path); fix the spelling"),
+        (["data.rot=/x"], "error: data.rot: no such setting (the nearest is data.root); fix the spelling"),
+        (["views=3"], "error: views=3: choose 1 (centre crop) or 10"),
+        (["batch_size=many"], "error: batch_size: Value 'many' of type 'str' could not be converted to Integer"),
+        (["run.ckpt"], "error: run.ckpt: expected KEY=VALUE; the keys: ckpt_path, views, data.root, loader"),
+    ],
+)
+def test_alexnet_eval_takes_typed_settings_and_a_wrong_one_is_one_line(capsys, argv, message):
+    from alexnet_dist.cli import evaluate
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_every_commands_help_lists_its_settings_with_the_schemas_defaults(capsys):
+    from alexnet_dist.bench import cli as bench
+    from alexnet_dist.cli import evaluate
+    from alexnet_dist.config import Eval, Loader, make
+
+    evaluate.main(["--help"])
+    listed = capsys.readouterr().out.split("The settings and their defaults:")[1].split()
+    assert listed == [
+        "ckpt_path=null",
+        "views=1",
+        "data.root=null",
+        "loader=null",
+        "batch_size=100",
+        "probs=null",
+        "model=null",
+    ]
+    assert make(Eval).batch_size == 100
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    loader = make(Loader)
+    for flag, default in (("--shuffle-buffer", loader.shuffle_buffer), ("--workers", loader.workers)):
+        assert f"{flag} {flag[2:].upper().replace('-', '_')}" in text and f"(default: {default})" in text
+    assert bench.parse_args(["loader"]).shuffle_buffer == loader.shuffle_buffer  # one default, the schema's

@@ -11,6 +11,8 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
+# one pytest-xdist worker runs them all: the source and its 256 px shards are made once
+pytestmark = pytest.mark.xdist_group("imagenet")
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
 
@@ -50,6 +52,19 @@ def imagenet_src(tmp_path_factory):
         rows.append(f"{name},{WNIDS[i % 3]} 1 2 3 4")
     (src / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     return src
+
+
+@pytest.fixture(scope="module")
+def imagenet_256(tmp_path_factory, imagenet_src):
+    """The paper's storage format (256x256 centre squares) with its statistics (alexnet-prepare
+    stats), prepared once for the tests that train and evaluate on it, as docs/reproducing-2012.md
+    prepares ImageNet."""
+    data = tmp_path_factory.mktemp("imagenet-wds")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    args = ["--src", imagenet_src, "--out", data, "--resize", "256", "--center-crop", "--min-shards", "2"]
+    run_cli("alexnet-prepare", "imagenet", *args, cwd=data, env=env)
+    run_cli("alexnet-prepare", "stats", "--out", data, cwd=data, env=env)
+    return data
 
 
 def read_shards(root, split):
@@ -125,25 +140,9 @@ def test_flat_validation_without_labels_is_one_line(tmp_path, imagenet_src, cli_
 
 
 @pytest.mark.slow
-def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet_src, cli_env):
+def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet_256, cli_env):
     """The commands of docs/reproducing-2012.md at toy scale."""
-    data = tmp_path / "imagenet-wds"
-    run_cli(
-        "alexnet-prepare",
-        "imagenet",
-        "--src",
-        imagenet_src,
-        "--out",
-        data,
-        "--resize",
-        "256",
-        "--center-crop",
-        "--min-shards",
-        "2",
-        cwd=tmp_path,
-        env=cli_env,
-    )
-    run_cli("alexnet-prepare", "stats", "--out", data, cwd=tmp_path, env=cli_env)
+    data = imagenet_256
     run_cli(
         "alexnet-train",
         "experiment=alexnet2012",
@@ -229,27 +228,12 @@ def test_stats_of_a_known_image_set(tmp_path, cli_env):
 
 
 @pytest.mark.slow
-def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoint(tmp_path, imagenet_src, cli_env):
+def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoint(tmp_path, imagenet_256, cli_env):
     import torch
 
     from alexnet_dist.models import create_model
 
-    data = tmp_path / "wds"
-    run_cli(
-        "alexnet-prepare",
-        "imagenet",
-        "--src",
-        imagenet_src,
-        "--out",
-        data,
-        "--resize",
-        "256",
-        "--center-crop",
-        "--min-shards",
-        "2",
-        cwd=tmp_path,
-        env=cli_env,
-    )
+    data = imagenet_256
     torch.manual_seed(0)
     weights = create_model("alexnet_owt", 3).state_dict()  # torchvision's names: features.0.weight ...
     torch.save(weights, tmp_path / "alexnet-owt.pth")

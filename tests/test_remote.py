@@ -21,6 +21,8 @@ from conftest import ObjectStore, run_cli, start_cli
 from alexnet_dist.data import store
 from alexnet_dist.errors import DataError
 
+# one pytest-xdist worker runs them all: the local runs, the S3 server and the upload are made once
+pytestmark = pytest.mark.xdist_group("remote")
 ARGS = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
 STEPS = 62  # 2000 images, batch 32
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import BIN, run_cli, start_cli
 
-pytestmark = pytest.mark.slow
+# one pytest-xdist worker runs them all, so the reference run is trained once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 ARGS = [
     "experiment=smoke",
     "logger=csv",

@@ -25,26 +25,35 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..cli import one_line_errors
-from ..config import LOADERS, own_keys
+from ..config import LOADERS, Loader, Optim, make, own_keys
 from ..errors import ConfigError
 from ..models import compiled, create_model
 from . import scale
 from .scale import WORLDS, parse_worlds
 
 
+class Help(argparse.RawDescriptionHelpFormatter):
+    """The module's text as written, and every option's default beside its help."""
+
+    def _get_help_string(self, action):  # how argparse's own ArgumentDefaultsHelpFormatter adds it
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="alexnet-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="alexnet-bench", description=__doc__, formatter_class=Help)
     p.add_argument("mode", choices=["model", "loader", "train", "baseline", "ddp", "scale"])
-    p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--model", default="alexnet2012")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=256)
+    cuda = torch.cuda.is_available()
+    p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if cuda else "cpu", help="where to run")
+    p.add_argument("--model", default="alexnet2012", help="a model of alexnet_dist.models")
+    p.add_argument("--num-classes", type=int, default=1000, help="model mode: the classifier's classes")
+    p.add_argument("--batch-size", type=int, default=256, help="images per step")
     p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup untimed ones)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--size", type=int, default=224, help="input side for model mode; crop for loader mode")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="model mode: torch.compile the whole model")
     p.add_argument(
@@ -67,8 +76,9 @@ def parse_args(argv=None):
         default="paper",
         help="loader mode: paper (random crop of the stored image + flip) or modern (random-resized crop + flip)",
     )
-    p.add_argument("--workers", type=int, default=2, help="loader mode: worker processes (wds)")
-    p.add_argument("--threads", type=int, default=2, help="loader mode: DALI threads (dali)")
+    loader = make(Loader)  # the loader settings' defaults, declared once in config.py
+    p.add_argument("--workers", type=int, default=loader.workers, help="loader mode: worker processes (wds)")
+    p.add_argument("--threads", type=int, default=loader.threads, help="loader mode: DALI threads (dali)")
     p.add_argument(
         "--devices",
         type=int,
@@ -78,13 +88,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--shuffle-buffer",
         type=int,
-        default=500,
+        default=loader.shuffle_buffer,
         help="loader mode: samples mixed in memory (a small set is re-read to fill it every epoch)",
     )
     scale = p.add_argument_group("scale mode")
     scale.add_argument("--worlds", type=parse_worlds, default=WORLDS, help="world sizes, e.g. 8,64,512,1024")
     scale.add_argument("--samples", type=int, default=1_281_167, help="training images (ImageNet's)")
-    scale.add_argument("--val-samples", type=int, default=50_000)
+    scale.add_argument("--val-samples", type=int, default=50_000, help="validation images (ImageNet's)")
     scale.add_argument("--shards", type=int, default=1000, help="training shards")
     scale.add_argument("--image-size", type=int, default=8, help="stored side of the tiny images (also the crop)")
     scale.add_argument("--repeats", type=int, default=3, help="fresh processes per point; the median start-up is kept")
@@ -132,7 +142,8 @@ def bench_model(args) -> dict:
     model = create_model(args.model, args.num_classes).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    o = make(Optim)  # the schema's rate and momentum
+    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum)
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -231,14 +242,8 @@ def bench_train(args) -> dict | None:
     from ..training.module import Classifier
 
     data = data_module(args, torch_device(args), device="auto", layout="NHWC" if args.channels_last else "NCHW")
-    optim = {
-        "name": "sgd",
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "reference_batch": None,
-        "schedule": {"name": "constant"},
-    }
+    # torch's SGD with the schema's rate, momentum and decay, at a constant rate and unscaled
+    optim = make(Optim, {"name": "sgd", "reference_batch": None, "schedule": {"name": "constant"}})
     module = Classifier(
         {"name": args.model, "num_classes": data.num_classes},
         optim,

@@ -26,41 +26,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import Data, check_views, make
+from ..config import Data, Eval, describe, from_command_line, make
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError
 from ..training.checkpoint import mismatch, read_checkpoint
 from . import one_line_errors
-
-# The arguments and their defaults (None: not given; see the help above for what each means).
-DEFAULTS = {
-    "ckpt_path": None,
-    "views": "1",
-    "data.root": None,
-    "loader": None,
-    "batch_size": "100",
-    "probs": None,
-    "model": None,
-}
-
-
-def parse(argv: list[str]) -> dict:
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if key == "data_root":  # the name of earlier versions
-            raise ConfigError(f"{item}: the shards are data.root=DIR, as for alexnet-train")
-        if not sep or key not in DEFAULTS:
-            raise ConfigError(f"{item}: expected KEY=VALUE with KEY one of {', '.join(sorted(DEFAULTS))}")
-        args[key] = value
-    return args
-
-
-def number(args: dict, key: str) -> int:
-    try:
-        return int(args[key])
-    except ValueError:
-        raise ConfigError(f"{key}={args[key]}: not a whole number") from None
 
 
 def read_state_dict(path: Path):
@@ -119,42 +89,41 @@ def run_settings(config: Path) -> tuple[dict, dict]:
     return data, loader
 
 
-def evaluate(args: dict) -> dict:
+def evaluate(args: Eval) -> dict:
     from lightning.pytorch.utilities import move_data_to_device
 
     from ..data.datamodule import ShardDataModule
     from ..training.module import Classifier
 
-    if args["ckpt_path"] is None:
+    if args.ckpt_path is None:
         raise ConfigError(
             "alexnet-eval needs ckpt_path=PATH (a checkpoint of alexnet-train, or a state dict with model=NAME)"
         )
-    path = Path(args["ckpt_path"])
-    plain = args["model"] is not None  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
+    path = Path(args.ckpt_path)
+    plain = args.model is not None  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
     ckpt, problem = read_state_dict(path) if plain else read_checkpoint(path)
     if problem := problem or (not_a_state_dict(ckpt) if plain else None):
         raise ConfigError(
             f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME"
         )
-    views, batch_size = number(args, "views"), number(args, "batch_size")
-    check_views(views, "views")
+    views, batch_size = args.views, args.batch_size
     config = path.resolve().parent.parent / "config.yaml"
     # The run's data and loader settings; without a run directory, the defaults.
     data, loader = run_settings(config) if config.exists() else ({}, {})
-    if args["probs"] is not None and not Path(args["probs"]).resolve().parent.is_dir():
-        raise ConfigError(f"probs={args['probs']}: no folder {Path(args['probs']).parent} to write it in; create it")
-    if args["data.root"] is not None:
-        data["root"] = args["data.root"]
+    if args.probs is not None and not Path(args.probs).resolve().parent.is_dir():
+        raise ConfigError(f"probs={args.probs}: no folder {Path(args.probs).parent} to write it in; create it")
+    if args.data.root is not None:
+        data["root"] = args.data.root
     if "root" not in data:
         raise ConfigError(f"ckpt_path={path}: no config.yaml two folders up to name the data; pass data.root=DIR")
-    if args["loader"] is not None:
-        loader["name"] = args["loader"]
+    if args.loader is not None:
+        loader["name"] = args.loader
     data.update(batch_size=batch_size, val_batch_size=None, test_views=views)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # DALI decodes on the GPU when there is one
     dm = ShardDataModule(make(Data, data), make(LoaderSettings, loader), device=device)
     if plain:
         hparams = {
-            "model": {"name": args["model"], "num_classes": dm.num_classes},
+            "model": {"name": args.model, "num_classes": dm.num_classes},
             "optim": {},
             "global_batch": 1,
         }
@@ -178,9 +147,9 @@ def evaluate(args: dict) -> dict:
             labels.append(y.cpu())
     log_probs, labels = torch.cat(outputs), torch.cat(labels)
     result = {"ckpt_path": str(path), "views": views, **metrics(log_probs, labels)}
-    if args["probs"] is not None:
-        np.savez_compressed(args["probs"], probs=log_probs.exp().numpy(), labels=labels.numpy())
-        result["probs"] = args["probs"]
+    if args.probs is not None:
+        np.savez_compressed(args.probs, probs=log_probs.exp().numpy(), labels=labels.numpy())
+        result["probs"] = args.probs
     return result
 
 
@@ -211,8 +180,8 @@ def read_probs(f: str) -> dict:
     return {"probs": probs, "labels": labels}
 
 
-def ensemble(args: dict) -> dict:
-    files = [f for f in (args["probs"] or "").split(",") if f]
+def ensemble(args: Eval) -> dict:
+    files = [f for f in (args.probs or "").split(",") if f]
     if len(files) < 2:
         raise ConfigError("ensemble needs probs=A.npz,B.npz,... (two or more files written by alexnet-eval probs=...)")
     for f in files:
@@ -235,12 +204,12 @@ def ensemble(args: dict) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(f"{__doc__}\nThe settings and their defaults:\n{describe(Eval)}")
         return
     if argv and argv[0] == "ensemble":
-        result = ensemble(parse(argv[1:]))
+        result = ensemble(from_command_line(Eval, argv[1:]))
     else:
-        result = evaluate(parse(argv))
+        result = evaluate(from_command_line(Eval, argv))
     print(json.dumps(result), flush=True)
     print(
         f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}  (errors {1 - result['val_top1']:.4f} / "
