@@ -18,6 +18,7 @@ def lines(out: Path, part: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # seven parts, each with its own time limit inside
 def test_every_part_of_the_gpu_check_runs_and_reports_its_figures(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

@@ -140,6 +140,7 @@ def test_flat_validation_without_labels_is_one_line(tmp_path, imagenet_src, cli_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)  # the 60-million-parameter network at 224 px on a CPU, and its preparation
 def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet_256, cli_env):
     """The commands of docs/reproducing-2012.md at toy scale."""
     data = imagenet_256

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.install]
+pytestmark = [pytest.mark.slow, pytest.mark.install, pytest.mark.timeout(900)]  # two pip installs
 
 
 def pip(env_dir: Path, *args: str) -> None:

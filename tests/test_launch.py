@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import BIN, wandb_records
 
+# a job waits for the cluster, may be requeued and start again: minutes, each bounded inside the test
+pytestmark = pytest.mark.timeout(480)
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke", "+trainer.enable_progress_bar=false"]
 
