@@ -226,7 +226,9 @@ class Check:
             *["loader=dali", "trainer.accelerator=" + ("gpu" if self.gpu else "cpu")],
         ]
         train = [PY, "-m", "alexnet_dist.cli.train", *args]
-        for run_id in ("a", "b"):
+        # two uninterrupted runs: are they the same on this device? (On the CPU, tests/test_resume.py
+        # already holds a resumed run to an uninterrupted one, bit for bit.)
+        for run_id in ("a",) if self.quick else ("a", "b"):
             self.run([*train, f"run_id={run_id}"], 120)
         killed = subprocess.Popen([*train, "run_id=killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         checkpoints = runs / "smoke" / "killed" / "checkpoints"
@@ -242,7 +244,7 @@ class Check:
             "device": self.device,
             "killed_after": at[-1].name if at else None,
             "steps": [ref[0], weights(runs / "smoke" / "killed")[0]],
-            "uninterrupted_max_abs_diff": max_diff(ref[1], weights(runs / "smoke" / "b")[1]),
+            "uninterrupted_max_abs_diff": None if self.quick else max_diff(ref[1], weights(runs / "smoke" / "b")[1]),
             "resumed_max_abs_diff": max_diff(ref[1], weights(runs / "smoke" / "killed")[1]),
         }
         self.emit("f", record)

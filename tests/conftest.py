@@ -1,10 +1,12 @@
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +22,32 @@ from alexnet_dist.data.shards import write_dataset
 BIN = Path(sys.executable).parent
 
 
+# The longest tests, started first so that no worker is left running one alone at the end.
+LONGEST_FIRST = ("slurm", "test_install.py", "test_gpu_check.py")
+
+
 def pytest_collection_modifyitems(items):
-    """The SLURM tests run one after another on one pytest-xdist worker: the local cluster's two
-    nodes hold one job at a time."""
+    """The SLURM tests run one after another on one pytest-xdist worker (the local cluster's two
+    nodes hold one job at a time), and the longest tests come first."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+
+    def rank(item) -> int:
+        tags = ["slurm"] if item.get_closest_marker("slurm") else [item.path.name]
+        return next((i for i, name in enumerate(LONGEST_FIRST) if name in tags), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
+def pytest_configure(config):
+    """Each process that runs tests (each pytest-xdist worker, and what it starts) compiles into an
+    inductor cache of its own: two compiling at once into one cache broke a precompiled header.
+    (The controller of the workers runs no test; the workers would inherit its environment.)"""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        folder = tempfile.mkdtemp(prefix="inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture(scope="session")

@@ -68,8 +68,9 @@ def test_every_part_of_the_gpu_check_runs_and_reports_its_figures(tmp_path):
 
     (resume,) = lines(out, "f")
     assert resume["killed_after"].startswith("step-") and resume["steps"][0] == resume["steps"][1] > 0
-    # deterministic on the CPU: two uninterrupted runs and the killed-and-resumed one are bit-identical
-    assert resume["uninterrupted_max_abs_diff"] == 0.0 and resume["resumed_max_abs_diff"] == 0.0
+    # deterministic on the CPU: the killed-and-resumed run is bit-identical to the uninterrupted one
+    # (--quick leaves out the second uninterrupted run, which only a GPU can make differ)
+    assert resume["uninterrupted_max_abs_diff"] is None and resume["resumed_max_abs_diff"] == 0.0
 
     (goals,) = lines(out, "goals")  # the goals beside the best figure of each kind
     assert goals["loader_img_s"] == max(x["images_per_sec"] for x in loader if x["augment"] == "paper")
