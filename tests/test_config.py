@@ -197,3 +197,19 @@ def test_every_commands_help_lists_its_settings_with_the_schemas_defaults(capsys
     for flag, default in (("--shuffle-buffer", loader.shuffle_buffer), ("--workers", loader.workers)):
         assert f"{flag} {flag[2:].upper().replace('-', '_')}" in text and f"(default: {default})" in text
     assert bench.parse_args(["loader"]).shuffle_buffer == loader.shuffle_buffer  # one default, the schema's
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["model", "--modle", "alexnet_owt"], "error: --modle: no such option (the nearest is --model)"),
+        (["loader", "--shuffle_buffer=3"], "error: --shuffle_buffer: no such option (the nearest is --shuffle-buffer)"),
+        (["model", "--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
+    ],
+)
+def test_alexnet_bench_answers_a_wrong_option_in_one_line(capsys, argv, message):
+    from alexnet_dist.bench import cli as bench
+
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args(argv)
+    assert stop.value.code == 2 and capsys.readouterr().err == message + "\n"

@@ -14,6 +14,7 @@ scale     what one rank costs at start-up (time, files, bytes, memory, checkpoin
 """
 
 import argparse
+import difflib
 import json
 import os
 import subprocess
@@ -42,8 +43,27 @@ class Help(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, answering a wrong option in one `error:` line (the nearest option named) like the
+    other commands, instead of a usage block."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flag = unknown[0].split("=")[0]
+            # every option string the parser knows (argparse keeps them in this mapping)
+            nearest = difflib.get_close_matches(flag, list(self._option_string_actions), n=1, cutoff=0.5)
+            hint = f"the nearest is {nearest[0]}" if nearest else "alexnet-bench --help lists them"
+            self.error(f"{flag}: no such option ({hint})")
+        return parsed
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="alexnet-bench", description=__doc__, formatter_class=Help)
+    p = Parser(prog="alexnet-bench", description=__doc__, formatter_class=Help)
     p.add_argument("mode", choices=["model", "loader", "train", "baseline", "ddp", "scale"])
     cuda = torch.cuda.is_available()
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if cuda else "cpu", help="where to run")
