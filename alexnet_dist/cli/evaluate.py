@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config import Data, Eval, describe, from_command_line, make
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError
+from ..training import ckpt_format
 from ..training.checkpoint import mismatch, read_checkpoint
 from . import one_line_errors
 
@@ -37,9 +38,9 @@ def read_state_dict(path: Path):
     """(a plain state dict of another tool, None), or (None, why it cannot be loaded). Not a
     checkpoint of alexnet-train, so no format to check."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), None
-    except Exception as exc:  # a truncated zip, garbage, a pickle of objects ...
-        return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return ckpt_format.load(path), None
+    except ckpt_format.Unreadable as exc:
+        return None, str(exc)
 
 
 def not_a_state_dict(weights) -> str | None:

@@ -48,13 +48,19 @@ class Unreadable(Exception):
     the message says why in one line. (Not a UserError: a resume falls back to an older file.)"""
 
 
-def read(path: str | Path, mmap: bool = False) -> dict:
-    """The checkpoint at `path` in the current layout, loaded with weights_only=True."""
+def load(path: str | Path, mmap: bool = False):
+    """What the file at `path` holds, loaded with weights_only=True and as it is (a checkpoint of
+    any format, or another tool's state dict); Unreadable says why not in one line."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # a truncated zip, garbage, a pickle that is not a checkpoint ...
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # a truncated zip, garbage, a pickle of objects ...
         reason = str(exc).strip()
         raise Unreadable(reason.splitlines()[0][:200] if reason else type(exc).__name__) from None
+
+
+def read(path: str | Path, mmap: bool = False) -> dict:
+    """The checkpoint at `path` in the current layout, loaded with weights_only=True."""
+    ckpt = load(path, mmap)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise Unreadable("no state_dict in it")
     return upgrade(ckpt, path)
