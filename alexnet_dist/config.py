@@ -295,8 +295,9 @@ def make(schema: type[T], values: Any = None) -> T:
 
 
 def flat(tree: Any, prefix: str = "") -> dict:
-    """A nested mapping's values by dotted key (data.root, optim.schedule.name, ...)."""
-    if not isinstance(tree, dict) or not tree:
+    """A nested mapping's values by dotted key (data.root, optim.schedule.name, ...); an empty
+    mapping has no key."""
+    if not isinstance(tree, dict):
         return {prefix.rstrip("."): tree}
     return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 

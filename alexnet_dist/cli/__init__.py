@@ -53,19 +53,15 @@ def one_line_errors(main):
     return run
 
 
-def flat_keys(tree, prefix: str = "") -> list[str]:
-    """Every key of a nested mapping, dotted (data.batch_size, optim.schedule.name, ...)."""
-    if not hasattr(tree, "items"):
-        return [prefix.rstrip(".")]
-    return [k for key, value in tree.items() for k in flat_keys(value, f"{prefix}{key}.")]
-
-
 def misspelt_override(argv: list[str], config_name: str = "train") -> str | None:
     """One line for a command-line override that sets a key no config has (Hydra's own report is
     five lines), naming the nearest key that exists; None when every key exists."""
     from hydra import compose, initialize_config_module
     from hydra._internal.utils import get_args_parser  # the parser hydra.main itself reads argv with
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from ..config import flat
 
     args, _ = get_args_parser().parse_known_args(argv)
     if args.multirun or args.help or args.hydra_help:
@@ -84,7 +80,7 @@ def misspelt_override(argv: list[str], config_name: str = "train") -> str | None
         key = wrong.group(1)
         rest = [o for o in overrides if not o.startswith(f"{key}=")]
         with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
-            keys = flat_keys(compose(args.config_name or config_name, overrides=rest))
+            keys = list(flat(OmegaConf.to_container(compose(args.config_name or config_name, overrides=rest))))
     nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f"the nearest is {nearest[0]}" if nearest else "alexnet-train --cfg job prints every key"
     # model.* and trainer.* are open (a model's or the Trainer's arguments): a new key is added with +

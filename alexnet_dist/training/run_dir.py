@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import yaml
 from hydra.experimental.callback import Callback as HydraCallback
 
+from ..config import flat
 from ..errors import ConfigError
 
 LOCK = "run.lock"
@@ -88,19 +89,13 @@ def changed_settings(old_file: Path, new_yaml: str, show: int = 3) -> str:
     if there is no readable earlier one): a run directory reused by another experiment (two runs
     of one SLURM job share its id) would otherwise continue it silently."""
     try:
-        old = _flat(yaml.safe_load(old_file.read_text()))
+        old = flat(yaml.safe_load(old_file.read_text()))
     except (OSError, yaml.YAMLError):
         return ""
-    new = _flat(yaml.safe_load(new_yaml))
+    new = flat(yaml.safe_load(new_yaml))
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(WHERE_NOT_WHAT))
     shown = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys[:show]]
     return "; ".join(shown) + (f"; {len(keys) - show} more" if len(keys) > show else "")
-
-
-def _flat(tree, prefix="") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
 def first_process() -> bool:
