@@ -223,6 +223,7 @@ class Ddp:
     bucket_cap_mb: int = 25
     comm_hook: CommHook = CommHook.none
     backend: Backend = Backend.auto
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (training/sync_batchnorm.py)
 
 
 @dataclass

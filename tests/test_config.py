@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from alexnet_dist.config import load
-from alexnet_dist.models import create_model
+from alexnet_dist.models import build, complete
 
 CONF = importlib.resources.files("alexnet_dist.conf")
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
@@ -27,15 +27,14 @@ def test_every_experiment_composes_and_builds_its_model(experiment):
     assert set(cfg) >= {"model", "data", "loader", "optim", "trainer", "logger", "run_id", "resume"}
     assert cfg.data.batch_size > 0 and cfg.optim.schedule.name in {"step", "plateau", "cosine", "constant"}
     load(cfg)  # every key known and of the right type, the settings consistent
-    model_args = {k: v for k, v in cfg.model.items() if k != "name"}
-    model = create_model(cfg.model.name, num_classes=10, **model_args)
+    model = build(complete(OmegaConf.to_container(cfg.model), num_classes=10, image_size=cfg.data.crop))
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_alexnet2012_experiment_is_the_papers_recipe():
     with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
         cfg = compose("train", overrides=["experiment=alexnet2012", "data.root=/data/imagenet"])
-    assert cfg.model.name == "alexnet2012" and cfg.optim.name == "krizhevsky"
+    assert cfg.model._target_ == "alexnet_dist.models.AlexNet2012" and cfg.optim.name == "krizhevsky"
     assert (cfg.data.batch_size, cfg.data.crop, cfg.data.val_resize) == (128, 224, 256)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.bias_lr_mult) == (0.01, 0.9, 5e-4, 2.0)
     assert list(cfg.optim.schedule.milestones) == [25, 51, 79] and cfg.trainer.max_epochs == 90
@@ -86,9 +85,19 @@ def test_settings_made_outside_alexnet_train_are_checked_the_same_way():
         ),
         (["data.root={tmp}"], "error: {tmp}/manifest.json: missing; {tmp} holds no shards made by alexnet-prepare"),
         (
-            ["model.name=vgg"],
-            "error: model.name=vgg: unknown model; choose one of alexnet2012, alexnet_owt, alexnet_small",
+            ["model._target_=no.such.Thing"],
+            "error: model._target_=no.such.Thing: no module no to import; put its folder on PYTHONPATH",
         ),
+        (
+            ["model._target_=alexnet_dist.models.AlexNetTall"],
+            "error: model._target_=alexnet_dist.models.AlexNetTall: alexnet_dist.models has no AlexNetTall",
+        ),
+        (
+            ["model._target_=torch.nn.Flatten"],
+            "error: model._target_=torch.nn.Flatten: takes no num_classes argument; the class count comes from",
+        ),
+        (["model.width=-4"], "error: model._target_=alexnet_dist.models.AlexNetSmall(width=-4, fc=64, dropout=0.0,"),
+        (["+model.num_classes=5"], "error: model.num_classes=5: data.root={tmp_data} has 10 classes; drop the setting"),
         (
             ["data.batch_size=33", "trainer.devices=2", "trainer.strategy=ddp"],
             "error: data.batch_size=33 is the global batch and must divide by the 2 processes",
@@ -100,16 +109,18 @@ def test_settings_made_outside_alexnet_train_are_checked_the_same_way():
         ),
         (["+data.colour=1"], "error: data.colour: Key 'colour' not in 'Data'"),
         (
-            ["ddp.sync_batchnorm=true"],
-            "error: ddp.sync_batchnorm: no such setting (the nearest is ddp.backend); fix the spelling",
+            ["ddp.sync_batchnom=true"],
+            "error: ddp.sync_batchnom: no such setting (the nearest is ddp.sync_batchnorm); fix the spelling",
         ),
+        (["+trainer.sync_batchnorm=true"], "error: trainer.sync_batchnorm: use ddp.sync_batchnorm=true"),
         (
             ["trainer.max_epoch=3"],
             "error: trainer.max_epoch: no such setting (the nearest is trainer.max_epochs); fix the spelling, or add",
         ),
         (
             ["+model.foo=1"],
-            "error: model.foo: not a setting of model alexnet_small; its settings: dropout, fc, lrn, width",
+            "error: model.foo: not an argument of alexnet_dist.models.AlexNetSmall; its arguments: dropout, fc, lrn, "
+            "num_classes, width",
         ),
         (["+trainer.max_epoch=3"], "error: trainer.max_epoch: not an argument of lightning.pytorch.Trainer"),
         (["+trainer.logger=false"], "error: trainer.logger: set by alexnet-train itself"),

@@ -180,7 +180,7 @@ def test_ten_views_are_corners_centre_and_mirrors_and_their_prediction_is_the_me
     for v, window in enumerate(windows + [w.flip(-1) for w in windows]):
         assert torch.equal(views[0, v], window), f"view {v}"
     classifier = Classifier(
-        {"name": "alexnet_small", "num_classes": 3, "width": 8, "fc": 16},
+        {"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 3, "width": 8, "fc": 16},
         optim={},
         global_batch=8,
     ).eval()

@@ -23,7 +23,7 @@ from alexnet_dist.data import sources
 from alexnet_dist.data.manifest import Manifest
 from alexnet_dist.data.shards import write_dataset
 from alexnet_dist.errors import UserError
-from alexnet_dist.models import create_model
+from alexnet_dist.models import create
 
 DALI = {"name": "dali"}
 LOADERS = [pytest.param(DALI, id="dali"), pytest.param(WDS, id="wds")]
@@ -49,7 +49,7 @@ def weights(tmp_path_factory) -> Path:
     """A plain state dict of alexnet_small for 4 classes, in a run directory's checkpoints/."""
     path = tmp_path_factory.mktemp("run") / "checkpoints" / "w.pth"
     path.parent.mkdir()
-    torch.save(create_model("alexnet_small", 4).state_dict(), path)
+    torch.save(create("alexnet_small", 4).state_dict(), path)
     return path
 
 

@@ -118,7 +118,7 @@ def test_the_first_format_0_layout_is_upgraded():
     }
     new = ckpt_format.upgrade(old, "old.ckpt")
     assert new[ckpt_format.VERSION_KEY] == ckpt_format.FORMAT_VERSION
-    assert new["hyper_parameters"] == {"model": {"name": "alexnet_small"}}
+    assert new["hyper_parameters"] == {"model": {"_target_": "alexnet_dist.models.AlexNetSmall"}}
     assert new["callbacks"]["BestCheckpoint"] == {"monitor": "val_top1", "best": 0.75}
     training = new[ckpt_format.PARTS_KEY]["training"]
     assert training["plateau"] == plateau and training["skipped_steps"] == 0

@@ -232,14 +232,14 @@ def test_stats_of_a_known_image_set(tmp_path, cli_env):
 def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoint(tmp_path, imagenet_256, cli_env):
     import torch
 
-    from alexnet_dist.models import create_model
+    from alexnet_dist.models import create
 
     data = imagenet_256
     torch.manual_seed(0)
-    weights = create_model("alexnet_owt", 3).state_dict()  # torchvision's names: features.0.weight ...
+    weights = create("alexnet_owt", 3).state_dict()  # torchvision's names: features.0.weight ...
     torch.save(weights, tmp_path / "alexnet-owt.pth")
     hparams = {
-        "model": {"name": "alexnet_owt", "num_classes": 3},
+        "model": {"_target_": "alexnet_dist.models.AlexNetOWT", "num_classes": 3},
         "optim": {},
         "steps_per_epoch": 1,
         "max_epochs": 1,

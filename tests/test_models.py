@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_dist.errors import ConfigError
-from alexnet_dist.models import AlexNet2012, create_model
+from alexnet_dist.models import AlexNet2012, create
 from alexnet_dist.models.layers import SpatialNorm, TowerLRN, fuse_norms
 
 
@@ -14,7 +14,7 @@ def n_params(model):
 
 
 def test_alexnet2012_has_the_papers_parameter_count_and_55px_conv1_maps():
-    model = create_model("alexnet2012", 1000).eval()
+    model = create("alexnet2012", 1000).eval()
     assert n_params(model) == 60_965_224
     x = torch.randn(2, 3, 224, 224)
     assert model.conv1(F.pad(x, (0, 3, 0, 3))).shape == (2, 96, 55, 55)
@@ -71,7 +71,7 @@ def test_alexnet2012_refuses_other_input_sizes_with_a_clear_message():
 
 
 def test_owt_matches_torchvision_layout_and_parameter_count():
-    model = create_model("alexnet_owt", 1000)
+    model = create("alexnet_owt", 1000)
     assert n_params(model) == 61_100_840
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {
@@ -97,12 +97,12 @@ def test_owt_matches_torchvision_layout_and_parameter_count():
 
 @pytest.mark.parametrize("size", [28, 32, 48, 64])
 def test_small_model_takes_28_to_64_px(size):
-    assert create_model("alexnet_small", 10)(torch.randn(2, 3, size, size)).shape == (2, 10)
+    assert create("alexnet_small", 10)(torch.randn(2, 3, size, size)).shape == (2, 10)
 
 
 def test_unknown_model_name_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.name=resnet: unknown model; choose one of alexnet2012"):
-        create_model("resnet", 10)
+    with pytest.raises(ConfigError, match="model=resnet: no such model config; choose one of alexnet2012, alexnet_owt"):
+        create("resnet", 10)
 
 
 def lrn_by_formula(a, n=5, alpha=1e-4, beta=0.75, k=2.0):
@@ -145,7 +145,7 @@ def test_spatial_norm_matches_the_formula_with_zero_padding():
 def test_channels_last_and_compiled_models_compute_the_same_and_save_the_same_names(compile):
     from alexnet_dist.training.module import Classifier
 
-    spec = {"name": "alexnet_small", "num_classes": 10, "width": 8, "fc": 32, "dropout": 0.0}
+    spec = {"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10, "width": 8, "fc": 32, "dropout": 0.0}
     torch.manual_seed(0)
     plain = Classifier(spec, optim={}, global_batch=4).eval()
     fast = Classifier(spec, optim={}, global_batch=4, channels_last=True, compile=compile).eval()
@@ -207,7 +207,7 @@ def test_fused_norms_leave_the_logits_the_gradients_and_the_names_as_they_were(i
     # one-ulp difference in a norm's output can swap two near-equal ones, moving a whole entry
     # of the weight gradients; in float64 the two agree to ~1e-16 everywhere.
     torch.manual_seed(0)
-    plain = create_model(name, 10, dropout=0.0).double()
+    plain = create(name, 10, dropout=0.0).double()
     fused = copy.deepcopy(plain)
     assert fuse_norms(fused) == blocks
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints interchange
@@ -224,7 +224,7 @@ def test_fused_norms_leave_the_logits_the_gradients_and_the_names_as_they_were(i
 def test_classifier_keeps_fuse_norms_and_leaves_it_to_a_whole_model_compile():
     from alexnet_dist.training.module import Classifier
 
-    spec = {"name": "alexnet_small", "num_classes": 10, "width": 8, "fc": 32}
+    spec = {"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10, "width": 8, "fc": 32}
     fused = Classifier(spec, optim={}, global_batch=4, fuse_norms=True)
     assert fused.hparams.fuse_norms and fused.net is fused.model
     assert fused.model.norm1._compiled_call_impl is not None

@@ -36,12 +36,12 @@ def test_optim_lars_composes_with_warm_up_and_refuses_a_fused_update():
         cfg = compose("train", overrides=["data.root=/data/x", "run_id=r", "optim=lars"])
     optim = load(cfg).optim
     assert (str(optim.name), str(optim.impl), optim.trust, optim.schedule.warmup_epochs) == ("lars", "loop", 0.001, 5)
-    module = Classifier({"name": "alexnet_small", "num_classes": 10}, optim, global_batch=1024)
+    module = Classifier({"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10}, optim, global_batch=1024)
     opt = module.optimizer_and_schedule(steps_per_epoch=10, total_steps=100)["optimizer"]
     assert isinstance(opt, LARS) and opt.param_groups[0]["initial_lr"] == pytest.approx(0.01 * 1024 / 128)
     with pytest.raises(ConfigError, match="optim.impl=fused: LARS updates one tensor at a time; use optim.impl=loop"):
         Classifier(
-            {"name": "alexnet_small", "num_classes": 10}, {**plain(optim), "impl": "fused"}, 1024
+            {"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10}, {**plain(optim), "impl": "fused"}, 1024
         ).optimizer_and_schedule(10, 100)
 
 
@@ -124,7 +124,7 @@ def test_plateau_divides_by_ten_after_patience_epochs_without_improvement():
         "schedule": {"name": "plateau", "patience": 1, "gamma": 0.1, "max_drops": 2},
     }
     module = Classifier(
-        model={"name": "alexnet_small", "num_classes": 10},
+        model={"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10},
         optim=optim,
         global_batch=128,
     )
@@ -183,7 +183,7 @@ def test_a_layer_gets_its_own_rate_from_an_epoch_on_like_conv1_in_2012():
             {"layer": "conv1", "from_epoch": 72, "lr": 0.0},
         ],
     }
-    module = Classifier({"name": "alexnet_small", "num_classes": 10}, optim, global_batch=256)
+    module = Classifier({"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10}, optim, global_batch=256)
     config = module.optimizer_and_schedule(steps_per_epoch=10, total_steps=900)
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
 

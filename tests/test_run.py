@@ -95,7 +95,9 @@ def test_the_classifier_settles_the_agreement_with_its_loss_no_second_collective
 
     agreement = Counting()
     ask = Ask(agreement)
-    module = Classifier({"name": "alexnet_small", "num_classes": 2, "width": 4, "fc": 8}, {}, global_batch=4)
+    module = Classifier(
+        {"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 2, "width": 4, "fc": 8}, {}, global_batch=4
+    )
     images = torch.randint(0, 255, (16, 3, 28, 28), generator=torch.Generator().manual_seed(0)).float()
     data = DataLoader(TensorDataset(images, torch.randint(0, 2, (16,))), 4)
     trainer(tmp_path, [ask, agreement]).fit(module, data)

@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from ..data.manifest import Manifest
-from ..models import create_model
+from ..models import create
 
 
 def _sample(crop: int):
@@ -61,7 +61,7 @@ def run_baseline(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
-    net = create_model(model, manifest.num_classes).to(device)
+    net = create(model, manifest.num_classes).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..cli import one_line_errors
 from ..config import LOADERS, Loader, Optim, make, own_keys
 from ..errors import ConfigError
-from ..models import compiled, create_model
+from ..models import compiled, create
 from . import scale
 from .scale import WORLDS, parse_worlds
 
@@ -67,7 +67,11 @@ def parse_args(argv=None):
     p.add_argument("mode", choices=["model", "loader", "train", "baseline", "ddp", "scale"])
     cuda = torch.cuda.is_available()
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if cuda else "cpu", help="where to run")
-    p.add_argument("--model", default="alexnet2012", help="a model of alexnet_dist.models")
+    p.add_argument(
+        "--model",
+        default="alexnet2012",
+        help="a model config of conf/model (alexnet_small) or any class by its dotted name",
+    )
     p.add_argument("--num-classes", type=int, default=1000, help="model mode: the classifier's classes")
     p.add_argument("--batch-size", type=int, default=256, help="images per step")
     p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup untimed ones)")
@@ -159,7 +163,7 @@ def data_module(args, target: torch.device, **loader):
 
 def bench_model(args) -> dict:
     device = torch_device(args)
-    model = create_model(args.model, args.num_classes).to(device)
+    model = create(args.model, args.num_classes, args.size).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     o = make(Optim)  # the schema's rate and momentum

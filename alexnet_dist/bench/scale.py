@@ -241,9 +241,9 @@ def run(args) -> list[dict]:
 def gradient_bytes(model: str, num_classes: int) -> dict:
     """What DDP all-reduces each step, at any world size: every gradient element once, in fp32 or,
     with ddp.comm_hook=bf16, in bf16 (counted from the model, not measured on a network)."""
-    from ..models import create_model
+    from ..models import create
 
-    parameters = sum(p.numel() for p in create_model(model, num_classes).parameters() if p.requires_grad)
+    parameters = sum(p.numel() for p in create(model, num_classes).parameters() if p.requires_grad)
     return {
         "name": "scale/step",
         "model": model,

@@ -3,12 +3,16 @@ checkpoint on the validation split, from the centre crop or the paper's 10 views
 
   ckpt_path   a checkpoint of alexnet-train (checkpoints/last.ckpt, best.ckpt, step-*.ckpt)
   views       1: the centre crop; 10: four corners, centre and their mirrors, softmax averaged
-  data.root   the shards (default: data.root of the run's config.yaml)
+  data.root   the shards (default: the run's own, which the checkpoint records)
   loader      auto (default: the run's loader), dali or wds
   batch_size  images per batch (default 100)
   probs       also write every image's class probabilities and label to this .npz
   model       with a plain state dict instead of a checkpoint (torchvision's AlexNet weights:
-              model=alexnet_owt), the network it belongs to; needs data.root
+              model=alexnet_owt), the network it belongs to: a conf/model name or a dotted
+              _target_; needs data.root
+
+A checkpoint evaluates with its run's data settings (crop, resize, normalisation), which it
+records; one of an earlier release takes them from its run's config.yaml two folders up.
 
 alexnet-eval ensemble probs=A.npz,B.npz,...: the metrics of the averaged probabilities of several
 runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data.
@@ -22,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from ..config import Data, Eval, describe, from_command_line, make
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError
+from ..models import complete, named_config
+from ..trained.inputs import load as load_trained
+from ..trained.inputs import run_settings
 from ..training import ckpt_format
-from ..training.checkpoint import mismatch, read_checkpoint
+from ..training.checkpoint import mismatch
 from . import one_line_errors
 
 
@@ -60,36 +64,6 @@ def metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def run_settings(config: Path) -> tuple[dict, dict]:
-    """The data and loader settings of a run's config.yaml (alexnet-train writes it), checked.
-    OmegaConf reads YAML with a safe loader: a python tag (!!python/object...) is refused there,
-    before anything is built; here every refusal becomes one line naming the file."""
-    fix = "restore the config.yaml alexnet-train wrote, or move it away and pass data.root=DIR"
-    try:
-        run = OmegaConf.load(config)
-    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
-        raise ConfigError(f"{config}: cannot be read ({getattr(exc, 'strerror', None) or exc}); {fix}") from None
-    except yaml.YAMLError as exc:  # not YAML, or a tag the safe loader does not construct
-        reason = " ".join(str(exc).split())
-        raise ConfigError(f"{config}: not a run's config ({reason}); {fix}") from None
-    if not isinstance(run, DictConfig):
-        raise ConfigError(f"{config}: not a mapping of settings; {fix}")
-    if not isinstance(run.get("data"), DictConfig) or not isinstance(run.get("loader"), DictConfig):
-        raise ConfigError(f"{config}: no data and loader settings; {fix}")
-    try:
-        data = OmegaConf.to_container(run.data, resolve=True)
-        loader = {"name": run.loader.name}
-    except OmegaConfBaseException as exc:  # no loader.name, an interpolation that does not resolve
-        raise ConfigError(f"{config}: {str(exc).splitlines()[0]}; {fix}") from None
-    for section, schema, values in (("data", Data, {"root": "-", **data}), ("loader", LoaderSettings, loader)):
-        try:
-            make(schema, values)  # the keys and types
-        except ConfigError as exc:
-            reason = str(exc).split("; fix the override")[0]  # that advice is for alexnet-train's overrides
-            raise ConfigError(f"{config}: {section}.{reason}; {fix}") from None
-    return data, loader
-
-
 def evaluate(args: Eval) -> dict:
     from lightning.pytorch.utilities import move_data_to_device
 
@@ -101,44 +75,42 @@ def evaluate(args: Eval) -> dict:
             "alexnet-eval needs ckpt_path=PATH (a checkpoint of alexnet-train, or a state dict with model=NAME)"
         )
     path = Path(args.ckpt_path)
-    plain = args.model is not None  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
-    ckpt, problem = read_state_dict(path) if plain else read_checkpoint(path)
-    if problem := problem or (not_a_state_dict(ckpt) if plain else None):
-        raise ConfigError(
-            f"ckpt_path={path}: cannot be loaded ({problem}); for a plain state dict also pass model=NAME"
-        )
-    views, batch_size = args.views, args.batch_size
-    config = path.resolve().parent.parent / "config.yaml"
-    # The run's data and loader settings; without a run directory, the defaults.
-    data, loader = run_settings(config) if config.exists() else ({}, {})
     if args.probs is not None and not Path(args.probs).resolve().parent.is_dir():
         raise ConfigError(f"probs={args.probs}: no folder {Path(args.probs).parent} to write it in; create it")
+    if args.model is not None:  # a bare state dict, e.g. torchvision's alexnet-owt-*.pth
+        weights, problem = read_state_dict(path)
+        if problem := problem or not_a_state_dict(weights):
+            raise ConfigError(f"ckpt_path={path}: cannot be loaded ({problem})")
+        config = path.resolve().parent.parent / "config.yaml"
+        # the run's data and loader settings where it has a run directory, else the defaults
+        data, loader = run_settings(config) if config.exists() else ({}, {})
+        spec, state_dict = named_config(args.model), {f"model.{k}": v for k, v in weights.items()}
+    else:
+        trained = load_trained(
+            path, args.data.root, key="ckpt_path", hint="; for a plain state dict also pass model=NAME"
+        )
+        # the run's own settings and normalisation, whatever the shards' statistics say now
+        data = {**trained.inputs["settings"], "mean": trained.inputs["mean"], "std": trained.inputs["std"]}
+        loader, spec, state_dict = {"name": trained.inputs["loader"]}, trained.model, trained.state_dict
     if args.data.root is not None:
         data["root"] = args.data.root
     if "root" not in data:
         raise ConfigError(f"ckpt_path={path}: no config.yaml two folders up to name the data; pass data.root=DIR")
     if args.loader is not None:
         loader["name"] = args.loader
-    data.update(batch_size=batch_size, val_batch_size=None, test_views=views)
+    data.update(batch_size=args.batch_size, val_batch_size=None, test_views=args.views)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # DALI decodes on the GPU when there is one
     dm = ShardDataModule(make(Data, data), make(LoaderSettings, loader), device=device)
-    if plain:
-        hparams = {
-            "model": {"name": args.model, "num_classes": dm.num_classes},
-            "optim": {},
-            "global_batch": 1,
-        }
-        ckpt = {"state_dict": {f"model.{k}": v for k, v in ckpt.items()}}
-    else:
-        # what rebuilds the network, without compiling it: one pass over the test set does not
-        # repay the compilation, and the plain model computes the same (tests/test_models.py)
-        hparams = {**ckpt["hyper_parameters"], "compile": False, "fuse_norms": False}
-    module = Classifier(**hparams).eval()
-    if problem := mismatch(ckpt["state_dict"], module.state_dict()):
+    # what rebuilds the network, without compiling it: one pass over the test set does not repay
+    # the compilation, and the plain model computes the same (tests/test_models.py)
+    if args.model is not None:
+        spec = complete(spec, dm.num_classes, dm.settings.crop)
+    module = Classifier(spec, optim={}, global_batch=1).eval()
+    if problem := mismatch(state_dict, module.state_dict()):
         raise ConfigError(
-            f"ckpt_path={path}: does not fit {hparams['model']['name']} with {dm.num_classes} classes ({problem})"
+            f"ckpt_path={path}: does not fit {spec['_target_']} with {dm.num_classes} classes ({problem})"
         )
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(state_dict)
     module.to(device)
     outputs, labels = [], []
     with torch.inference_mode():
@@ -147,7 +119,7 @@ def evaluate(args: Eval) -> dict:
             outputs.append(module.predict_log_probs(images).cpu())
             labels.append(y.cpu())
     log_probs, labels = torch.cat(outputs), torch.cat(labels)
-    result = {"ckpt_path": str(path), "views": views, **metrics(log_probs, labels)}
+    result = {"ckpt_path": str(path), "views": args.views, **metrics(log_probs, labels)}
     if args.probs is not None:
         np.savez_compressed(args.probs, probs=log_probs.exp().numpy(), labels=labels.numpy())
         result["probs"] = args.probs

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import Train, load
 from ..data.datamodule import ShardDataModule
+from ..models import complete
 from ..training.module import Classifier
 from ..training.run import Run
 from . import hydra_command, one_line_errors
@@ -75,7 +76,7 @@ def train(cfg: DictConfig) -> dict:
     run = Run(s, run_dir, run_id, OmegaConf.to_yaml(cfg, resolve=True))
     data = ShardDataModule(s.data, s.loader, seed=s.seed, worker_signals=run.worker_signals)
     module = Classifier(
-        model={**s.model, "num_classes": data.num_classes},
+        model=complete(s.model, data.num_classes, s.data.crop, data=f"data.root={s.data.root}"),
         optim=s.optim,
         global_batch=s.data.batch_size,
         seed=s.seed,

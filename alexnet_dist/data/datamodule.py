@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 
 from ..collectives import gather_to_rank_zero
-from ..config import Data, DType
+from ..config import Data, DType, plain
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
 from . import loader_choice
@@ -49,9 +49,11 @@ class ShardDataModule(pl.LightningDataModule):
         self.augment = Augmentation.of(data, (stats["pca_std"], stats["pca_vectors"]) if stats else None)
         mean_image = self._mean_image() if data.mean_image else None
         # Normalisation constants on the 0-255 scale; by default the train split's own statistics.
+        self.mean = [float(m) for m in data.mean or self.manifest.stat("mean") or [127.5] * 3]
+        self.std = [float(s) for s in data.std or self.manifest.stat("std") or [64.0] * 3]
         self.normalize = DeviceNormalize(
-            mean=data.mean or self.manifest.stat("mean") or [127.5] * 3,
-            std=data.std or self.manifest.stat("std") or [64.0] * 3,
+            mean=self.mean,
+            std=self.std,
             crop=data.crop,
             train_scale=data.train_scale,
             mean_image=mean_image,
@@ -145,6 +147,19 @@ class ShardDataModule(pl.LightningDataModule):
 
     def restore_loader_states(self, states: list | None) -> None:
         self.loader_states = states
+
+    def description(self) -> dict:
+        """The checkpoint's "data" part: what the network's inputs were, so that a checkpoint alone
+        evaluates, exports and predicts the way its run validated. Mean and std on the 0-255 scale
+        of RGB inputs; `mean_image` the 2012 code's per-pixel mean (3, S, S), or None."""
+        return {
+            "classes": list(self.manifest.classes),
+            "mean": self.mean,
+            "std": self.std,
+            "mean_image": self.normalize.mean_image.cpu() if self.normalize.mean_image is not None else None,
+            "settings": plain(self.settings),
+            "loader": self.loader_name,
+        }
 
     def skipped_images(self) -> list[str]:
         """Images this process's loaders skipped as undecodable, so far."""

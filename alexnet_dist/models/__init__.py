@@ -1,29 +1,15 @@
-"""AlexNet-family models as plain nn.Modules, chosen by name."""
-
-import inspect
+"""Networks as plain nn.Modules. The package's own (the 2012 two-tower network, the 2014 single
+tower, a small AlexNet shape for small images) are built like any user's: a config names the class
+with Hydra's `_target_` (build.py)."""
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .alexnet2012 import AlexNet2012, alexnet2012
+from .alexnet2012 import AlexNet2012
+from .build import build, complete, create, named_config, resolve
 from .layers import fuse_norms
-from .owt import AlexNetOWT, alexnet_owt
-from .small import AlexNetSmall, alexnet_small
-
-MODELS = {"alexnet2012": AlexNet2012, "alexnet_owt": AlexNetOWT, "alexnet_small": AlexNetSmall}
-
-
-def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    if name not in MODELS:
-        raise ConfigError(f"model.name={name}: unknown model; choose one of {', '.join(sorted(MODELS))} (model=NAME)")
-    factory = MODELS[name]
-    known = set(inspect.signature(factory).parameters) - {"num_classes"}
-    if unknown := sorted(set(kwargs) - known):
-        raise ConfigError(
-            f"model.{unknown[0]}: not a setting of model {name}; its settings: {', '.join(sorted(known))}"
-        )
-    return factory(num_classes=num_classes, **kwargs)
+from .owt import AlexNetOWT
+from .small import AlexNetSmall
 
 
 def compiled(model: nn.Module, compile: bool = False, norms: bool = False) -> nn.Module:
@@ -38,14 +24,14 @@ def compiled(model: nn.Module, compile: bool = False, norms: bool = False) -> nn
 
 
 __all__ = [
-    "MODELS",
-    "create_model",
+    "build",
+    "complete",
+    "create",
+    "named_config",
+    "resolve",
     "compiled",
     "fuse_norms",
     "AlexNet2012",
     "AlexNetOWT",
     "AlexNetSmall",
-    "alexnet2012",
-    "alexnet_owt",
-    "alexnet_small",
 ]

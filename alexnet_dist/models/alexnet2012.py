@@ -72,7 +72,3 @@ class AlexNet2012(nn.Module):
         x = self.drop(F.relu(self.fc6(x)))
         x = self.drop(F.relu(self.fc7(x)))
         return self.fc8(x)
-
-
-def alexnet2012(num_classes: int = 1000, **kwargs) -> AlexNet2012:
-    return AlexNet2012(num_classes=num_classes, **kwargs)

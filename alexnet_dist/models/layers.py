@@ -49,6 +49,34 @@ class SpatialNorm(nn.Module):
         return f"size={self.size}, scale={self.scale}, pow={self.pow}"
 
 
+class AvgPoolTo(nn.Module):
+    """nn.AdaptiveAvgPool2d(size): each output cell is the mean of the input cells its bin covers.
+    Where the input's side is not a multiple of `size` (alexnet_small's 2x2 maps at 28 px pooled to
+    3x3) the bins overlap, and ONNX has no such operator; there the same means are taken as a
+    product with a fixed matrix per axis, which every exporter takes."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.size == 0 and w % self.size == 0:
+            return F.adaptive_avg_pool2d(x, self.size)
+        return self.bins(h, x) @ x @ self.bins(w, x).T
+
+    def bins(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """(size, n): row i averages the cells floor(i*n/size) .. ceil((i+1)*n/size) - 1."""
+        rows = torch.zeros(self.size, n, dtype=like.dtype, device=like.device)
+        for i in range(self.size):
+            start, end = i * n // self.size, -(-(i + 1) * n // self.size)
+            rows[i, start:end] = 1.0 / (end - start)
+        return rows
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
 def fuse_norms(model: nn.Module) -> int:
     """torch.compile every TowerLRN and SpatialNorm of `model` in place; returns how many.
 

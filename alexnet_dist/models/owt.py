@@ -6,6 +6,8 @@ so its published weights load with `model.load_state_dict(torch.load(path))`.
 
 from torch import nn
 
+from .layers import AvgPoolTo
+
 
 class AlexNetOWT(nn.Module):
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
@@ -25,7 +27,7 @@ class AlexNetOWT(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2),
         )
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.avgpool = AvgPoolTo(6)  # torchvision's AdaptiveAvgPool2d((6, 6)), exportable at any size
         self.classifier = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(256 * 6 * 6, 4096),
@@ -39,7 +41,3 @@ class AlexNetOWT(nn.Module):
     def forward(self, x):
         x = self.avgpool(self.features(x))
         return self.classifier(x.flatten(1))
-
-
-def alexnet_owt(num_classes: int = 1000, **kwargs) -> AlexNetOWT:
-    return AlexNetOWT(num_classes=num_classes, **kwargs)

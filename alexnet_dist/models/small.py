@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import TowerLRN
+from .layers import AvgPoolTo, TowerLRN
 
 
 class AlexNetSmall(nn.Module):
@@ -25,7 +25,7 @@ class AlexNetSmall(nn.Module):
         self.conv4 = nn.Conv2d(3 * w, 3 * w, 3, padding=1, groups=2)
         self.conv5 = nn.Conv2d(3 * w, 2 * w, 3, padding=1, groups=2)
         self.pool = nn.MaxPool2d(3, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(3)  # any input from 28 to 64 px gives 3x3 maps
+        self.avgpool = AvgPoolTo(3)  # any input from 28 to 64 px gives 3x3 maps
         self.fc6 = nn.Linear(2 * w * 9, fc)
         self.fc7 = nn.Linear(fc, fc)
         self.fc8 = nn.Linear(fc, num_classes)
@@ -48,7 +48,3 @@ class AlexNetSmall(nn.Module):
         x = self.drop(F.relu(self.fc6(x)))
         x = self.drop(F.relu(self.fc7(x)))
         return self.fc8(x)
-
-
-def alexnet_small(num_classes: int = 10, **kwargs) -> AlexNetSmall:
-    return AlexNetSmall(num_classes=num_classes, **kwargs)

@@ -31,15 +31,16 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 VERSION_KEY = "alexnet_dist_format"
 PARTS_KEY = "alexnet_dist"
 
 # The parts of a run that keep state of their own, and what each holds (one entry per rank where
 # ranks differ, gathered to rank zero).
 PARTS = {
-    "training": "Classifier: {plateau, skipped_steps, rng: every rank's rng_state(), or None}",
+    "training": "Classifier: {plateau, skipped_steps, rng: every rank's rng_state() or None, validation: metrics}",
     "loader": "ShardDataModule: [every rank's training-loader state] (DALI's has its own STATE_VERSION)",
+    "data": "ShardDataModule: what the inputs were (class names, normalisation, evaluation geometry); not restored",
 }
 
 
@@ -134,9 +135,28 @@ def _v0_to_v1(ckpt: dict) -> dict:
     return ckpt
 
 
+# The package's networks by the names format 1 stored them under (conf/model/NAME.yaml then).
+FORMAT_1_MODELS = {
+    "alexnet2012": "alexnet_dist.models.AlexNet2012",
+    "alexnet_owt": "alexnet_dist.models.AlexNetOWT",
+    "alexnet_small": "alexnet_dist.models.AlexNetSmall",
+}
+
+
+def _v1_to_v2(ckpt: dict) -> dict:
+    """Format 1 named the network {"name": "alexnet_small", ...}; format 2 names any importable
+    callable the Hydra way, {"_target_": "alexnet_dist.models.AlexNetSmall", ...}."""
+    model = ckpt.get("hyper_parameters", {}).get("model")
+    if isinstance(model, dict) and "name" in model and "_target_" not in model:
+        name = model.pop("name")
+        model["_target_"] = FORMAT_1_MODELS.get(name, name)
+    return ckpt
+
+
 # UPGRADES[n] turns format n into format n + 1, so there is one per version below the current.
 UPGRADES = [
     ("v0 -> v1: parts under one key, generator states as bytes, BestCheckpoint's score", _v0_to_v1),
+    ("v1 -> v2: the network named by its _target_", _v1_to_v2),
 ]
 assert len(UPGRADES) == FORMAT_VERSION
 

@@ -1,5 +1,6 @@
-"""The LightningModule: cross-entropy training of any model from alexnet_dist.models, top-1 and
-top-5 on train/val/test, the configured optimiser and learning-rate schedule."""
+"""The LightningModule: cross-entropy training of any network a model config names (ours or a
+user's, models/build.py), top-1 and top-5 on train/val/test, the configured optimiser and
+learning-rate schedule."""
 
 import math
 from functools import partial
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from ..collectives import gather_to_rank_zero
 from ..config import NonFinite, Optim, ScheduleName, make, plain
 from ..errors import ConfigError, TrainingError
-from ..models import compiled, create_model
+from ..models import build, compiled
 from .agreement import loss_is_finite_everywhere
 from .checkpoint import rng_state, set_rng_state
 from .lightning_seams import training_batches
@@ -26,9 +27,10 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 
 
 class Classifier(pl.LightningModule):
-    """`model` names the network and its arguments ({"name": ..., "num_classes": ..., ...}) so a
-    checkpoint alone is enough to rebuild it; `optim` holds the optimiser and schedule settings
-    (typed, or as a checkpoint stores them: plain values, missing keys taking the defaults)."""
+    """`model` is the network's completed config ({"_target_": ..., "num_classes": ..., its other
+    arguments}: models.complete), so that a checkpoint alone is enough to rebuild it; `optim`
+    holds the optimiser and schedule settings (typed, or as a checkpoint stores them: plain
+    values, missing keys taking the defaults)."""
 
     def __init__(
         self,
@@ -47,7 +49,7 @@ class Classifier(pl.LightningModule):
             dict(model=model, optim=plain(optim), global_batch=global_batch, seed=seed)
             | dict(channels_last=channels_last, compile=compile, fuse_norms=fuse_norms)
         )
-        self.model = create_model(**model)
+        self.model = build(model)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         # A compiled model shares the parameters; kept off the module tree so checkpoints hold
@@ -60,6 +62,7 @@ class Classifier(pl.LightningModule):
         self.plateau = {"best": -1.0, "bad_epochs": 0, "drops": 0}
         self.skipped_steps = 0  # non-finite losses skipped (optim.on_nonfinite=skip)
         self.rng_to_restore = None
+        self.last_validation = {}  # the latest validation's metrics, kept in checkpoints
 
     def on_train_start(self):
         if self.rng_to_restore is not None:  # resumed: continue the generators where they stopped
@@ -142,6 +145,8 @@ class Classifier(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         metrics = self._eval_end("val")
+        if not self.trainer.sanity_checking:
+            self.last_validation = {k: v for k, v in metrics.items() if k != "val_count"}
         if self.optim.schedule.name == ScheduleName.plateau and not self.trainer.sanity_checking:
             self._plateau_update(metrics["val_top1"])
 
@@ -170,12 +175,14 @@ class Classifier(pl.LightningModule):
             "plateau": dict(self.plateau),
             "skipped_steps": self.skipped_steps,
             "rng": gather_to_rank_zero(rng_state()),  # each rank's own dropout generator
+            "validation": dict(self.last_validation),  # {val_top1, val_top5, val_loss} or {}
         }
 
     def restore_training_state(self, state: dict) -> None:
         self.plateau = dict(state["plateau"])
         self.skipped_steps = state["skipped_steps"]
         self.rng_to_restore = state["rng"]  # None: generators seeded afresh
+        self.last_validation = dict(state.get("validation", {}))
 
     def lr_multiplier(self, step: int) -> float:
         s = self.optim.schedule

@@ -86,6 +86,8 @@ class Run:
             parts.register("training", module.training_state, module.restore_training_state)
         if hasattr(data, "gather_loader_states"):
             parts.register("loader", data.gather_loader_states, data.restore_loader_states)
+        if hasattr(data, "description"):  # read by alexnet-eval, -export and -predict; nothing to restore
+            parts.register("data", data.description, lambda state: None)
         return [
             claim,
             parts,
@@ -180,7 +182,7 @@ class Run:
         results = {
             "run_id": self.run_id,
             "experiment": s.experiment_name,
-            "model": s.model["name"],
+            "model": s.model["_target_"],
             "val_top1": metrics["val_top1"],
             "val_top5": metrics["val_top5"],
             "val_loss": metrics["val_loss"],

@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from ..config import Train
 from ..errors import ConfigError
 from .ckpt_format import FormatIO
+from .sync_batchnorm import SyncBatchNorm
 
 # What build_trainer passes to the Trainer itself.
 TRAINER_ARGS_SET_HERE = {"default_root_dir", "callbacks", "logger", "plugins", "use_distributed_sampler"}
@@ -28,6 +29,8 @@ def check_trainer_keys(trainer: dict) -> None:
             f"trainer.{unknown[0]}: not an argument of lightning.pytorch.Trainer "
             f"(lightning {pl.__version__}); check the spelling, or remove it"
         )
+    if "sync_batchnorm" in trainer:
+        raise ConfigError("trainer.sync_batchnorm: use ddp.sync_batchnorm=true (it works on CPUs too)")
     if taken := sorted(set(trainer) & TRAINER_ARGS_SET_HERE):
         raise ConfigError(
             f"trainer.{taken[0]}: set by alexnet-train itself (run directory, loggers, callbacks, SLURM plugin, "
@@ -83,6 +86,8 @@ def build_trainer(s: Train, run_dir: Path, slurm, callbacks: list, loggers: list
             process_group_backend=backend,
         )
     args["plugins"] = [FormatIO()]  # every checkpoint saved and loaded in the current format
+    if s.ddp.sync_batchnorm:
+        args["plugins"].append(SyncBatchNorm())
     if slurm:  # the run's Preemption callback owns the requeue, not Lightning's SLURM plugin
         args["plugins"].append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
