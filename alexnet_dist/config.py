@@ -280,6 +280,31 @@ class Eval:
         check_views(self.views, "views")
 
 
+@dataclass
+class Export:
+    """alexnet-export's settings."""
+
+    ckpt_path: str | None = None
+    out: str | None = None  # the folder to write into
+    data: EvalData = field(default_factory=EvalData)  # for a checkpoint of an earlier release
+
+
+@dataclass
+class Predict:
+    """alexnet-predict's settings."""
+
+    model: str | None = None  # an export's folder or a checkpoint
+    images: str | None = None  # files or folders, comma-separated
+    top_k: int = 5
+    views: int | None = None  # None: the views the run validated with
+
+    def __post_init__(self):
+        if self.views is not None:
+            check_views(self.views, "views")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k}: give 1 or more")
+
+
 T = TypeVar("T")
 
 
