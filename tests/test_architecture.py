@@ -15,7 +15,7 @@ LAYERS = [
     {"shard_index", "manifest", "sources", "images", "shards", "stats", "index"},
     {"plan"},
     {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
-    {"datamodule"},
+    {"datamodule", "photos"},
 ]
 # Imports within a layer: normalisation uses the geometry; the manifest check, the writer and the
 # statistics read and write DALI index files through shard_index; the image conversion takes the

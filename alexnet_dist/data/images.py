@@ -78,14 +78,29 @@ def is_upright(image: Image.Image) -> bool:
 
 
 def encode(sample: Sample, resize: int | None, center_crop: bool, quality: int) -> tuple[bytes, Image.Image]:
-    where = sample.origin or sample.key
+    """A source sample as the bytes its shard stores, and the picture they hold; a sample that
+    cannot be stored is a DataError naming it and saying it is skipped."""
     item = sample.load()
+    try:
+        return stored_copy(item, sample.origin or sample.key, resize, center_crop, quality)
+    except DataError as exc:
+        raise DataError(f"{exc}; skipped") from None
+
+
+def stored_copy(
+    item: Image.Image | bytes, where: str, resize: int | None, center_crop: bool, quality: int
+) -> tuple[bytes, Image.Image]:
+    """The JPEG bytes alexnet-prepare stores for `item` (a decoded image, or a file's bytes) and
+    the picture they hold, before decoding. A file that is already a plain upright JPEG is kept
+    byte for byte when no resize is asked; everything else is made upright, converted (to_storage)
+    and encoded at `quality`. What cannot be stored is a DataError "`where`: why", which the
+    caller finishes with what to do about it."""
     if isinstance(item, bytes):
         try:
             image = Image.open(io.BytesIO(item))
             image.load()
         except Exception as exc:
-            raise DataError(f"{where}: cannot decode image ({exc}); skipped") from None
+            raise DataError(f"{where}: cannot decode image ({exc})") from None
         upright = is_upright(image)
         if image.format == "JPEG" and image.mode in ("RGB", "L") and upright and not resize:
             return item, image  # already a JPEG we can decode as-is: keep the original bytes
@@ -98,5 +113,5 @@ def encode(sample: Sample, resize: int | None, center_crop: bool, quality: int) 
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=quality)
     except (OSError, ValueError) as exc:  # no known scale, no conversion, too large for a JPEG
-        raise DataError(f"{where}: cannot store it as an 8-bit JPEG ({exc}); skipped") from None
+        raise DataError(f"{where}: cannot store it as an 8-bit JPEG ({exc})") from None
     return out.getvalue(), image

@@ -1,5 +1,6 @@
 """manifest.json, the description of a folder of shards that alexnet-prepare writes beside them:
-classes, per split the shards (tar, DALI index, sample count) and class counts, the images' size
+classes, per split the shards (tar, DALI index, sample count) and class counts, the images' size,
+how they were stored (`storage`: --resize, --center-crop, --quality; absent from older manifests)
 and the train split's channel statistics. `Manifest.read` checks it once; everything that reads
 shards takes their locations from here.
 
@@ -150,7 +151,22 @@ def malformed(data: dict) -> str | None:
             return f"'{key}' is not {length} numbers"
     if data.get("min_side") is not None and not is_count(data["min_side"]):
         return "'min_side' is not a whole number"
+    if "storage" in data and not is_storage(data["storage"]):
+        return "'storage' is not {resize: null or a side, center_crop: true or false, quality: 1..100}"
     return None
+
+
+def is_storage(value) -> bool:
+    """Whether `value` is the record of how alexnet-prepare stored the images (shards.py)."""
+    return (
+        isinstance(value, dict)
+        and {"resize", "center_crop", "quality"} <= set(value)
+        and (value["resize"] is None or (is_count(value["resize"]) and value["resize"] > 0))
+        and isinstance(value["center_crop"], bool)
+        and (not value["center_crop"] or value["resize"] is not None)
+        and is_count(value["quality"])
+        and 1 <= value["quality"] <= 100
+    )
 
 
 def is_count(value) -> bool:
@@ -248,6 +264,13 @@ class Manifest:
         for split in self.data["splits"]:
             for shard in self.shards(split)[rank::world]:
                 check_shard(shard, self.path)
+
+    @property
+    def storage(self) -> dict | None:
+        """How alexnet-prepare stored the images: {resize, center_crop, quality}, its --resize,
+        --center-crop and --quality. None where not recorded: manifests written before it was, and
+        other tools' tars indexed where they lie (alexnet-prepare index)."""
+        return self.data.get("storage")
 
     def stat(self, key: str):
         """A statistic alexnet-prepare records (mean, std, image_size, min_side); None when absent."""

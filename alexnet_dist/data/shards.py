@@ -346,6 +346,9 @@ def write_dataset(
         "source": source_name,
         "classes": source.classes,
         "num_classes": len(source.classes),
+        # How every image was stored, so that a photo can later be read as its stored copy would
+        # be (data/photos.py). Manifests written before it lack it: readers take it as unknown.
+        "storage": {"resize": resize, "center_crop": center_crop, "quality": quality},
         "splits": {},
     }
     all_sizes = set()
