@@ -151,7 +151,8 @@ class ShardDataModule(pl.LightningDataModule):
     def description(self) -> dict:
         """The checkpoint's "data" part: what the network's inputs were, so that a checkpoint alone
         evaluates, exports and predicts the way its run validated. Mean and std on the 0-255 scale
-        of RGB inputs; `mean_image` the 2012 code's per-pixel mean (3, S, S), or None."""
+        of RGB inputs; `mean_image` the 2012 code's per-pixel mean (3, S, S), or None; `storage`
+        the manifest's record of how the images were stored (data/photos.py reads photos so)."""
         return {
             "classes": list(self.manifest.classes),
             "mean": self.mean,
@@ -159,6 +160,7 @@ class ShardDataModule(pl.LightningDataModule):
             "mean_image": self.normalize.mean_image.cpu() if self.normalize.mean_image is not None else None,
             "settings": plain(self.settings),
             "loader": self.loader_name,
+            "storage": self.manifest.storage,  # how alexnet-prepare stored the images, or None
         }
 
     def skipped_images(self) -> list[str]:

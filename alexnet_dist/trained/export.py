@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.photos import Geometry
 from ..errors import ConfigError
 from .inputs import Trained
 
@@ -66,14 +67,16 @@ def export_program(prog: Program, crop: int) -> torch.export.ExportedProgram:
 
 
 def preprocess(trained: Trained) -> dict:
-    """preprocess.json: what a program that feeds the exported network must do to a photo."""
-    inputs, settings = trained.inputs, trained.inputs["settings"]
+    """preprocess.json: what a program that feeds the exported network does to a photo. `stored`
+    is how alexnet-prepare stored the training images (short side, centre crop, JPEG quality;
+    nulls where not recorded), which alexnet-predict repeats to read a photo as validation did."""
+    inputs, geometry = trained.inputs, trained.geometry()
     return {
-        "input": {"dtype": "uint8", "layout": "NCHW", "colour": "RGB", "height": settings["crop"],
-                  "width": settings["crop"]},
-        "resize_short_side": settings["val_resize"],  # null: the stored size as it is
-        "centre_crop": settings["crop"],
-        "views": settings["test_views"],
+        "input": {"dtype": "uint8", "layout": "NCHW", "colour": "RGB", "height": geometry.crop, "width": geometry.crop},
+        "stored": {"resize": geometry.resize, "center_crop": geometry.center_crop, "quality": geometry.quality},
+        "resize_short_side": geometry.val_resize,  # null: the stored image as it is (bilinear otherwise)
+        "centre_crop": geometry.crop,
+        "views": inputs["settings"]["test_views"],  # 10: four corners, centre and their mirrors, softmax averaged
         "normalisation": {
             "scale": "0-255",
             "mean": inputs["mean"],
@@ -86,6 +89,15 @@ def preprocess(trained: Trained) -> dict:
         "checkpoint": str(trained.path.resolve()),
         "val_top1": trained.validation.get("val_top1"),
     }
+
+
+def geometry_of(preprocess: dict, where: str) -> Geometry:
+    """The geometry a preprocess.json describes (the inverse of `preprocess`)."""
+    try:
+        values = {**preprocess["stored"], "crop": preprocess["centre_crop"], "val_resize": preprocess["resize_short_side"]}
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{where}: no {exc} in it; export the checkpoint again with alexnet-export") from None
+    return Geometry.from_dict(values, where)
 
 
 def write(trained: Trained, out: Path) -> dict:

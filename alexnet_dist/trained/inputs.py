@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import Data, make
+from ..data.photos import Geometry
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError
 from ..models import build
@@ -37,6 +38,13 @@ class Trained:
     def weights(self) -> dict:
         """The network's own state dict (the names of the plain nn.Module)."""
         return {k.removeprefix("model."): v for k, v in self.state_dict.items() if k.startswith("model.")}
+
+    def geometry(self) -> Geometry:
+        """How photos become this network's input: the storage of its shards, its crop and resize."""
+        storage = self.inputs.get("storage") or {"resize": None, "center_crop": False, "quality": None}
+        settings = self.inputs["settings"]
+        values = {**storage, "crop": settings["crop"], "val_resize": settings["val_resize"]}
+        return Geometry.from_dict(values, str(self.path))
 
     def network(self) -> torch.nn.Module:
         """The network with its trained weights, in eval mode."""
@@ -63,7 +71,7 @@ def load(path: str | Path, data_root: str | None = None, key: str = "ckpt_path",
 
 def inputs_of_run(path: Path, data_root: str | None, key: str) -> dict:
     """An older checkpoint's inputs: its run's config.yaml and the manifest of its shards."""
-    from ..data.datamodule import ShardDataModule
+    from ..data.datamodule import ShardDataModule  # the data's manifest gives what the config does not
 
     config = path.resolve().parent.parent / "config.yaml"
     if not config.exists():
@@ -75,6 +83,7 @@ def inputs_of_run(path: Path, data_root: str | None, key: str) -> dict:
     if data_root is not None:
         settings["root"] = data_root
     return ShardDataModule(make(Data, settings), make(LoaderSettings, loader)).description()
+
 
 
 def run_settings(config: Path) -> tuple[dict, dict]:
