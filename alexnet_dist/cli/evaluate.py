@@ -6,12 +6,17 @@ checkpoint on the validation split, from the centre crop or the paper's 10 views
   data.root   the shards (default: data.root of the run's config.yaml)
   loader      auto (default: the run's loader), dali or wds
   batch_size  images per batch (default 100)
-  probs       also write every image's class probabilities and label to this .npz
+  probs       also write every image's class probabilities and label to this .npz, and which
+              image each row is: `shards` (its tar, as manifest.json names it) and `keys` (its
+              WebDataset __key__), string arrays; a skipped undecodable image has no row
   model       with a plain state dict instead of a checkpoint (torchvision's AlexNet weights:
               model=alexnet_owt), the network it belongs to; needs data.root
 
 alexnet-eval ensemble probs=A.npz,B.npz,...: the metrics of the averaged probabilities of several
-runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data.
+runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data. Files
+that name their rows must name the same images in the same order (DALI's rows follow the
+manifest; the webdataset loader's workers take turns with their batches, so its order depends on
+batch_size); files written before alexnet-eval stored keys are compared by their labels.
 """
 
 import json
