@@ -391,7 +391,7 @@ def test_ensemble_refuses_files_whose_rows_are_other_images_and_takes_files_with
     line = main_fails(evaluate.main, "ensemble", f"probs={named},{old},{other}", capsys=capsys)
     assert line == (
         f"error: {other}: row 1 is image val/000000.tar:k4 but in {named} it is val/000000.tar:k1; "
-        "evaluate every run on the same data with the same loader"
+        "evaluate every run on the same data with the same loader and batch_size"
     )
     evaluate.main(["ensemble", f"probs={named},{old},{named}"])
     result = json.loads(capsys.readouterr().out)

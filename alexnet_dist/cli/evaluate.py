@@ -251,7 +251,7 @@ def check_same_images(files: list[str], loaded: list[dict]) -> None:
             if (shard_a, key_a) != (shard_b, key_b):
                 raise ConfigError(
                     f"{f}: row {row} is image {shard_b}:{key_b} but in {first} it is {shard_a}:{key_a}; "
-                    "evaluate every run on the same data with the same loader"
+                    "evaluate every run on the same data with the same loader and batch_size"
                 )
         if len(item["keys"]) != len(reference["keys"]):
             raise ConfigError(
