@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from helpers.shards import WDS, data_module, edit_manifest
+from helpers.shards import WDS, data_module, edit_manifest, replace_shard
 
 from alexnet_dist.cli import evaluate
 from alexnet_dist.data import sources
@@ -329,12 +329,73 @@ def test_a_config_yaml_that_is_not_a_runs_config_is_named_in_one_line(weights, t
     assert line.startswith(f"error: {tmp_path}/run/config.yaml: {expected}"), line
 
 
+def val_samples(root: Path) -> list[tuple[str, str, int]]:
+    """(tar as manifest.json names it, key, label) of every validation sample, in the manifest's
+    order of the shards and each tar's order of its members, read from the tars themselves."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    samples = []
+    for shard in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(root / shard["tar"]) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if ext == "cls":
+                    samples.append((shard["tar"], key, int(tar.extractfile(member).read())))
+    return samples
+
+
+@pytest.mark.parametrize("loader, views", [("wds", 1), ("dali", 1), ("dali", 10)], ids=["wds", "dali", "dali-10-views"])
+def test_probs_name_each_rows_shard_and_key_and_a_skipped_image_shifts_none(data, weights, tmp_path, loader, views):
+    """The second image of the first val shard cannot be decoded and is skipped (the default,
+    loader.bad_images=skip): every other row keeps its own shard, key and label. DALI's rows come
+    in the manifest's order; the webdataset loader's workers take turns with their batches."""
+    tar = data / "val" / "000000.tar"
+    with tarfile.open(tar) as f:
+        members = {m.name: f.extractfile(m).read() for m in f.getmembers()}
+    samples = [(name[:-4], jpg, members[f"{name[:-4]}.cls"]) for name, jpg in members.items() if name.endswith(".jpg")]
+    bad = samples[1][0]
+    samples[1] = (bad, b"\xff\xd8\xff\xe0 this is not a JPEG" * 4, samples[1][2])
+    replace_shard(data, "val", 0, samples)
+    expected = [sample for sample in val_samples(data) if sample[1] != bad]
+    assert len(expected) == 31
+    # small crops, as the run's config.yaml sets them; batches of 10, so DALI pads the last one
+    ckpt = run_dir_with_config(weights, tmp_path, "data: {crop: 28, val_resize: null}\nloader: {name: wds}\n")
+    out = tmp_path / "p.npz"
+    argv = [f"ckpt_path={ckpt}", "model=alexnet_small", f"data.root={data}", f"loader={loader}", f"views={views}"]
+    evaluate.main([*argv, "batch_size=10", f"probs={out}"])
+    with np.load(out, allow_pickle=False) as stored:
+        assert stored["probs"].shape == (31, 4)
+        rows = list(zip(stored["shards"].tolist(), stored["keys"].tolist(), stored["labels"].tolist(), strict=True))
+    assert sorted(rows) == sorted(expected)
+    if loader == "dali":
+        assert rows == expected
+
+
 def write_probs(path: Path, **arrays) -> Path:
     np.savez(path, **arrays)
     return path
 
 
 GOOD = dict(probs=np.full((6, 3), 1 / 3, dtype=np.float32), labels=np.array([0, 1, 2, 0, 1, 2]))
+# what alexnet-eval stores beside them: each row's shard, as manifest.json names it, and key
+NAMED = dict(
+    shards=np.array(["val/000000.tar"] * 3 + ["val/000001.tar"] * 3), keys=np.array([f"k{i}" for i in range(6)])
+)
+
+
+def test_ensemble_refuses_files_whose_rows_are_other_images_and_takes_files_without_keys(tmp_path, capsys):
+    """The labels agree row for row, so only the keys show that two rows were swapped."""
+    named = write_probs(tmp_path / "named.npz", **GOOD, **NAMED)
+    old = write_probs(tmp_path / "old.npz", **GOOD)  # written before alexnet-eval stored keys
+    swapped = NAMED["keys"][[0, 4, 2, 3, 1, 5]]
+    other = write_probs(tmp_path / "other.npz", **GOOD, shards=NAMED["shards"], keys=swapped)
+    line = main_fails(evaluate.main, "ensemble", f"probs={named},{old},{other}", capsys=capsys)
+    assert line == (
+        f"error: {other}: row 1 is image val/000000.tar:k4 but in {named} it is val/000000.tar:k1; "
+        "evaluate every run on the same data with the same loader and batch_size"
+    )
+    evaluate.main(["ensemble", f"probs={named},{old},{named}"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["val_count"] == 6 and result["val_top1"] == pytest.approx(1 / 3)
 
 
 def test_an_object_array_npz_given_to_ensemble_is_named_in_one_line(tmp_path, cli_env):
@@ -367,6 +428,12 @@ def npz_fault(tmp_path: Path, kind: str) -> Path:
         path = tmp_path / "bad.npy"
     elif kind == "a directory":
         path.mkdir()
+    elif kind == "keys without shards":
+        write_probs(path, **GOOD, keys=NAMED["keys"])
+    elif kind == "numbers as keys":
+        write_probs(path, **GOOD, shards=NAMED["shards"], keys=np.arange(6))
+    elif kind == "keys of another length":
+        write_probs(path, **GOOD, shards=NAMED["shards"], keys=NAMED["keys"][:5])
     return path
 
 
@@ -382,6 +449,9 @@ def npz_fault(tmp_path: Path, kind: str) -> Path:
         ("truncated", "is not an .npz of alexnet-eval"),
         ("a single .npy", "is a single array"),
         ("a directory", "is not an .npz of alexnet-eval"),
+        ("keys without shards", "holds no 'shards' array beside its 'keys'"),
+        ("numbers as keys", "holds shards <U14 (6,) and keys int64 (6,), not 6 strings each"),
+        ("keys of another length", "holds shards <U14 (6,) and keys <U2 (5,), not 6 strings each"),
     ],
 )
 def test_a_probs_file_that_alexnet_eval_did_not_write_is_named_in_one_line(tmp_path, capsys, kind, expected):

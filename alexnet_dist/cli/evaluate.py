@@ -6,7 +6,9 @@ checkpoint on the validation split, from the centre crop or the paper's 10 views
   data.root   the shards (default: the run's own, which the checkpoint records)
   loader      auto (default: the run's loader), dali or wds
   batch_size  images per batch (default 100)
-  probs       also write every image's class probabilities and label to this .npz
+  probs       also write every image's class probabilities and label to this .npz, and which
+              image each row is: `shards` (its tar, as manifest.json names it) and `keys` (its
+              WebDataset __key__), string arrays; a skipped undecodable image has no row
   model       with a plain state dict instead of a checkpoint (torchvision's AlexNet weights:
               model=alexnet_owt), the network it belongs to: a conf/model name or a dotted
               _target_; needs data.root
@@ -15,7 +17,10 @@ A checkpoint evaluates with its run's data settings (crop, resize, normalisation
 records; one of an earlier release takes them from its run's config.yaml two folders up.
 
 alexnet-eval ensemble probs=A.npz,B.npz,...: the metrics of the averaged probabilities of several
-runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data.
+runs (the paper's 5- and 7-model rows), each file written by alexnet-eval on the same data. Files
+that name their rows must name the same images in the same order (DALI's rows follow the
+manifest; the webdataset loader's workers take turns with their batches, so its order depends on
+batch_size); files written before alexnet-eval stored keys are compared by their labels.
 """
 
 import json
@@ -29,6 +34,7 @@ import torch
 
 from ..config import Data, Eval, describe, from_command_line, make
 from ..config import Loader as LoaderSettings
+from ..data import store
 from ..errors import ConfigError
 from ..models import complete, named_config
 from ..trained.inputs import load as load_trained
@@ -112,24 +118,43 @@ def evaluate(args: Eval) -> dict:
         )
     module.load_state_dict(state_dict)
     module.to(device)
-    outputs, labels = [], []
+    outputs, labels, keys = [], [], []
     with torch.inference_mode():
         for batch in dm.test_dataloader():
             images, y = dm.on_after_batch_transfer(move_data_to_device(batch, device), 0)
             outputs.append(module.predict_log_probs(images).cpu())
             labels.append(y.cpu())
+            keys.extend(batch.keys)
     log_probs, labels = torch.cat(outputs), torch.cat(labels)
     result = {"ckpt_path": str(path), "views": args.views, **metrics(log_probs, labels)}
     if args.probs is not None:
-        np.savez_compressed(args.probs, probs=log_probs.exp().numpy(), labels=labels.numpy())
+        arrays = {"probs": log_probs.exp().numpy(), "labels": labels.numpy()}
+        if len(keys) == len(labels):  # both loaders name every image; a loader that does not gives no keys
+            names = shard_names(dm.manifest)
+            arrays["shards"] = np.array([names.get(tar, tar) for tar, _ in keys], dtype=str)
+            arrays["keys"] = np.array([key for _, key in keys], dtype=str)
+        np.savez_compressed(args.probs, **arrays)
         result["probs"] = args.probs
     return result
 
 
+def shard_names(manifest) -> dict[str, str]:
+    """Each shard's location, as the loaders name it, -> its tar as manifest.json names it:
+    relative to data.root for alexnet-prepare's shards, so that evaluations of copies of the same
+    shards in other places store the same names."""
+    return {
+        store.join(manifest.root, shard["tar"]): shard["tar"]
+        for split in manifest.data["splits"].values()
+        for shard in split["shards"]
+    }
+
+
 def read_probs(f: str) -> dict:
-    """The probabilities (N, C) and labels (N,) of a file `alexnet-eval probs=...` wrote, checked to
-    be just that. Loaded without pickle (object arrays would run code), and everything read here,
-    since numpy reads an archive's arrays only when asked and fails with many kinds of error."""
+    """The probabilities (N, C), labels (N,) and, where the file has them, each row's shard and
+    key (N,) (None in files written before alexnet-eval stored them) of a file `alexnet-eval
+    probs=...` wrote, checked to be just that. Loaded without pickle (object arrays would run
+    code), and everything read here, since numpy reads an archive's arrays only when asked and
+    fails with many kinds of error."""
     fix = f"write it again with alexnet-eval ckpt_path=... probs={f}"
     try:
         archive = np.load(f, allow_pickle=False)
@@ -139,6 +164,11 @@ def read_probs(f: str) -> dict:
             if missing := sorted({"probs", "labels"} - set(archive.files)):
                 raise ConfigError(f"probs: {f} holds no '{missing[0]}' array; {fix}")
             probs, labels = archive["probs"], archive["labels"]
+            named = [name for name in ("shards", "keys") if name in archive.files]
+            if len(named) == 1:
+                other = "keys" if named == ["shards"] else "shards"
+                raise ConfigError(f"probs: {f} holds no '{other}' array beside its '{named[0]}'; {fix}")
+            shards, keys = (archive["shards"], archive["keys"]) if named else (None, None)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ConfigError(f"probs: {f} is not an .npz of alexnet-eval ({str(exc).splitlines()[0]}); {fix}") from None
     if probs.dtype.kind != "f" or probs.ndim != 2 or labels.dtype.kind not in "iu" or labels.shape != probs.shape[:1]:
@@ -150,7 +180,12 @@ def read_probs(f: str) -> dict:
         raise ConfigError(f"probs: {f} has labels outside 0..{probs.shape[1] - 1}; {fix}")
     if not np.isfinite(probs).all():
         raise ConfigError(f"probs: {f} holds NaN or infinite probabilities; {fix}")
-    return {"probs": probs, "labels": labels}
+    if keys is not None and not all(a.dtype.kind == "U" and a.shape == labels.shape for a in (shards, keys)):
+        raise ConfigError(
+            f"probs: {f} holds shards {shards.dtype} {shards.shape} and keys {keys.dtype} {keys.shape}, not "
+            f"{len(labels)} strings each; {fix}"
+        )
+    return {"probs": probs, "labels": labels, "shards": shards, "keys": keys}
 
 
 def ensemble(args: Eval) -> dict:
@@ -162,6 +197,7 @@ def ensemble(args: Eval) -> dict:
             raise ConfigError(f"probs: {f} does not exist; write it with alexnet-eval ckpt_path=... probs={f}")
     loaded = [read_probs(f) for f in files]
     labels = loaded[0]["labels"]
+    check_same_images(files, loaded)
     for f, item in zip(files[1:], loaded[1:], strict=True):
         if item["probs"].shape != loaded[0]["probs"].shape or not np.array_equal(item["labels"], labels):
             raise ConfigError(
@@ -171,6 +207,29 @@ def ensemble(args: Eval) -> dict:
     probs = np.mean([item["probs"] for item in loaded], axis=0)
     log_probs = torch.from_numpy(np.log(np.maximum(probs, 1e-30)))
     return {"ensemble": files, **metrics(log_probs, torch.from_numpy(labels))}
+
+
+def check_same_images(files: list[str], loaded: list[dict]) -> None:
+    """The files that name their rows' images (shard and key) name the same ones in the same
+    order; the first row that differs is named. Files written before alexnet-eval stored keys are
+    compared by their labels alone, as before."""
+    named = [(f, item) for f, item in zip(files, loaded, strict=True) if item["keys"] is not None]
+    if not named:
+        return
+    first, reference = named[0]
+    for f, item in named[1:]:
+        rows = zip(reference["shards"], reference["keys"], item["shards"], item["keys"], strict=False)
+        for row, (shard_a, key_a, shard_b, key_b) in enumerate(rows):
+            if (shard_a, key_a) != (shard_b, key_b):
+                raise ConfigError(
+                    f"{f}: row {row} is image {shard_b}:{key_b} but in {first} it is {shard_a}:{key_a}; "
+                    "evaluate every run on the same data with the same loader and batch_size"
+                )
+        if len(item["keys"]) != len(reference["keys"]):
+            raise ConfigError(
+                f"{f}: holds {len(item['keys'])} images but {first} {len(reference['keys'])}; evaluate "
+                "every run on the same data with the same loader"
+            )
 
 
 @one_line_errors

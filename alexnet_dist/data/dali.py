@@ -52,6 +52,12 @@ def to_torch(dali_batch, device: torch.device) -> torch.Tensor:
     return feed_ndarray(tensor, out, cuda_stream=stream)
 
 
+def sample_of(where: str) -> tuple[str, str]:
+    """(tar, sample key) of DALI's source info "<tar>:<data offset>:<member name>"."""
+    tar, _, member = where.rsplit(":", 2)
+    return tar, shard_index.sample_key(member)
+
+
 def read_member(where: str) -> bytes:
     """The bytes of a tar member from DALI's source info "<tar>:<data offset>:<name>"."""
     tar, offset, _ = where.rsplit(":", 2)
@@ -321,9 +327,8 @@ class DaliLoader:
     def _batch(self, outputs, iteration: int, spec: PipelineSpec) -> Batch:
         """The images, labels and, in training, colour shifts [and crop windows] of one run."""
         images, cls, info, swapped, *extra = outputs
-        labels = np.array(
-            [parse_label(bytes(cls.at(i)), bytes(info.at(i)).decode(), self.num_classes) for i in range(len(cls))]
-        )
+        sources = [bytes(info.at(i)).decode() for i in range(len(cls))]
+        labels = np.array([parse_label(bytes(cls.at(i)), sources[i], self.num_classes) for i in range(len(cls))])
         keep = ~np.asarray(swapped.as_array(), dtype=bool).reshape(-1)
         if self.valid is not None:  # the reader pads the last batch with copies of the last sample
             keep[max(0, self.valid - iteration * spec.batch_size) :] = False
@@ -333,11 +338,13 @@ class DaliLoader:
             batch[0] = batch[0].movedim(-1, -3)
         if self.plan.train and not keep.any():
             raise all_skipped(list(self.dropped.get(iteration, ())))
-        if not keep.all():
-            index = torch.from_numpy(np.flatnonzero(keep))
+        kept = np.flatnonzero(keep)
+        if len(kept) < len(keep):
+            index = torch.from_numpy(kept)
             batch = [t.index_select(0, index.to(t.device)) for t in batch]
         batch = [t.to(self.device) for t in batch]
-        return Batch(*batch, skipped=tuple(self.dropped.pop(iteration, ())))
+        keys = tuple(sample_of(sources[i]) for i in kept)  # the same rows as the images
+        return Batch(*batch, skipped=tuple(self.dropped.pop(iteration, ())), keys=keys)
 
 
 def gpu_index(device: torch.device) -> int:

@@ -17,6 +17,9 @@ class Batch(NamedTuple):
     shifts: torch.Tensor | None = None  # training: each image's colour shift (N, 3), zeros when off
     windows: torch.Tensor | None = None  # training with the mean image: each crop's [left, top, mirrored]
     skipped: tuple = ()  # "<tar>:<key> (why)" of images dropped from this batch (loader.bad_images=skip)
+    # (tar, key) of each image, row for row: its shard's location and its WebDataset __key__. Carried
+    # with the images rather than derived from the plan, so a skipped image cannot shift them.
+    keys: tuple = ()
 
 
 class Loader(Protocol):

@@ -207,7 +207,7 @@ class ShardStream(IterableDataset):
             next(stream, None)
         noise = self.augment.noise_at(self.epoch) if plan.train else 0.0
         pca = (self.augment.pca_std, self.augment.pca_vectors)
-        images, labels, shifts, windows, skipped, taken = [], [], [], [], [], 0
+        images, labels, keys, shifts, windows, skipped, taken = [], [], [], [], [], [], 0
         for tar, sample in stream:
             if remaining <= 0:
                 return
@@ -235,27 +235,29 @@ class ShardStream(IterableDataset):
                     torch.stack([to_tensor(v) for v in image]) if isinstance(image, list) else to_tensor(image)
                 )
                 labels.append(label)
+                keys.append((tar, sample["__key__"]))
             if taken == batch_size:
-                yield self.batch(images, labels, shifts, windows, skipped)
-                images, labels, shifts, windows, skipped, taken = [], [], [], [], [], 0
+                yield self.batch(images, labels, keys, shifts, windows, skipped)
+                images, labels, keys, shifts, windows, skipped, taken = [], [], [], [], [], [], 0
                 remaining -= 1
         if taken and remaining > 0:
-            yield self.batch(images, labels, shifts, windows, skipped)
+            yield self.batch(images, labels, keys, shifts, windows, skipped)
 
-    def batch(self, images, labels, shifts, windows, skipped) -> Batch:
+    def batch(self, images, labels, keys, shifts, windows, skipped) -> Batch:
         n, crop = len(labels), self.augment.crop
         if not images and self.plan.train:
             raise all_skipped(skipped)
         views = (10,) if self.plan.mode == "test" and self.augment.test_views == 10 else ()
         stacked = torch.stack(images) if images else torch.zeros(0, *views, 3, crop, crop, dtype=torch.uint8)
         if not self.plan.train:
-            return Batch(stacked, torch.tensor(labels, dtype=torch.int64), skipped=tuple(skipped))
+            return Batch(stacked, torch.tensor(labels, dtype=torch.int64), skipped=tuple(skipped), keys=tuple(keys))
         return Batch(
             stacked,
             torch.tensor(labels, dtype=torch.int64),
             torch.stack(shifts) if shifts else torch.zeros(n, 3),
             torch.tensor(windows) if windows else None,
             tuple(skipped),
+            tuple(keys),
         )
 
 
