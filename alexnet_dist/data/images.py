@@ -2,6 +2,7 @@
 the right values, upright, resized and cropped as asked, then JPEG bytes."""
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -100,7 +101,9 @@ def stored_copy(
             image = Image.open(io.BytesIO(item))
             image.load()
         except Exception as exc:
-            raise DataError(f"{where}: cannot decode image ({exc})") from None
+            # PIL names the stream it read ("<_io.BytesIO object at 0x...>"), which says nothing here
+            reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+            raise DataError(f"{where}: cannot decode image ({reason})") from None
         upright = is_upright(image)
         if image.format == "JPEG" and image.mode in ("RGB", "L") and upright and not resize:
             return item, image  # already a JPEG we can decode as-is: keep the original bytes

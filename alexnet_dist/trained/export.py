@@ -34,7 +34,9 @@ class Program(nn.Module):
     def __init__(self, network: nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.network = network
-        self.register_buffer("mean", mean.float().view(1, 3, *mean.shape[1:]) if mean.dim() == 3 else mean.view(1, 3, 1, 1))
+        self.register_buffer(
+            "mean", mean.float().view(1, 3, *mean.shape[1:]) if mean.dim() == 3 else mean.view(1, 3, 1, 1)
+        )
         self.register_buffer("std", std.float().view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,11 @@ def preprocess(trained: Trained) -> dict:
 def geometry_of(preprocess: dict, where: str) -> Geometry:
     """The geometry a preprocess.json describes (the inverse of `preprocess`)."""
     try:
-        values = {**preprocess["stored"], "crop": preprocess["centre_crop"], "val_resize": preprocess["resize_short_side"]}
+        values = {
+            **preprocess["stored"],
+            "crop": preprocess["centre_crop"],
+            "val_resize": preprocess["resize_short_side"],
+        }
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{where}: no {exc} in it; export the checkpoint again with alexnet-export") from None
     return Geometry.from_dict(values, where)
@@ -119,7 +125,9 @@ def write(trained: Trained, out: Path) -> dict:
         onnx = torch.onnx.export(exported, dynamo=True, external_data=False, verbose=False)
         onnx.save(str(out / "model.onnx"))
     except ImportError as exc:
-        problems["model.onnx"] = f"the ONNX exporter needs onnx and onnxscript ({one_line(exc)}); pip install onnxscript"
+        problems["model.onnx"] = (
+            f"the ONNX exporter needs onnx and onnxscript ({one_line(exc)}); pip install onnxscript"
+        )
     except Exception as exc:
         problems["model.onnx"] = f"{target} does not export to ONNX ({one_line(exc)})"
     return problems

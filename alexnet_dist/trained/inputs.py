@@ -85,7 +85,6 @@ def inputs_of_run(path: Path, data_root: str | None, key: str) -> dict:
     return ShardDataModule(make(Data, settings), make(LoaderSettings, loader)).description()
 
 
-
 def run_settings(config: Path) -> tuple[dict, dict]:
     """The data and loader settings of a run's config.yaml (alexnet-train writes it), checked.
     OmegaConf reads YAML with a safe loader: a python tag (!!python/object...) is refused there,

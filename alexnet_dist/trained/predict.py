@@ -35,7 +35,10 @@ class Predictor:
         trained = load(path, key="model")
         prog = export.program(trained)
         return cls(
-            prog, trained.inputs["classes"], trained.geometry(), trained.inputs["settings"]["test_views"],
+            prog,
+            trained.inputs["classes"],
+            trained.geometry(),
+            trained.inputs["settings"]["test_views"],
             trained.inputs["mean_image"] is not None,
         )
 
@@ -65,7 +68,9 @@ class Predictor:
         with torch.no_grad():
             probs = self.forward(read_photo(photo, self.geometry, views)).float().softmax(dim=1).mean(dim=0)
         best = probs.topk(min(top_k, len(probs)))
-        top = [{"class": self.classes[i], "prob": round(p, 6)} for p, i in zip(best.values.tolist(), best.indices.tolist())]
+        top = [
+            {"class": self.classes[i], "prob": round(p, 6)} for p, i in zip(best.values.tolist(), best.indices.tolist())
+        ]
         return {"image": str(photo), "top": top}
 
 
