@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import Data, make
-from ..data.photos import Geometry
 from ..config import Loader as LoaderSettings
+from ..data.photos import Geometry
 from ..errors import ConfigError
 from ..models import build
 from ..training.checkpoint import read_checkpoint

@@ -51,8 +51,9 @@ class Predictor:
             pre = json.loads(files["preprocess.json"].read_text())
             classes, views, mean_image = pre["classes"], pre["views"], pre["normalisation"]["mean_image"]
         except (ValueError, KeyError, TypeError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
             raise ConfigError(
-                f"{files['preprocess.json']}: not as alexnet-export writes it ({type(exc).__name__}: {exc}); export again"
+                f"{files['preprocess.json']}: not as alexnet-export writes it ({why}); export again"
             ) from None
         program = torch.export.load(files["model.pt2"]).module()
         return cls(program, classes, export.geometry_of(pre, str(files["preprocess.json"])), views, mean_image)
@@ -69,7 +70,8 @@ class Predictor:
             probs = self.forward(read_photo(photo, self.geometry, views)).float().softmax(dim=1).mean(dim=0)
         best = probs.topk(min(top_k, len(probs)))
         top = [
-            {"class": self.classes[i], "prob": round(p, 6)} for p, i in zip(best.values.tolist(), best.indices.tolist())
+            {"class": self.classes[i], "prob": round(p, 6)}
+            for p, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
         ]
         return {"image": str(photo), "top": top}
 
