@@ -2,7 +2,11 @@
 directory; first without DALI (the default loader falls back, saying so), then with it."""
 
 import json
+import os
+import signal
 import subprocess
+import tarfile
+import time
 import venv
 from pathlib import Path
 
@@ -62,6 +66,8 @@ def test_a_plain_install_runs_from_anywhere_with_and_without_dali(tmp_path, cli_
     assert len(errors) == 1 and errors[0].startswith("error: loader=dali but NVIDIA DALI does not import here")
     assert "Traceback" not in refused.stderr
 
+    user_model(env_dir, work, env)
+
     pip(env_dir, f"{ROOT}[dali]")
     with_dali = run(env_dir, "alexnet-train", *args, "run_id=dali", cwd=work, env=env)
     assert "notice:" not in with_dali.stderr
@@ -70,3 +76,100 @@ def test_a_plain_install_runs_from_anywhere_with_and_without_dali(tmp_path, cli_
         scored = run(env_dir, "alexnet-eval", f"ckpt_path=runs/smoke/{run_id}/checkpoints/last.ckpt", cwd=work, env=env)
         result = json.loads(scored.stdout.splitlines()[0])
         assert result["val_count"] == 500 and 0 <= result["val_top1"] <= 1
+
+
+USER_MODEL = '''
+"""A network of the user's own, outside alexnet_dist: a tiny residual net with batch norm."""
+import torch
+from torch import nn
+
+
+def conv_bn(channels_in, channels_out):
+    return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False), nn.BatchNorm2d(channels_out))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, num_classes, width=16):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.block = nn.Sequential(conv_bn(width, width), nn.ReLU(), conv_bn(width, width))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.relu(x + self.block(x)).mean(dim=(2, 3)))
+'''
+
+
+def step_files(ckpt_dir: Path) -> list[int]:
+    return [int(p.name[5:14]) for p in ckpt_dir.glob("step-*.ckpt")] if ckpt_dir.exists() else []
+
+
+def user_model(env_dir: Path, work: Path, env: dict) -> None:
+    """A user's model class in their own file and config folder (--config-dir), with batch norm:
+    two DDP ranks with ddp.sync_batchnorm=true, killed with SIGKILL and resumed to the very weights
+    of an uninterrupted run, then evaluated, exported and used to predict, with no wrapper."""
+    (work / "usercode").mkdir()
+    (work / "usercode/mymodels.py").write_text(USER_MODEL)
+    (work / "myconf/model").mkdir(parents=True)
+    (work / "myconf/model/tiny.yaml").write_text("_target_: mymodels.TinyResNet\nwidth: 8\n")
+    env = dict(env, PYTHONPATH=str(work / "usercode"))
+    train = [
+        "--config-dir=myconf",
+        "experiment=smoke",
+        "model=tiny",
+        "data.root=shards",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "ddp.sync_batchnorm=true",
+        "trainer.max_epochs=2",
+        "logger=csv",
+        "+trainer.enable_progress_bar=false",
+    ]
+    run(env_dir, "alexnet-train", *train, "run_id=whole", cwd=work, env=env)
+    ckpt_dir = work / "runs/smoke/cut/checkpoints"
+    proc = subprocess.Popen(
+        [str(env_dir / "bin/alexnet-train"), *train, "run_id=cut"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while max(step_files(ckpt_dir), default=0) < 70:  # in the second epoch (62 steps each)
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks and their loader workers
+    proc.wait()
+    resumed = run(env_dir, "alexnet-train", *train, "run_id=cut", cwd=work, env=env)
+    assert f"resuming from {ckpt_dir}/last.ckpt" in resumed.stdout
+    whole, cut = (
+        torch.load(work / f"runs/smoke/{r}/checkpoints/last.ckpt", weights_only=True) for r in ("whole", "cut")
+    )
+    assert whole["global_step"] == cut["global_step"] == 124
+    assert any("running_var" in name for name in whole["state_dict"])
+    for name, tensor in whole["state_dict"].items():
+        assert torch.equal(cut["state_dict"][name], tensor), name
+    assert whole["hyper_parameters"]["model"] == {"_target_": "mymodels.TinyResNet", "width": 8, "num_classes": 10}
+
+    ckpt = "runs/smoke/cut/checkpoints/last.ckpt"
+    scored = json.loads(run(env_dir, "alexnet-eval", f"ckpt_path={ckpt}", cwd=work, env=env).stdout.splitlines()[0])
+    results = json.loads((work / "runs/smoke/cut/results.json").read_text())
+    assert scored["val_top1"] == pytest.approx(results["val_top1"]) and scored["val_count"] == 500
+    exported = json.loads(run(env_dir, "alexnet-export", f"ckpt_path={ckpt}", "out=tiny", cwd=work, env=env).stdout)
+    assert exported["written"] == ["model.onnx", "model.pt2", "preprocess.json", "weights.pt"]
+    with tarfile.open(work / "shards/val/000000.tar") as tar:
+        tar.extractall(work / "photos", members=[m for m in tar.getmembers() if m.name.endswith(".jpg")][:5])
+    plain_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # the export needs no user code
+    by_export = run(env_dir, "alexnet-predict", "model=tiny", "images=photos", cwd=work, env=plain_env).stdout
+    by_ckpt = run(env_dir, "alexnet-predict", f"model={ckpt}", "images=photos", cwd=work, env=env).stdout
+    lines = [json.loads(line) for line in by_export.splitlines()]
+    assert len(lines) == 5 and [p["top"][0]["class"] for p in lines] == [
+        json.loads(line)["top"][0]["class"] for line in by_ckpt.splitlines()
+    ]
+    lost = run(env_dir, "alexnet-eval", f"ckpt_path={ckpt}", cwd=work, env=plain_env, code=2)
+    assert lost.stderr.strip() == (
+        "error: model._target_=mymodels.TinyResNet: no module mymodels to import; put its folder on PYTHONPATH "
+        "or install its package"
+    )

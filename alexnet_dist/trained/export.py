@@ -13,6 +13,7 @@ still written.
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ from torch import nn
 from ..data.photos import Geometry
 from ..errors import ConfigError
 from .inputs import Trained
+
+# torch.export's own pytree code, on a deprecation of its own
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
 
 # The batch dimension of the exported programs is free within these bounds.
 MAX_BATCH = 4096

@@ -7,12 +7,17 @@ every BatchNorm layer of the model when a fit starts (before the model moves to 
 layers keep BatchNorm's state-dict names, so checkpoints load into the plain network.
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from lightning.pytorch.plugins import LayerSync
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+# Its replacement in torch (functional collectives) is private and differentiable only in recent releases.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
 
 
 class GlobalBatchNorm(_BatchNorm):
