@@ -87,3 +87,14 @@ def test_entry_points_only_wire_and_nothing_imports_the_measuring_tools():
     for path in (PACKAGE / "cli").glob("*.py"):
         siblings = {t for t in imported(path) if t.startswith("cli.") and (PACKAGE / "cli" / f"{t[4:]}.py").exists()}
         assert not siblings, f"cli/{path.name} imports another command: {sorted(siblings)}"
+
+
+def test_what_leaves_a_run_is_built_on_the_layers_and_nothing_below_uses_it():
+    """trained/ (a checkpoint's network and inputs, the export, prediction) reads checkpoints and
+    photos through training/ and data/; they, the models and the commands' shared code never need it."""
+    for path in (PACKAGE / "trained").glob("*.py"):
+        wrong = {t for t in imported(path) if t.split(".")[0] in ("cli", "bench")}
+        assert not wrong, f"trained/{path.name} imports {sorted(wrong)}"
+    for folder in ("data", "models", "training"):
+        for path in (PACKAGE / folder).glob("*.py"):
+            assert not {t for t in imported(path) if t.split(".")[0] == "trained"}, f"{folder}/{path.name}"

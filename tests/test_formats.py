@@ -20,6 +20,7 @@ from alexnet_dist.training.checkpoint import BestCheckpoint, resume_checkpoint, 
 
 OLD = Path(__file__).parent / "data" / "format-v0"
 OLD_CKPT = OLD / "run" / "checkpoints" / "last.ckpt"
+V1 = Path(__file__).parent / "data" / "format-v1"  # its checkpoint trained on OLD's shards
 # The settings the old run was trained with (tests/data/format-v0/README.md)
 OLD_RUN = [
     "experiment=smoke",
@@ -70,9 +71,10 @@ def test_an_old_checkpoint_resumes_training_and_continues_the_step_count(tmp_pat
     assert not {"rng", "plateau", "skipped_steps", "ShardDataModule"} & set(ckpt)
 
 
-def test_an_old_checkpoint_evaluates_to_what_its_run_measured(capsys):
-    before = json.loads((OLD / "run" / "results.json").read_text())
-    evaluate.main([f"ckpt_path={OLD_CKPT}", f"data.root={OLD / 'shards'}"])
+@pytest.mark.parametrize("old", [OLD, V1], ids=["format 0", "format 1"])
+def test_an_old_checkpoint_evaluates_to_what_its_run_measured(capsys, old):
+    before = json.loads((old / "run" / "results.json").read_text())
+    evaluate.main([f"ckpt_path={old / 'run/checkpoints/last.ckpt'}", f"data.root={OLD / 'shards'}"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["val_count"] == before["val_count"] and result["val_top1"] == before["val_top1"]
     assert result["val_loss"] == pytest.approx(before["val_loss"], abs=1e-5)  # the very weights
@@ -166,3 +168,23 @@ def test_a_manifest_of_a_newer_version_is_refused_in_one_line(tmp_path, capsys):
     (root / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(DataError, match="'version' is not a whole number"):
         Manifest.read(root)
+
+
+def test_a_format_1_checkpoint_names_its_network_by_target_and_exports_with_its_runs_settings(tmp_path, capsys):
+    """Format 1 named the network {"name": ...} and recorded no data settings: it upgrades to the
+    _target_, and alexnet-export takes the rest from its run's config.yaml and the shards."""
+    from alexnet_dist.cli import export
+
+    ckpt = ckpt_format.read(V1 / "run/checkpoints/last.ckpt")
+    assert ckpt["hyper_parameters"]["model"] == {
+        "_target_": "alexnet_dist.models.AlexNetSmall",
+        "width": 8,
+        "fc": 32,
+        "dropout": 0.0,
+        "lrn": True,
+        "num_classes": 4,
+    }
+    export.main([f"ckpt_path={V1 / 'run/checkpoints/last.ckpt'}", f"out={tmp_path}", f"data.root={OLD / 'shards'}"])
+    pre = json.loads((tmp_path / "preprocess.json").read_text())
+    assert pre["classes"] == Manifest.read(OLD / "shards").classes and pre["centre_crop"] == 28
+    assert pre["model"] == ckpt["hyper_parameters"]["model"]

@@ -186,6 +186,22 @@ def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet
     assert both["val_top1"] == pytest.approx((mean.argmax(1) == ten["labels"]).mean())
     assert both["val_loss"] == pytest.approx(-np.log(mean[np.arange(6), ten["labels"]]).mean(), rel=1e-4)
 
+    # the two-tower network leaves as programs with its own logits (plain torch and ONNX Runtime)
+    import onnxruntime
+
+    from alexnet_dist.trained.export import program
+    from alexnet_dist.trained.inputs import load
+
+    run_cli("alexnet-export", f"ckpt_path={ckpt}", f"out={tmp_path}/x", cwd=tmp_path, env=cli_env)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = program(load(ckpt))(images)
+        exported = torch.export.load(tmp_path / "x/model.pt2").module()(images)
+    session = onnxruntime.InferenceSession(str(tmp_path / "x/model.onnx"))
+    onnx = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    for logits in (exported, onnx):
+        assert torch.allclose(logits, own, atol=1e-4, rtol=0), (logits - own).abs().max()
+
 
 def flat(colour):
     return Image.new("RGB", (32, 32), colour)
@@ -230,6 +246,9 @@ def test_stats_of_a_known_image_set(tmp_path, cli_env):
 
 @pytest.mark.slow
 def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoint(tmp_path, imagenet_256, cli_env):
+    """A plain state dict (model=alexnet_owt) and a checkpoint of an earlier release holding the same
+    weights in its run directory (whose config.yaml names the data) score alike; the checkpoint
+    exports, its programs computing what the plain network computes."""
     import torch
 
     from alexnet_dist.models import create
@@ -238,22 +257,25 @@ def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoi
     torch.manual_seed(0)
     weights = create("alexnet_owt", 3).state_dict()  # torchvision's names: features.0.weight ...
     torch.save(weights, tmp_path / "alexnet-owt.pth")
-    hparams = {
-        "model": {"_target_": "alexnet_dist.models.AlexNetOWT", "num_classes": 3},
-        "optim": {},
-        "steps_per_epoch": 1,
-        "max_epochs": 1,
-        "global_batch": 1,
-    }
+    hparams = {"model": {"name": "alexnet_owt", "num_classes": 3}, "optim": {}, "global_batch": 1}
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"data: {{root: {data}}}\nloader: {{name: auto}}\n")
+    same = run_dir / "checkpoints/same.ckpt"
+    # format 1: the network by its name, no record of the data (the config.yaml has it)
     torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in weights.items()}, "hyper_parameters": hparams},
-        tmp_path / "same.ckpt",
+        {
+            "state_dict": {f"model.{k}": v for k, v in weights.items()},
+            "hyper_parameters": hparams,
+            "alexnet_dist_format": 1,
+        },
+        same,
     )
     common = [f"data.root={data}", "views=10"]
     plain = run_cli(
         "alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet_owt", *common, cwd=tmp_path, env=cli_env
     )
-    ckpt = run_cli("alexnet-eval", f"ckpt_path={tmp_path}/same.ckpt", *common, cwd=tmp_path, env=cli_env)
+    ckpt = run_cli("alexnet-eval", f"ckpt_path={same}", "views=10", cwd=tmp_path, env=cli_env)
     a, b = (json.loads(p.stdout.splitlines()[0]) for p in (plain, ckpt))
     assert a["val_count"] == 6 and {k: a[k] for k in ("val_top1", "val_top5", "val_loss")} == {
         k: b[k] for k in ("val_top1", "val_top5", "val_loss")
@@ -267,7 +289,19 @@ def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoi
         env=cli_env,
         check=False,
     )
-    assert wrong.returncode == 2 and "does not fit alexnet2012 with 3 classes" in wrong.stderr
+    assert wrong.returncode == 2 and "does not fit alexnet_dist.models.AlexNet2012 with 3 classes" in wrong.stderr
+    run_cli("alexnet-export", f"ckpt_path={same}", f"out={tmp_path}/owt", cwd=tmp_path, env=cli_env)
+    pre = json.loads((tmp_path / "owt/preprocess.json").read_text())
+    assert (pre["resize_short_side"], pre["centre_crop"], pre["stored"]["resize"]) == (256, 224, 256)
+    assert torch.load(tmp_path / "owt/weights.pt", weights_only=True).keys() == weights.keys()
+    images = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    mean, std = (torch.tensor(pre["normalisation"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    net = create("alexnet_owt", 3).eval()
+    net.load_state_dict(weights)
+    with torch.no_grad():
+        own = net((images.float() - mean) / std)
+    program = torch.export.load(tmp_path / "owt/model.pt2").module()
+    assert torch.allclose(program(images), own, atol=1e-4, rtol=0)
 
 
 def test_flat_validation_with_the_devkits_ground_truth_and_meta_mat(tmp_path, imagenet_src, cli_env):
