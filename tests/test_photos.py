@@ -239,3 +239,41 @@ def test_a_manifest_whose_storage_record_is_wrong_is_refused_in_one_line(prepare
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"manifest.json: 'storage' is not \{resize: null or a side"):
         Manifest.read(root)
+
+
+def test_predicting_the_original_photos_agrees_with_evaluating_their_stored_copies(
+    originals, prepared, train_here, tmp_path, capsys
+):
+    """A model trained on the resized shards; alexnet-predict on every original file (each mode)
+    gives, image for image, the ten-view probabilities alexnet-eval gives its stored copy."""
+    import json
+
+    from alexnet_dist.cli import evaluate, predict
+
+    root = prepared["resized"]
+    settings = ["data.crop=32", "data.val_resize=37", "data.batch_size=3", "data.test_views=10"]
+    run = train_here(
+        "experiment=smoke",
+        f"data.root={root}",
+        *settings,
+        "trainer.max_epochs=2",
+        "logger=csv",
+        "loader=wds",
+        "loader.workers=0",
+        "run_id=p",
+        "+trainer.enable_progress_bar=false",
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    ckpt = tmp_path / "runs/smoke/p/checkpoints/last.ckpt"
+    evaluate.main([f"ckpt_path={ckpt}", f"probs={tmp_path}/p.npz", "views=10", "loader=wds"])
+    stored = np.load(tmp_path / "p.npz")
+    capsys.readouterr()
+    folder = next(iter(originals.values())).parents[1]  # val/<class>/<file>
+    predict.main([f"model={ckpt}", f"images={folder}", "top_k=3"])  # views: the run's own ten
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    got = {f"{Path(p['image']).parent.name}_{Path(p['image']).stem}": p["top"] for p in lines}
+    assert sorted(got) == sorted(originals) == sorted(stored["keys"].tolist())
+    for row, key in enumerate(stored["keys"].tolist()):
+        probs = stored["probs"][row]
+        assert [t["class"] for t in got[key]] == [CLASSES[i] for i in np.argsort(-probs)[:3]], key
+        assert [t["prob"] for t in got[key]] == pytest.approx(np.sort(probs)[::-1][:3].tolist(), abs=1e-5), key
