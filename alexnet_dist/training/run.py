@@ -89,7 +89,11 @@ class Run:
         return [
             claim,
             parts,
-            Pictures(self.run_dir / "pictures", augmented=getattr(data, "augmented_images", lambda: None)),
+            Pictures(
+                self.run_dir / "pictures",
+                augmented=getattr(data, "augmented_batch", lambda: None),
+                classes=getattr(getattr(data, "manifest", None), "classes", None),
+            ),
             self.saver,
             self.preemption,
             self.agreement,
