@@ -52,6 +52,15 @@ def test_smoke_training_learns_and_writes_its_run_directory(tmp_path, synthetic_
     assert "experiment_name: smoke" in (run_dir / "config.yaml").read_text()
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 124 and ckpt["hyper_parameters"]["model"]["name"] == "alexnet_small"
+    # what the run was asked for: its command line and main settings
+    model = ckpt["hyper_parameters"]["model"]
+    assert results["overrides"] == [*SMOKE, f"data.root={synthetic_root}", "run_id=first", "trainer.max_epochs=2"]
+    assert results["model"] == model.get("_target_", model.get("name"))
+    assert (results["global_batch"], results["lr"], results["optimizer"]) == (32, 0.02, "sgd")
+    assert (results["max_epochs"], results["steps_per_epoch"]) == (2, 2000 // 32)
+    curves = ckpt["callbacks"]["Pictures"]["series"]
+    assert [step for step, _ in curves["train_loss"]] == list(range(1, 125))  # every step of a short run
+    assert [step for step, _ in curves["val_top1"]] == [62, 124]
 
 
 def test_resume_auto_continues_the_step_count(tmp_path, synthetic_root, cli_env):

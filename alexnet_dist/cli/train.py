@@ -72,7 +72,8 @@ def train(cfg: DictConfig) -> dict:
     base = Path(cfg.paths.runs).resolve() / cfg.experiment_name
     run_id = "-".join(run_dir.relative_to(base).parts) if run_dir.is_relative_to(base) else run_dir.name
     s = load(cfg)  # typed and checked, from here on
-    run = Run(s, run_dir, run_id, OmegaConf.to_yaml(cfg, resolve=True))
+    overrides = list(HydraConfig.get().overrides.task)  # this job's own, in a sweep
+    run = Run(s, run_dir, run_id, OmegaConf.to_yaml(cfg, resolve=True), overrides=overrides)
     data = ShardDataModule(s.data, s.loader, seed=s.seed, worker_signals=run.worker_signals)
     module = Classifier(
         model={**s.model, "num_classes": data.num_classes},
