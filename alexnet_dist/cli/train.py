@@ -89,7 +89,14 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
-    one_line_errors(train)(cfg)
+    try:
+        one_line_errors(train)(cfg)
+    except SystemExit as exc:
+        # In a sweep, a job refused or failed with its one error line (exit status 2) leaves the
+        # others to run: the table the sweep ends with (training/summary.py) shows it failed, and
+        # the sweep then exits 2. A stop signal or Ctrl-C (128 + signal) still ends the sweep.
+        if exc.code != 2 or HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
 
 
 main = hydra_command(hydra_main)
