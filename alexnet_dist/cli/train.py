@@ -4,6 +4,7 @@ and the loggers into a Run (training/run.py), which owns the rest of the run's l
 import os
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -91,12 +92,15 @@ def train(cfg: DictConfig) -> dict:
 def hydra_main(cfg: DictConfig) -> None:
     try:
         one_line_errors(train)(cfg)
-    except SystemExit as exc:
-        # In a sweep, a job refused or failed with its one error line (exit status 2) leaves the
-        # others to run: the table the sweep ends with (training/summary.py) shows it failed, and
-        # the sweep then exits 2. A stop signal or Ctrl-C (128 + signal) still ends the sweep.
-        if exc.code != 2 or HydraConfig.get().mode != RunMode.MULTIRUN:
+    except (SystemExit, Exception) as exc:
+        # In a sweep, a job that fails (its one error line and exit status 2, or an unexpected
+        # error) leaves the others to run: the table the sweep ends with (training/summary.py)
+        # shows it failed, and the sweep then exits 2. A stop signal or Ctrl-C still ends the sweep.
+        stopped = isinstance(exc, SystemExit) and exc.code != 2
+        if stopped or HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
+        if not isinstance(exc, SystemExit):
+            traceback.print_exc()  # no error of the user's: its whole story, as Python tells it
 
 
 main = hydra_command(hydra_main)
