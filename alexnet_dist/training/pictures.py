@@ -1,10 +1,6 @@
 """Pictures of a run, saved as PNG in the run directory and logged to W&B at the end of training:
 the first layer's filters (the paper's Figure 3), a grid of augmented training inputs captioned
-with their classes, and the learning curves.
-
-The figures are matplotlib `Figure`s drawn on their own Agg canvas, never through pyplot: pyplot's
-current figure and backend are global state that belongs to whoever imports this package (a
-notebook, a script), and a training run must not change them."""
+with their classes, and the learning curves (matplotlib figures, figures.py)."""
 
 import math
 from collections.abc import Mapping
@@ -13,9 +9,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+
+from .figures import new_figure
 
 # The series a run records, each a list of (global step, value).
 SERIES = ("train_loss", "val_loss", "val_top1", "val_top5", "lr")
@@ -44,12 +41,6 @@ def filter_grid(weight: torch.Tensor) -> Image.Image:
     high = w.max(axis=(1, 2, 3), keepdims=True)
     tiles = ((w - low) / np.maximum(high - low, 1e-12) * 255).astype(np.uint8)
     return grid(tiles, columns=16 if len(tiles) >= 64 else 8, scale=max(1, 48 // weight.shape[-1]))
-
-
-def new_figure(width_px: float, height_px: float, dpi: int = 100, **kw) -> Figure:
-    figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi, **kw)
-    FigureCanvasAgg(figure)  # its own canvas: savefig needs no pyplot and no global backend
-    return figure
 
 
 def curves(series: Mapping[str, list], steps_per_epoch: int | None) -> Figure:

@@ -15,8 +15,6 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback as HydraCallback
 
-from .pictures import new_figure
-
 RESULTS = "results.json"
 DONE = "done"
 COLUMNS = ("overrides", "status", "val top-1", "val loss", "img/s", "run directory")
@@ -137,6 +135,8 @@ def top1_curve(row: Row) -> list[tuple[float, float]]:
 
 def sweep_figure(rows: list[Row]):
     """One validation top-1 curve per job, over epochs, labelled with the job's own overrides."""
+    from .figures import new_figure  # here: alexnet-runs, which draws nothing, starts without matplotlib
+
     figure = new_figure(900, 520, layout="constrained")
     axes = figure.subplots()
     common = common_overrides(rows)
