@@ -59,9 +59,9 @@ def curves(series: Mapping[str, list], steps_per_epoch: int | None) -> Figure:
     figure.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.93, wspace=0.22)
     loss, accuracy, rate = figure.subplots(1, 3, sharex=True)
     line(loss, "train_loss", "training", color="tab:blue", linewidth=1)
-    line(loss, "val_loss", "validation", color="tab:orange", marker="o", markersize=4)
+    # validation points not clipped: the last lies on the right edge, a top-5 of 1.0 on the top one
+    line(loss, "val_loss", "validation", color="tab:orange", marker="o", markersize=4, clip_on=False)
     loss.set(title="loss", ylabel="cross-entropy")
-    # not clipped: a top-5 of 1.0 lies on the panel's edge
     line(accuracy, "val_top1", "top-1", color="tab:green", marker="o", markersize=4, clip_on=False)
     line(accuracy, "val_top5", "top-5", color="tab:purple", marker="o", markersize=4, linestyle="--", clip_on=False)
     accuracy.set(title="validation accuracy", ylabel="share correct", ylim=(0, 1))
