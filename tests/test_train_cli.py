@@ -155,8 +155,8 @@ def test_a_sweep_gives_each_job_its_own_wandb_run_and_ends_with_a_table_of_its_j
     assert proc.returncode == 2 and [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         "error: optim.lr: Value 'fast' of type 'str' could not be converted to Float; fix the override or the "
         "config file",
-        "error: 1 of 3 jobs did not finish (2; each one's own output says why); the same command with run_id=sw runs "
-        "them again, from what they saved",
+        "error: 1 of 3 jobs did not finish (2; each one's own output says why); the same command with run_id=sw "
+        "runs them again, from what they saved",
     ]
 
 

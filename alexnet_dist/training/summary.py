@@ -172,10 +172,13 @@ class SweepSummary(HydraCallback):
         print(text + f"(also in {sweep_dir / 'sweep.md'}, curves in {sweep_dir / 'sweep.png'})", flush=True)
         unfinished = [row for row in rows if row.status != DONE]
         if unfinished:
+            # submitit's jobs print into their logs, not into this command's output
+            logs = sweep_dir / ".submitit"
+            where = f", in its log under {logs}" if logs.is_dir() else ""
             print(
                 f"error: {len(unfinished)} of {len(rows)} jobs did not finish "
-                f"({', '.join(r.run_dir.name for r in unfinished)}; each one's own output says why); the same "
-                f"command with run_id={sweep_dir.name} runs them again, from what they saved",
+                f"({', '.join(r.run_dir.name for r in unfinished)}; each one's own output says why{where}); the "
+                f"same command with run_id={sweep_dir.name} runs them again, from what they saved",
                 file=sys.stderr,
                 flush=True,
             )
