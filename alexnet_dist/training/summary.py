@@ -46,6 +46,8 @@ def read_row(run_dir: Path) -> Row:
     results, status = {}, DONE
     try:
         results = json.loads((run_dir / RESULTS).read_text())
+        if not isinstance(results, dict):
+            results, status = {}, f"unreadable {RESULTS} (not an object)"
     except FileNotFoundError:
         step = saved_step(run_dir)
         status = "failed" if step is None else f"stopped, saved at step {step}"
@@ -119,8 +121,12 @@ def top1_curve(row: Row) -> list[tuple[float, float]]:
     (logs/version_N/metrics.csv, one file per start; a later start's value wins for a step)."""
     per, closing = row.results.get("steps_per_epoch"), row.results.get("global_step")
     points = {}
-    files = sorted((row.run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:] or 0))
-    for path in files:
+
+    def version(path: Path) -> int:  # logs/version_N/metrics.csv, in the order of N
+        number = path.parent.name.removeprefix("version_")
+        return int(number) if number.isdigit() else -1
+
+    for path in sorted((row.run_dir / "logs").glob("version_*/metrics.csv"), key=version):
         with path.open(newline="") as f:
             for line in csv.DictReader(f):
                 if not line.get("val_top1"):
