@@ -159,7 +159,8 @@ def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet
     )
     run_dir = tmp_path / "runs/alexnet2012/toy"
     sizes = {name: Image.open(run_dir / "pictures" / f"{name}.png").size for name in ("conv1", "augmented", "curves")}
-    assert sizes == {"conv1": (772, 292), "augmented": (1801, 226), "curves": (1280, 240)}  # 96 filters 11x11, 8 crops
+    # 96 filters 11x11; 8 crops of 224 px in a row, captioned; three panels of curves
+    assert sizes == {"conv1": (772, 292), "augmented": (1828, 248), "curves": (1500, 420)}
     ckpt = run_dir / "checkpoints/last.ckpt"
     import torch
 

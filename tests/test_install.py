@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tables import markdown_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.install, pytest.mark.timeout(900)]  # two pip installs
@@ -76,6 +77,10 @@ def test_a_plain_install_runs_from_anywhere_with_and_without_dali(tmp_path, cli_
         scored = run(env_dir, "alexnet-eval", f"ckpt_path=runs/smoke/{run_id}/checkpoints/last.ckpt", cwd=work, env=env)
         result = json.loads(scored.stdout.splitlines()[0])
         assert result["val_count"] == 500 and 0 <= result["val_top1"] <= 1
+    table = markdown_rows(run(env_dir, "alexnet-runs", "runs", cwd=work, env=env).stdout)
+    assert {row[-1]: row[1] for row in table[1:]} == {
+        f"runs/smoke/{r}": "done" for r in ("cut", "dali", "plain", "whole")
+    }
 
 
 USER_MODEL = '''

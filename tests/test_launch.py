@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, wandb_records
+from helpers.tables import markdown_rows
 
 # a job waits for the cluster, may be requeued and start again: minutes, each bounded inside the test
 pytestmark = pytest.mark.timeout(480)
@@ -201,10 +202,19 @@ def test_hydra_submitit_launcher_runs_a_sweep_of_ddp_jobs_each_its_own_wandb_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     # no run_id given: the sweep's jobs and submitit's own files share the folder the command chose
     [sweep] = list((tmp_path / "runs/smoke").iterdir())
-    assert sorted(p.name for p in sweep.iterdir()) == [".submitit", "0", "1", "multirun.yaml"]
+    assert sorted(p.name for p in sweep.iterdir()) == [".submitit", "0", "1", "multirun.yaml", "sweep.md", "sweep.png"]
+    rows = markdown_rows(proc.stdout)  # the table the sweep ends with, a row per job
     for job_num, lr in ((0, 0.02), (1, 0.05)):  # a sweep of two jobs, each with two ranks on two nodes
         run_dir = sweep / str(job_num)
         results = json.loads((run_dir / "results.json").read_text())
+        assert rows[1 + job_num] == [
+            f"optim.lr={lr}",
+            "done",
+            f"{results['val_top1']:.4f}",
+            f"{results['val_loss']:.4f}",
+            f"{results['train_images_per_sec']:.1f}",
+            f"runs/smoke/{sweep.name}/{job_num}",
+        ]
         assert results["world_size"] == 2 and results["global_step"] == 62
         assert results["run_id"] == f"{sweep.name}-{job_num}"
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()

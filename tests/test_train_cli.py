@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import run_cli, wandb_records
 from helpers.shards import edit_manifest
+from helpers.tables import markdown_rows
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
@@ -52,6 +53,15 @@ def test_smoke_training_learns_and_writes_its_run_directory(tmp_path, synthetic_
     assert "experiment_name: smoke" in (run_dir / "config.yaml").read_text()
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 124 and ckpt["hyper_parameters"]["model"]["name"] == "alexnet_small"
+    # what the run was asked for: its command line and main settings
+    model = ckpt["hyper_parameters"]["model"]
+    assert results["overrides"] == [*SMOKE, f"data.root={synthetic_root}", "run_id=first", "trainer.max_epochs=2"]
+    assert results["model"] == model.get("_target_", model.get("name"))
+    assert (results["global_batch"], results["lr"], results["optimizer"]) == (32, 0.02, "sgd")
+    assert (results["max_epochs"], results["steps_per_epoch"]) == (2, 2000 // 32)
+    curves = ckpt["callbacks"]["Pictures"]["series"]
+    assert [step for step, _ in curves["train_loss"]] == list(range(1, 125))  # every step of a short run
+    assert [step for step, _ in curves["val_top1"]] == [62, 124]
 
 
 def test_resume_auto_continues_the_step_count(tmp_path, synthetic_root, cli_env):
@@ -117,9 +127,10 @@ def test_wandb_runs_offline_and_a_resume_continues_the_same_run_id(tmp_path, syn
     assert {p.name for p in records} == {"run-smoke-wb.wandb"}
 
 
-def test_a_sweep_gives_each_job_its_own_wandb_run_in_one_group(tmp_path, synthetic_root, cli_env):
+def test_a_sweep_gives_each_job_its_own_wandb_run_and_ends_with_a_table_of_its_jobs(tmp_path, synthetic_root, cli_env):
     args = [*SMOKE, "logger=wandb", f"data.root={synthetic_root}", "run_id=sw", "trainer.max_steps=3"]
-    run_cli("alexnet-train", "-m", *args, "optim.lr=0.02,0.05", cwd=tmp_path, env=cli_env)
+    # the third job is refused (not a number): the others still run, and the table says it failed
+    proc = run_cli("alexnet-train", "-m", *args, "optim.lr=0.02,0.05,fast", cwd=tmp_path, env=cli_env, check=False)
     for job, lr in ((0, "0.02"), (1, "0.05")):
         files = list((tmp_path / f"runs/smoke/sw/{job}/wandb").glob("offline-run-*/run-*.wandb"))
         assert [f.name for f in files] == [f"run-smoke-sw-{job}.wandb"], files
@@ -127,6 +138,26 @@ def test_a_sweep_gives_each_job_its_own_wandb_run_in_one_group(tmp_path, synthet
         run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
         assert run.run_group == "smoke-sw" and f"optim.lr={lr}" in run.tags, run
         assert any(r.WhichOneof("record_type") == "exit" for r in records)  # finished before the next job
+    sweep = tmp_path / "runs/smoke/sw"
+    rows = markdown_rows(proc.stdout)
+    assert rows == markdown_rows((sweep / "sweep.md").read_text()) and (sweep / "sweep.png").stat().st_size > 0
+    for job, row in zip((0, 1), rows[1:3], strict=True):
+        results = json.loads((sweep / f"{job}/results.json").read_text())
+        assert row == [
+            " ".join(results["overrides"][-1:]),  # the override the jobs do not share
+            "done",
+            f"{results['val_top1']:.4f}",
+            f"{results['val_loss']:.4f}",
+            f"{results['train_images_per_sec']:.1f}",
+            f"runs/smoke/sw/{job}",
+        ]
+    assert rows[3] == ["optim.lr=fast", "failed", "-", "-", "-", "runs/smoke/sw/2"]
+    assert proc.returncode == 2 and [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: optim.lr: Value 'fast' of type 'str' could not be converted to Float; fix the override or the "
+        "config file",
+        "error: 1 of 3 jobs did not finish (2; each one's own output says why); the same command with run_id=sw "
+        "runs them again, from what they saved",
+    ]
 
 
 def test_trainer_keys_without_plus_and_a_schedule_as_long_as_the_steps_run(tmp_path, synthetic_root, cli_env):

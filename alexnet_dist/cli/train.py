@@ -4,6 +4,7 @@ and the loggers into a Run (training/run.py), which owns the rest of the run's l
 import os
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def train(cfg: DictConfig) -> dict:
     base = Path(cfg.paths.runs).resolve() / cfg.experiment_name
     run_id = "-".join(run_dir.relative_to(base).parts) if run_dir.is_relative_to(base) else run_dir.name
     s = load(cfg)  # typed and checked, from here on
-    run = Run(s, run_dir, run_id, OmegaConf.to_yaml(cfg, resolve=True))
+    overrides = list(HydraConfig.get().overrides.task)  # this job's own, in a sweep
+    run = Run(s, run_dir, run_id, OmegaConf.to_yaml(cfg, resolve=True), overrides=overrides)
     data = ShardDataModule(s.data, s.loader, seed=s.seed, worker_signals=run.worker_signals)
     module = Classifier(
         model=complete(s.model, data.num_classes, s.data.crop, data=f"data.root={s.data.root}"),
@@ -89,7 +91,17 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
-    one_line_errors(train)(cfg)
+    try:
+        one_line_errors(train)(cfg)
+    except (SystemExit, Exception) as exc:
+        # In a sweep, a job that fails (its one error line and exit status 2, or an unexpected
+        # error) leaves the others to run: the table the sweep ends with (training/summary.py)
+        # shows it failed, and the sweep then exits 2. A stop signal or Ctrl-C still ends the sweep.
+        stopped = isinstance(exc, SystemExit) and exc.code != 2
+        if stopped or HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        if not isinstance(exc, SystemExit):
+            traceback.print_exc()  # no error of the user's: its whole story, as Python tells it
 
 
 main = hydra_command(hydra_main)

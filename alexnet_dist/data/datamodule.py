@@ -61,7 +61,7 @@ class ShardDataModule(pl.LightningDataModule):
         )
         self.loaders: dict[str, Loader] = {}  # by mode, as last built
         self.loader_states = None  # per-rank loader states from a checkpoint
-        self.first_train_images = None
+        self.first_train_batch = None  # (uint8 images, labels), for the run's pictures
         self.checked = False  # this rank's share of the shards, before its first loader
 
     def _mean_image(self) -> torch.Tensor:
@@ -167,11 +167,12 @@ class ShardDataModule(pl.LightningDataModule):
         """Images this process's loaders skipped as undecodable, so far."""
         return [where for loader in self.loaders.values() for where in loader.skipped]
 
-    def augmented_images(self) -> torch.Tensor | None:
-        """The uint8 crops of the first training batch of this process (for the run's pictures)."""
-        return self.first_train_images
+    def augmented_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The uint8 crops of the first training batch of this process and their labels (for the
+        run's pictures), or None before training."""
+        return self.first_train_batch
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int):
-        if batch.shifts is not None and self.first_train_images is None:
-            self.first_train_images = batch.images
+        if batch.shifts is not None and self.first_train_batch is None:
+            self.first_train_batch = (batch.images, batch.labels)
         return self.normalize(batch.images, batch.labels, batch.shifts, batch.windows)

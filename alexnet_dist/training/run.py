@@ -30,7 +30,7 @@ from .checkpoint import (
     set_aside_damaged_last,
 )
 from .ckpt_format import CheckpointParts
-from .pictures import Pictures
+from .pictures import Pictures, steps_per_epoch
 from .preemption import Preemption
 from .run_dir import RunDirectory, first_process
 from .trainer import build_trainer, check_launch, check_trainer_keys, slurm_tasks
@@ -59,8 +59,10 @@ class Run:
     """A run of settings `s` in `run_dir`. Made before the data module (whose loader workers must
     ignore the run's signals: `worker_signals`); `execute` then trains."""
 
-    def __init__(self, s: Train, run_dir: Path, run_id: str, config_yaml: str):
+    def __init__(self, s: Train, run_dir: Path, run_id: str, config_yaml: str, overrides: list[str] = ()):
+        """`overrides`: the command line's settings (Hydra's task overrides), kept in results.json."""
         self.s, self.run_dir, self.run_id, self.config_yaml = s, Path(run_dir), run_id, config_yaml
+        self.overrides = list(overrides)
         self.slurm = slurm_tasks()
         check_launch(s.trainer, self.slurm)
         check_trainer_keys(s.trainer)
@@ -91,7 +93,11 @@ class Run:
         return [
             claim,
             parts,
-            Pictures(self.run_dir / "pictures", augmented=getattr(data, "augmented_images", lambda: None)),
+            Pictures(
+                self.run_dir / "pictures",
+                augmented=getattr(data, "augmented_batch", lambda: None),
+                classes=getattr(getattr(data, "manifest", None), "classes", None),
+            ),
             self.saver,
             self.preemption,
             self.agreement,
@@ -182,13 +188,19 @@ class Run:
         results = {
             "run_id": self.run_id,
             "experiment": s.experiment_name,
+            "overrides": self.overrides,
             "model": s.model["_target_"],
+            "global_batch": s.data.batch_size,
+            "lr": s.optim.lr,  # as set, at the reference batch (optim.reference_batch)
+            "optimizer": str(s.optim.name),
+            "max_epochs": s.trainer.get("max_epochs"),
             "val_top1": metrics["val_top1"],
             "val_top5": metrics["val_top5"],
             "val_loss": metrics["val_loss"],
             "val_count": int(metrics["val_count"]),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
+            "steps_per_epoch": steps_per_epoch(trainer),
             "train_images_per_sec": round(throughput.images_per_sec, 1),
             "train_step_ms": round(throughput.step_ms, 2),
             "train_data_wait": round(throughput.data_wait, 3),
