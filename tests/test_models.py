@@ -230,3 +230,15 @@ def test_classifier_keeps_fuse_norms_and_leaves_it_to_a_whole_model_compile():
     assert fused.model.norm1._compiled_call_impl is not None
     both = Classifier(spec, optim={}, global_batch=4, compile=True, fuse_norms=True)
     assert both.net is not both.model and both.model.norm1._compiled_call_impl is None
+
+
+@pytest.mark.parametrize("side", [2, 3, 5, 6, 7, 13])
+def test_avg_pool_to_takes_the_means_of_adaptive_pooling_at_any_size(side):
+    """Where the side is no multiple of the output (alexnet_small's 2x2 maps at 28 px, OWT's 1x1 at
+    64 px) the bins overlap; the fixed-matrix form gives the same means, and exports to ONNX."""
+    from alexnet_dist.models.layers import AvgPoolTo
+
+    x = torch.randn(2, 4, side, side + 1)
+    for size in (3, 6):
+        expected = torch.nn.functional.adaptive_avg_pool2d(x, size)
+        assert torch.allclose(AvgPoolTo(size)(x), expected, atol=1e-6)
