@@ -195,3 +195,19 @@ def test_predict_and_export_refuse_what_they_cannot_use_in_one_line(smoke_ckpt, 
         f"no config.yaml of its run is at {tmp_path.parent}/config.yaml; put it back into its run directory "
         "(RUN/checkpoints/)"
     )
+
+
+def test_a_checkpoint_copied_out_of_its_run_evaluates_as_its_run_did(smoke_ckpt, tmp_path, capsys):
+    """The checkpoint carries its data settings (crop 28, no resize, the run's mean and std), so a
+    copy without its run's config.yaml scores what the run measured, not what the defaults would."""
+    copy = tmp_path / "elsewhere" / "copy.ckpt"
+    copy.parent.mkdir()
+    copy.write_bytes(smoke_ckpt.read_bytes())
+    scores = []
+    for path in (smoke_ckpt, copy):
+        evaluate.main([f"ckpt_path={path}"])
+        scores.append(json.loads(capsys.readouterr().out.splitlines()[0]))
+    measured = json.loads((smoke_ckpt.parents[1] / "results.json").read_text())
+    for score in scores:
+        assert score["val_count"] == 500 and score["val_top1"] == pytest.approx(measured["val_top1"], abs=1e-6)
+        assert score["val_loss"] == pytest.approx(measured["val_loss"], rel=1e-5)

@@ -99,3 +99,14 @@ def hydra_command(hydra_main, config_name: str = "train"):
         return hydra_main()
 
     return run
+
+
+def key_values(schema: type, doc: str, argv: list[str]):
+    """The KEY=VALUE settings of a command (alexnet-eval, -export, -predict) as `schema`; with -h
+    or --help, prints `doc` and every key with its default and returns None."""
+    from ..config import describe, from_command_line
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{doc}\nThe settings and their defaults:\n{describe(schema)}")
+        return None
+    return from_command_line(schema, argv)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Data, Eval, describe, from_command_line, make
+from ..config import Data, Eval, make
 from ..config import Loader as LoaderSettings
 from ..data import store
 from ..errors import ConfigError
@@ -41,7 +41,7 @@ from ..trained.inputs import load as load_trained
 from ..trained.inputs import run_settings
 from ..training import ckpt_format
 from ..training.checkpoint import mismatch
-from . import one_line_errors
+from . import key_values, one_line_errors
 
 
 def read_state_dict(path: Path):
@@ -235,13 +235,10 @@ def check_same_images(files: list[str], loaded: list[dict]) -> None:
 @one_line_errors
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"{__doc__}\nThe settings and their defaults:\n{describe(Eval)}")
+    task = ensemble if argv and argv[0] == "ensemble" else evaluate
+    if (args := key_values(Eval, __doc__, argv[1:] if task is ensemble else argv)) is None:
         return
-    if argv and argv[0] == "ensemble":
-        result = ensemble(from_command_line(Eval, argv[1:]))
-    else:
-        result = evaluate(from_command_line(Eval, argv))
+    result = task(args)
     print(json.dumps(result), flush=True)
     print(
         f"top-1 {result['val_top1']:.4f}  top-5 {result['val_top5']:.4f}  (errors {1 - result['val_top1']:.4f} / "

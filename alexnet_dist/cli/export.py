@@ -11,20 +11,17 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import Export, describe, from_command_line
+from ..config import Export
 from ..errors import ConfigError
 from ..trained import export
 from ..trained.inputs import load
-from . import one_line_errors
+from . import key_values, one_line_errors
 
 
 @one_line_errors
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"{__doc__}\nThe settings and their defaults:\n{describe(Export)}")
+    if (args := key_values(Export, __doc__, sys.argv[1:] if argv is None else argv)) is None:
         return
-    args = from_command_line(Export, argv)
     if args.ckpt_path is None or args.out is None:
         raise ConfigError("alexnet-export needs ckpt_path=CHECKPOINT and out=FOLDER")
     out = Path(args.out)

@@ -15,19 +15,16 @@ exit status is then 1.
 import json
 import sys
 
-from ..config import Predict, describe, from_command_line
+from ..config import Predict
 from ..errors import ConfigError, DataError
 from ..trained.predict import Predictor, photo_files
-from . import one_line_errors
+from . import key_values, one_line_errors
 
 
 @one_line_errors
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"{__doc__}\nThe settings and their defaults:\n{describe(Predict)}")
+    if (args := key_values(Predict, __doc__, sys.argv[1:] if argv is None else argv)) is None:
         return
-    args = from_command_line(Predict, argv)
     if args.model is None or not args.images:
         raise ConfigError("alexnet-predict needs model=EXPORT_FOLDER_OR_CHECKPOINT and images=FILE[,FILE...]")
     predictor = Predictor.open(args.model)
