@@ -52,11 +52,11 @@ def test_smoke_training_learns_and_writes_its_run_directory(tmp_path, synthetic_
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "checkpoints" / "best.ckpt").exists()
     assert "experiment_name: smoke" in (run_dir / "config.yaml").read_text()
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 124 and ckpt["hyper_parameters"]["model"]["name"] == "alexnet_small"
-    # what the run was asked for: its command line and main settings
     model = ckpt["hyper_parameters"]["model"]
+    assert ckpt["global_step"] == 124 and model["_target_"] == "alexnet_dist.models.AlexNetSmall"
+    # what the run was asked for: its command line and main settings
     assert results["overrides"] == [*SMOKE, f"data.root={synthetic_root}", "run_id=first", "trainer.max_epochs=2"]
-    assert results["model"] == model.get("_target_", model.get("name"))
+    assert (results["model"], results["model_target"]) == ("alexnet_tiny", model["_target_"])
     assert (results["global_batch"], results["lr"], results["optimizer"]) == (32, 0.02, "sgd")
     assert (results["max_epochs"], results["steps_per_epoch"]) == (2, 2000 // 32)
     curves = ckpt["callbacks"]["Pictures"]["series"]

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..cli import one_line_errors
 from ..config import LOADERS, Loader, Optim, make, own_keys
 from ..errors import ConfigError
-from ..models import compiled, create
+from ..models import compiled, complete, create, named_config
 from . import scale
 from .scale import WORLDS, parse_worlds
 
@@ -269,7 +269,7 @@ def bench_train(args) -> dict | None:
     # torch's SGD with the schema's rate, momentum and decay, at a constant rate and unscaled
     optim = make(Optim, {"name": "sgd", "reference_batch": None, "schedule": {"name": "constant"}})
     module = Classifier(
-        {"name": args.model, "num_classes": data.num_classes},
+        complete(named_config(args.model), data.num_classes, args.size),
         optim,
         global_batch=args.batch_size,
         channels_last=args.channels_last,

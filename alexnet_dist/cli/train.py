@@ -74,8 +74,10 @@ def train(cfg: DictConfig) -> dict:
     base = Path(cfg.paths.runs).resolve() / cfg.experiment_name
     run_id = "-".join(run_dir.relative_to(base).parts) if run_dir.is_relative_to(base) else run_dir.name
     s = load(cfg)  # typed and checked, from here on
-    overrides = list(HydraConfig.get().overrides.task)  # this job's own, in a sweep
-    run = Run(s, run_dir, run_id, OmegaConf.to_yaml(cfg, resolve=True), overrides=overrides)
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)  # this job's own, in a sweep
+    model_name = hydra_cfg.runtime.choices.get("model")
+    run = Run(s, run_dir, run_id, OmegaConf.to_yaml(cfg, resolve=True), overrides=overrides, model_name=model_name)
     data = ShardDataModule(s.data, s.loader, seed=s.seed, worker_signals=run.worker_signals)
     module = Classifier(
         model=complete(s.model, data.num_classes, s.data.crop, data=f"data.root={s.data.root}"),

@@ -59,10 +59,19 @@ class Run:
     """A run of settings `s` in `run_dir`. Made before the data module (whose loader workers must
     ignore the run's signals: `worker_signals`); `execute` then trains."""
 
-    def __init__(self, s: Train, run_dir: Path, run_id: str, config_yaml: str, overrides: list[str] = ()):
-        """`overrides`: the command line's settings (Hydra's task overrides), kept in results.json."""
+    def __init__(
+        self,
+        s: Train,
+        run_dir: Path,
+        run_id: str,
+        config_yaml: str,
+        overrides: list[str] = (),
+        model_name: str | None = None,
+    ):
+        """`overrides`: the command line's settings (Hydra's task overrides) and `model_name`: the
+        model config chosen (model=NAME), both kept in results.json."""
         self.s, self.run_dir, self.run_id, self.config_yaml = s, Path(run_dir), run_id, config_yaml
-        self.overrides = list(overrides)
+        self.overrides, self.model_name = list(overrides), model_name
         self.slurm = slurm_tasks()
         check_launch(s.trainer, self.slurm)
         check_trainer_keys(s.trainer)
@@ -189,7 +198,8 @@ class Run:
             "run_id": self.run_id,
             "experiment": s.experiment_name,
             "overrides": self.overrides,
-            "model": s.model["_target_"],
+            "model": self.model_name or s.model["_target_"],
+            "model_target": s.model["_target_"],
             "global_batch": s.data.batch_size,
             "lr": s.optim.lr,  # as set, at the reference batch (optim.reference_batch)
             "optimizer": str(s.optim.name),
