@@ -140,7 +140,8 @@ def test_best_checkpoint_reads_the_score_of_an_old_best_ckpt(tmp_path):
 
 def test_an_old_manifest_reads_and_one_without_a_version_finds_its_index_files(tmp_path):
     manifest = Manifest.read(OLD / "shards")
-    assert manifest.data["version"] == MANIFEST_VERSION == 1 and manifest.num_classes == 4
+    assert manifest.data["version"] == MANIFEST_VERSION == 2 and manifest.num_classes == 4
+    assert (manifest.sample_format.images, manifest.sample_format.label) == (("jpg",), "cls")  # as version 1 read
     root = tmp_path / "shards"
     shutil.copytree(OLD / "shards", root)
     data = json.loads((root / "manifest.json").read_text())

@@ -20,6 +20,7 @@ from alexnet_dist.data.index import index_shards
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
 COLOURS = [(230, 30, 30), (30, 230, 30), (30, 30, 230)]  # flat colours, which JPEG keeps within a unit or two
 SIZES = [(32, 32), (48, 40)]  # (w, h): mixed, as tars from other tools hold
+ANY = ".jpg, .jpeg, .png or .webp"  # the image members index looks for without --image
 
 
 def jpeg(colour, size=(32, 32)) -> bytes:
@@ -150,7 +151,7 @@ def faulty(tmp_path_factory) -> dict:
         {"__key__": "t/bad-label", "jpg": jpeg(COLOURS[0]), "cls": "seven"},
         good("t/a1", 1),
         {"__key__": "t/no-cls", "jpg": jpeg(COLOURS[1])},
-        {"__key__": "t/no-jpg", "png": jpeg(COLOURS[1]), "cls": 1},
+        {"__key__": "t/no-jpg", "gif": jpeg(COLOURS[1]), "cls": 1},
         good("t/a2", 2),
         {"__key__": "t/garbage", "jpg": b"these bytes are no JPEG", "cls": 2},
         {"__key__": "t/outside", "jpg": jpeg(COLOURS[0]), "cls": 3},
@@ -180,12 +181,12 @@ def test_samples_that_cannot_train_are_named_with_why_and_left_out(tmp_path, cli
     want = [
         f"{t0}:t/bad-label: label b'seven' is not an integer",
         f"{t0}:t/no-cls: no .cls label",
-        f"{t0}:t/no-jpg: no .jpg image (has .cls, .png)",
+        f"{t0}:t/no-jpg: no {ANY} image (has .cls, .gif)",
         f"{t1}:t/garbage: the .jpg is no image PIL can read (UnidentifiedImageError)",
         f"{t1}:t/outside: label 3 is outside the 3 classes (0..2)",
         f"{t1}:t/negative: label -1 is negative",
-        f"{t2}:t/only-json: no .jpg image (has .json)",
-        f"{t2}:t/only-cls: no .jpg image (has .cls)",
+        f"{t2}:t/only-json: no {ANY} image (has .json)",
+        f"{t2}:t/only-cls: no {ANY} image (has .cls)",
     ]
     want_val = [
         f"{faulty['val'][0]}:v/outside: label 5 is outside the 3 classes (0..2)",
@@ -214,7 +215,7 @@ def test_more_than_twenty_skipped_samples_are_summed_up(tmp_path, cli_env):
     )
     proc = index_cli(tmp_path, cli_env, tars[0], tars[0], tmp_path / "out")
     lines = proc.stderr.splitlines()
-    assert lines[:20] == [f"{tars[0]}:x{i:02d}: no .jpg image (has .cls)" for i in range(20)]
+    assert lines[:20] == [f"{tars[0]}:x{i:02d}: no {ANY} image (has .cls)" for i in range(20)]
     assert lines[20] == "... and 5 more (see manifest.json)"  # then the same for val, indexing the same tar
     assert lines[21:] == lines[:21]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -398,7 +399,7 @@ def indexed_faulty(tmp_path_factory) -> Path:
     bad = [
         lambda k: {"__key__": k, "jpg": jpeg(COLOURS[0]), "cls": "x"},
         lambda k: {"__key__": k, "jpg": jpeg(COLOURS[1])},
-        lambda k: {"__key__": k, "png": jpeg(COLOURS[1]), "cls": 1},
+        lambda k: {"__key__": k, "gif": jpeg(COLOURS[1]), "cls": 1},
         lambda k: {"__key__": k, "jpg": b"no JPEG", "cls": 2},
         lambda k: {"__key__": k, "jpg": jpeg(COLOURS[2]), "cls": 9},
     ]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..data import sources
+from ..data.members import IMAGES, index_format
 from ..data.shards import write_dataset
 from ..errors import ConfigError, DataError
 from . import one_line_errors
@@ -51,7 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0, help="shuffles samples across shards (and draws synthetic images)")
     p.add_argument("--sample", type=int, default=10000, help="stats, index: training images to sample")
-    g = p.add_argument_group("index", "WebDataset tars (<key>.jpg + <key>.cls, a class number) made by other tools")
+    g = p.add_argument_group(
+        "index", "WebDataset tars made by other tools: a sample is the members of one key, an image and a label"
+    )
     for split in ("train", "val"):
         g.add_argument(
             f"--{split}",
@@ -62,8 +65,20 @@ def parse_args(argv=None):
     g.add_argument(
         "--classes",
         metavar="FILE|N",
-        help="index: a file of class names, one a line, for labels 0, 1, ... (default: 0 up to the largest train "
-        "label); synthetic: the number of classes (default 10)",
+        help="index: a file of class names, one a line, for labels 0, 1, ... (default: the train split's class "
+        "names, sorted, or 0 up to its largest class number); synthetic: the number of classes (default 10)",
+    )
+    g.add_argument(
+        "--image",
+        metavar="EXT",
+        help=f"index: the image member's extension, one of {', '.join(IMAGES)} "
+        "(default: the first of them a sample has)",
+    )
+    g.add_argument(
+        "--label",
+        metavar="SPEC",
+        help="index: where the label is: cls (the class number as text; the default), txt (a class name or number) "
+        "or json:FIELD (a dotted path into the .json member, holding a class number or name)",
     )
     g = p.add_argument_group("synthetic")
     g.add_argument("--train-count", type=int, default=2000)
@@ -79,6 +94,9 @@ def check_args(args) -> None:
     else:
         if args.train or args.val:
             raise ConfigError(f"--train and --val name the tars of alexnet-prepare index; {args.source} reads --src")
+        for name in ("image", "label"):
+            if getattr(args, name) is not None:
+                raise ConfigError(f"--{name} says which member of another tool's tars to read: it is for index only")
         try:
             args.classes = int(args.classes or 10)
         except ValueError:
@@ -106,6 +124,7 @@ def check_index_args(args) -> None:
             raise ConfigError(f"index: --{name.replace('_', '-')} does not apply (the tars are indexed as they are)")
     if args.center_crop:
         raise ConfigError("index: --center-crop does not apply (the tars are indexed as they are)")
+    args.sample_format = index_format(args.image, args.label)
 
 
 @one_line_errors
@@ -133,7 +152,13 @@ def prepare(args) -> None:
         from ..data.index import index_shards
 
         manifest = index_shards(
-            args.train, args.val, args.out, classes=args.classes, sample=args.sample, workers=args.workers
+            args.train,
+            args.val,
+            args.out,
+            classes=args.classes,
+            sample=args.sample,
+            workers=args.workers,
+            fmt=args.sample_format,
         )
         print_skipped(manifest)
     else:

@@ -33,8 +33,9 @@ from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
 from . import shard_index, store
 from .dali_pipeline import PipelineSpec, Substitute, build_pipeline
-from .loader import BadImage, Batch, all_skipped, parse_label
+from .loader import BadImage, Batch, all_skipped
 from .manifest import check_end, check_tar, tar_header
+from .members import SampleFormat, parse_label
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation
 
@@ -147,14 +148,15 @@ def start_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
                 f"cannot read the shards ({reason}); check that the store is reachable", reason
             ) from None
         found = re.search(r'Underful sample detected at index file at "(.+)" line (\d+)', reason)
-        if found:  # the index lists a sample with fewer parts than .jpg + .cls
+        if found:  # the index lists a sample with fewer parts than an image and a label
             index, line = Path(found[1]), int(found[2])
             entry = index.read_text().splitlines()[line].split()  # DALI counts samples from 1 after the header
             parts = ", ".join(f".{entry[i]}" for i in range(0, len(entry), 4))
             tar = dict(zip(spec.indexes, spec.tars, strict=True))[str(index)]
+            image = SampleFormat(spec.images).describe_images()
             raise DataError(
-                f"{tar}: sample {Path(entry[3]).stem} has only {parts} (needs .jpg "
-                "and .cls); re-create the shard with alexnet-prepare"
+                f"{tar}: sample {Path(entry[3]).stem} has only {parts} (needs {image} "
+                f"and .{spec.label}); re-create the shard with alexnet-prepare"
             ) from None
         raise DataError(f"cannot read the shards ({reason}); re-create them with alexnet-prepare") from None
 
@@ -199,8 +201,19 @@ class DaliLoader:
     """Iterable over one split for this rank. `spec_for(epoch)` gives the pipeline of a pass,
     `position` (epoch, batches already trained on) at the start of a pass."""
 
-    def __init__(self, plan: EpochPlan, spec_for, *, num_classes: int, position, device: torch.device, strict: bool):
-        self.plan, self.spec_for, self.num_classes = plan, spec_for, num_classes
+    def __init__(
+        self,
+        plan: EpochPlan,
+        spec_for,
+        *,
+        sample_format: SampleFormat,
+        classes: list[str],
+        position,
+        device: torch.device,
+        strict: bool,
+    ):
+        self.plan, self.spec_for = plan, spec_for
+        self.sample_format, self.classes = sample_format, classes
         self.position, self.device, self.strict = position, device, strict
         self.valid = None if plan.train else plan.samples()  # real samples of an evaluation pass
         self.epoch = None
@@ -326,9 +339,10 @@ class DaliLoader:
 
     def _batch(self, outputs, iteration: int, spec: PipelineSpec) -> Batch:
         """The images, labels and, in training, colour shifts [and crop windows] of one run."""
-        images, cls, info, swapped, *extra = outputs
-        sources = [bytes(info.at(i)).decode() for i in range(len(cls))]
-        labels = np.array([parse_label(bytes(cls.at(i)), sources[i], self.num_classes) for i in range(len(cls))])
+        images, label, info, swapped, *extra = outputs
+        sources = [bytes(info.at(i)).decode() for i in range(len(label))]
+        fmt, classes = self.sample_format, self.classes
+        labels = np.array([parse_label(bytes(label.at(i)), sources[i], fmt, classes) for i in range(len(label))])
         keep = ~np.asarray(swapped.as_array(), dtype=bool).reshape(-1)
         if self.valid is not None:  # the reader pads the last batch with copies of the last sample
             keep[max(0, self.valid - iteration * spec.batch_size) :] = False
@@ -357,7 +371,8 @@ def build(
     augment: Augmentation,
     settings: LoaderSettings,
     *,
-    num_classes: int,
+    sample_format: SampleFormat,
+    classes: list[str],
     position,
     device: torch.device,
     min_side: int | None = None,
@@ -390,6 +405,8 @@ def build(
         return PipelineSpec(
             tars=[p.shard.tar for p in pieces],
             indexes=indexes,
+            images=sample_format.images,
+            label=sample_format.label_ext,
             mode=plan.mode if plan.mode == "train" or augment.test_views == 10 else "val",
             batch_size=plan.batch,
             crop=augment.crop,
@@ -413,7 +430,8 @@ def build(
     loader = DaliLoader(
         plan,
         spec_for,
-        num_classes=num_classes,
+        sample_format=sample_format,
+        classes=classes,
         position=position,
         device=device if kind == "gpu" else torch.device("cpu"),
         strict=settings.bad_images == "error",

@@ -36,6 +36,8 @@ class PipelineSpec:
 
     tars: list  # the tars this rank reads in the pass, in the plan's order
     indexes: list  # for each, an index of just this rank's samples of it
+    images: tuple  # the extensions an image member may have (members.SampleFormat.images)
+    label: str  # the label member's extension (cls, txt, json), read as raw bytes
     mode: str
     batch_size: int
     crop: int
@@ -71,7 +73,8 @@ class Substitute:
 
 
 def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes | None = None):
-    """A built pipeline returning uint8 images, raw .cls bytes, source info, substituted flags
+    """A built pipeline returning uint8 images, the label members' raw bytes (parsed in Python by
+    members.parse_label, as the webdataset loader parses them), source info, substituted flags
     and, in training, each image's colour shift."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
@@ -93,7 +96,8 @@ def build_pipeline(spec: PipelineSpec, substitute: Substitute, checkpoint: bytes
         jpg, cls = fn.readers.webdataset(
             paths=spec.tars,
             index_paths=spec.indexes,
-            ext=["jpg", "cls"],
+            # one output for every image extension: each index line lists just the sample's one image
+            ext=[";".join(spec.images), spec.label],
             name="Reader",
             random_shuffle=train,
             initial_fill=max(1, spec.shuffle_buffer),

@@ -4,9 +4,10 @@ s3:// or http(s)://. Nothing is copied or re-encoded; each tar is read once, fro
 
 A sample is a run of members with one key, by webdataset's rule: the key is the member's folder
 and its name up to the first dot, the extension the rest (a/b.seg.jpg: key a/b, ext seg.jpg).
-Its image is the .jpg member, its label the .cls member (a class number as text); other members
-are passed over. A sample that cannot train (no image, a label that is no class, an image PIL
-cannot read) stays out of the index and is listed, with why, in the manifest's `skipped`.
+Which member is its image and which its label, and what the label means, members.py says (--image,
+--label); other members are passed over. A sample that cannot train (no image, a label that is no
+class, an image PIL cannot read or the loaders would decode differently) stays out of the index
+and is listed, with why, in the manifest's `skipped`.
 """
 
 import io
@@ -26,11 +27,11 @@ from tqdm import tqdm
 from ..errors import DataError
 from . import store
 from .manifest import MANIFEST, MANIFEST_VERSION
+from .members import BadLabel, SampleFormat, class_number, image_problem, index_format, label_value
 from .shards import channel_stats, forget_dataset, index_line, size_stats, write_atomically, write_index
 
 # webdataset's base_plus_ext: a name with no dot after its folder is no part of any sample.
 KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-PARTS = ("jpg", "cls")  # what a sample needs, in the order of its index line
 
 
 def expand_split(split: str, pattern: str) -> list[str]:
@@ -56,13 +57,27 @@ def read_classes(location: str) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class Classes:
+    """What a split's labels are checked against: the class names, number i at place i, and where
+    they come from (for the reason a label is refused). names None: the train split's labels make
+    them, known once it is read (see TarIndex.settle)."""
+
+    names: list[str] | None
+    source: str
+
+
 @dataclass
 class TarIndex:
     """What one pass over a tar found."""
 
     tar: str
-    num_classes: int | None  # labels must be below it; None: any label from 0 (the train split names the classes)
+    fmt: SampleFormat  # which members are the image and the label, and what the label means
+    classes: Classes
     decode: int  # images to decode for the channel statistics
+    # (key, index line or None, class number or label value or why it was skipped, image size) per
+    # sample in tar order; settle() makes the lines, skipped, labels and sizes from them
+    entries: list[tuple] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)  # DALI index lines of the samples kept
     skipped: list[str] = field(default_factory=list)  # "<tar>:<key>: why" of the others
     labels: Counter = field(default_factory=Counter)
@@ -73,61 +88,89 @@ class TarIndex:
 
     @property
     def samples(self) -> int:
-        return len(self.lines) + len(self.skipped)
+        return len(self.entries)
+
+    @property
+    def wanted(self) -> set[str]:
+        """The extensions of the members whose bytes are read: the images and the label."""
+        return {*self.fmt.images, self.fmt.label_ext}
+
+    def values(self) -> list:
+        """The label values of the samples kept so far (class names among them before settle)."""
+        return [value for _, line, value, _ in self.entries if line is not None]
 
     def add(self, key: str, members: dict) -> None:
         """A sample's members {ext: [(TarInfo, bytes or None)]}: indexed, or skipped with why."""
-        problem = self.check(members)
-        if problem:
-            self.skipped.append(f"{self.tar}:{key}: {problem}")
+        found = self.check(members)
+        if isinstance(found, str):
+            self.entries.append((key, None, found, None))
             return
-        parts = [members[ext][0][0] for ext in PARTS]
-        self.lines.append(
-            index_line([(ext, m.offset_data, m.size, m.name) for ext, m in zip(PARTS, parts, strict=True)])
-        )
+        parts, value, size = found
+        line = index_line([(ext, m.offset_data, m.size, m.name) for ext, m in parts])
+        self.entries.append((key, line, value, size))
 
-    def check(self, members: dict) -> str | None:
-        """Why the sample cannot be trained on, or None; a usable one's label, size and pixels counted."""
+    def check(self, members: dict) -> str | tuple:
+        """Why the sample cannot be trained on, or its ([(ext, image member), (ext, label member)],
+        label, image size): the label a class number where the classes are known, else as read.
+        The first `decode` usable images are decoded for the channel statistics."""
+        fmt = self.fmt
         twice = [ext for ext, found in members.items() if len(found) > 1]
-        if twice:  # webdataset refuses a sample with two members of one extension
+        if twice:  # webdataset refuses a sample with two members of one extension, whichever
             return f"two .{twice[0]} members"
-        if "jpg" not in members:
-            return f"no .jpg image (has {', '.join('.' + ext for ext in members)})"
-        if "cls" not in members:
-            return "no .cls label"
-        (jpg, image), (cls, text) = members["jpg"][0], members["cls"][0]
-        spaced = [m.name for m in (jpg, cls) if len(m.name.split()) != 1]
+        image_ext = fmt.image_of(members)
+        if image_ext is None:
+            return f"no {fmt.describe_images()} image (has {', '.join('.' + ext for ext in members)})"
+        if fmt.label_ext not in members:
+            return f"no .{fmt.label_ext} label"
+        (image_member, image), (label_member, text) = members[image_ext][0], members[fmt.label_ext][0]
+        spaced = [m.name for m in (image_member, label_member) if len(m.name.split()) != 1]
         if spaced:  # the index file's fields are separated by spaces
             return f"member name {spaced[0]!r} has a space, which a DALI index file cannot hold"
         try:
-            label = int(text.decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            return f"label {text[:20]!r} is not an integer"
-        if label < 0:
-            return f"label {label} is negative"
-        if self.num_classes is not None and label >= self.num_classes:
-            return f"label {label} is outside the {self.num_classes} classes (0..{self.num_classes - 1})"
+            value = label_value(fmt, text)
+            if self.classes.names is not None:
+                value = class_number(value, self.classes.names, self.classes.source)
+        except BadLabel as exc:
+            return str(exc)
         try:
             picture = Image.open(io.BytesIO(image))
             size = picture.size  # the header only: nothing is decoded
         except Exception as exc:
-            return f"the .jpg is no image PIL can read ({type(exc).__name__})"
+            return f"the .{image_ext} is no image PIL can read ({type(exc).__name__})"
+        problem = image_problem(picture, image, image_ext)
+        if problem:
+            return problem
         if self.decode > 0:
             try:
                 a = np.asarray(picture.convert("RGB"), dtype=np.float64).reshape(-1, 3)
             except Exception as exc:  # a header that reads, data that does not (a cut file)
-                return f"the .jpg cannot be decoded ({exc})"
+                return f"the .{image_ext} cannot be decoded ({exc})"
             self.sums, self.squares = self.sums + a.sum(0), self.squares + (a * a).sum(0)
             self.pixels, self.decode = self.pixels + len(a), self.decode - 1
-        self.labels[label] += 1
-        self.sizes.add(size)
-        return None
+        return [(image_ext, image_member), (fmt.label_ext, label_member)], value, size
+
+    def settle(self, classes: Classes) -> None:
+        """The index lines, skipped samples, label counts and image sizes, in tar order, once the
+        classes are known: a label that names none of them is skipped here."""
+        self.lines, self.skipped, self.labels, self.sizes = [], [], Counter(), set()
+        for key, line, value, size in self.entries:
+            if line is not None:
+                try:
+                    number = class_number(value, classes.names, classes.source)
+                except BadLabel as exc:
+                    line, value = None, str(exc)
+            if line is None:
+                self.skipped.append(f"{self.tar}:{key}: {value}")
+                continue
+            self.lines.append(line)
+            self.labels[number] += 1
+            self.sizes.add(size)
 
 
-def read_tar(tar: str, num_classes: int | None, decode: int, stop: threading.Event) -> TarIndex:
-    """One streaming pass over `tar` (mode "r|": a remote tar is fetched once, front to back),
-    reading only the .jpg and .cls members' bytes. Given up, part-way, once `stop` is set."""
-    found, at = TarIndex(tar, num_classes, decode), 0
+def read_tar(tar: str, found: TarIndex, stop: threading.Event) -> TarIndex:
+    """One streaming pass over `tar` (mode "r|": a remote tar is fetched once, front to back) into
+    `found`, reading only the bytes of image and label members. Given up, part-way, once `stop` is set."""
+    at = 0
     with store.open_file(tar) as f:  # a brace pattern names files whether or not they exist: Missing
         try:
             with tarfile.open(fileobj=f, mode="r|") as stream:
@@ -144,7 +187,7 @@ def read_tar(tar: str, num_classes: int | None, decode: int, stop: threading.Eve
                             found.add(key, members)
                         key, members = name[1], {}
                     ext = name[2].lower()  # as webdataset reads it: k.JPG is the image of k
-                    data = stream.extractfile(member).read() if ext in PARTS else None
+                    data = stream.extractfile(member).read() if ext in found.wanted else None
                     members.setdefault(ext, []).append((member, data))
                 if key is not None:
                     found.add(key, members)
@@ -173,12 +216,14 @@ def damaged(found: TarIndex, at: int, why: str) -> DataError:
     )
 
 
-def read_split(split: str, tars: list[str], num_classes: int | None, decode: int, workers: int) -> list[TarIndex]:
+def read_split(
+    split: str, tars: list[str], fmt: SampleFormat, classes: Classes, decode: int, workers: int
+) -> list[TarIndex]:
     """Every tar of a split, several at a time (reading remote tars waits on the network)."""
     stop = threading.Event()
     with ThreadPoolExecutor(max(1, workers)) as pool:
         try:
-            jobs = pool.map(lambda tar: read_tar(tar, num_classes, decode, stop), tars)
+            jobs = pool.map(lambda tar: read_tar(tar, TarIndex(tar, fmt, classes, decode), stop), tars)
             return list(tqdm(jobs, total=len(tars), desc=f"{split} tars", unit="tar", disable=None))
         except BaseException:
             # The first error (or Ctrl-C) is the answer: no more tars, and the ones being read are
@@ -189,18 +234,34 @@ def read_split(split: str, tars: list[str], num_classes: int | None, decode: int
 
 
 def index_shards(
-    train: str, val: str, out: Path, *, classes: str | None = None, sample: int = 10000, workers: int = 1
+    train: str,
+    val: str,
+    out: Path,
+    *,
+    classes: str | None = None,
+    sample: int = 10000,
+    workers: int = 1,
+    fmt: SampleFormat | None = None,
 ) -> dict:
-    """Indexes the tars the --train and --val patterns name; writes out/index/<split>/NNNNNN.idx
-    and then out/manifest.json (tars by their full location). Returns the manifest."""
+    """Indexes the tars the --train and --val patterns name, reading their samples as `fmt` says;
+    writes out/index/<split>/NNNNNN.idx and then out/manifest.json (tars by their full location).
+    Returns the manifest. `fmt` None: what the command reads by default (members.index_format)."""
+    fmt = fmt or index_format(None, None)
     out, patterns = Path(out), {"train": train, "val": val}
     tars = {split: expand_split(split, pattern) for split, pattern in patterns.items()}
-    names = read_classes(classes) if classes else None
+    known = Classes(None, "")
+    if classes:
+        names = read_classes(classes)
+        known = Classes(names, f"the {len(names)} classes of --classes {classes}")
     per_tar = -(-sample // len(tars["train"]))  # images decoded for the statistics: the first of each tar
-    found = {"train": read_split("train", tars["train"], len(names) if names else None, per_tar, workers)}
-    if names is None:  # the classes are the train split's labels, 0 up to the largest
-        names = [str(k) for k in range(max((k for t in found["train"] for k in t.labels), default=-1) + 1)]
-    found["val"] = read_split("val", tars["val"], len(names), 0, workers)
+    found = {"train": read_split("train", tars["train"], fmt, known, per_tar, workers)}
+    if known.names is None:
+        names = train_classes([value for t in found["train"] for value in t.values()])
+        known = Classes(names, f"the train split's {len(names)} classes")
+    found["val"] = read_split("val", tars["val"], fmt, known, 0, workers)
+    for indexes in found.values():
+        for t in indexes:
+            t.settle(known)
     for split, indexes in found.items():
         if not any(t.lines for t in indexes):
             skipped = [line for t in indexes for line in t.skipped]
@@ -214,6 +275,7 @@ def index_shards(
         "source": "index",
         "classes": names,
         "num_classes": len(names),
+        **fmt.record(),
         "splits": {},
     }
     try:
@@ -241,6 +303,13 @@ def index_shards(
     manifest.update(size_stats({size for indexes in found.values() for t in indexes for size in t.sizes}))
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=1))  # last: the index files it names are whole
     return manifest
+
+
+def train_classes(values: list) -> list[str]:
+    """The class names the train split's labels make: its class names, sorted, when it gives any
+    (a number then means the class at that place), else "0" up to the largest class number."""
+    names = sorted({v for v in values if isinstance(v, str)})
+    return names or [str(k) for k in range(max(values, default=-1) + 1)]
 
 
 def remove_stale(folder: Path, count: int) -> None:

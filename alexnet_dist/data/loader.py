@@ -1,8 +1,9 @@
 """What every loader is: built from an EpochPlan, the run's Augmentation and its loader settings
-by its module's `build(plan, augment, settings, *, num_classes, position, device, min_side,
-worker_signals) -> Loader` (wds.py, dali.py; config.LOADERS names the module), it yields `Batch`es
-of uint8 images that DeviceNormalize turns into inputs on the training device. Every build takes
-every keyword and uses what concerns it."""
+by its module's `build(plan, augment, settings, *, sample_format, classes, position, device,
+min_side, worker_signals) -> Loader` (wds.py, dali.py; config.LOADERS names the module), it yields
+`Batch`es of uint8 images that DeviceNormalize turns into inputs on the training device.
+`sample_format` says which member of a sample is its image and which its label (members.py),
+`classes` are the manifest's class names. Every build takes every keyword and uses what concerns it."""
 
 from typing import NamedTuple, Protocol
 
@@ -64,19 +65,3 @@ def all_skipped(skipped) -> DataError:
         f"every image of a training batch was undecodable ({'; '.join(skipped[:3])}); re-create those shards "
         "with alexnet-prepare"
     )
-
-
-def parse_label(text: bytes | None, where: str, num_classes: int) -> int:
-    """A sample's .cls payload as a class index, checked against the manifest's classes."""
-    if text is None:
-        raise DataError(f"{where}: sample has no .cls label; re-create the shard with alexnet-prepare")
-    try:
-        label = int(text.decode().strip())
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{where}: label {text[:20]!r} is not an integer") from None
-    if not 0 <= label < num_classes:
-        raise DataError(
-            f"{where}: label {label} is outside 0..{num_classes - 1} (the manifest lists "
-            f"{num_classes} classes); fix the shard or the manifest"
-        )
-    return label

@@ -1,5 +1,6 @@
 """manifest.json, the description of a folder of shards that alexnet-prepare writes beside them:
-classes, per split the shards (tar, DALI index, sample count) and class counts, the images' size,
+classes, which members of a sample are its image and label (`images`, `label`: see members.py),
+per split the shards (tar, DALI index, sample count) and class counts, the images' size,
 how they were stored (`storage`: --resize, --center-crop, --quality; absent from older manifests)
 and the train split's channel statistics. `Manifest.read` checks it once; everything that reads
 shards takes their locations from here.
@@ -18,12 +19,13 @@ from pathlib import Path
 
 from ..errors import DataError
 from . import shard_index, store
+from .members import SampleFormat, is_format
 
 MANIFEST = "manifest.json"
 # The layout of manifest.json that alexnet-prepare writes (shards.py, index.py). Manifest.read
 # brings an older one to it through MANIFEST_UPGRADES and refuses a newer one. To change the
 # layout: add the step from the current version to MANIFEST_UPGRADES, then bump this.
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def _index_beside_tar(data: dict) -> dict:
@@ -36,8 +38,16 @@ def _index_beside_tar(data: dict) -> dict:
     return data
 
 
+def _jpg_and_cls(data: dict) -> dict:
+    """Version 1 read the .jpg member as the image and the .cls member as the label, always."""
+    return {**SampleFormat().record(), **data}
+
+
 # MANIFEST_UPGRADES[n] turns version n into version n + 1.
-MANIFEST_UPGRADES = [("v0 -> v1: every shard names its index file", _index_beside_tar)]
+MANIFEST_UPGRADES = [
+    ("v0 -> v1: every shard names its index file", _index_beside_tar),
+    ("v1 -> v2: the image and label members are named", _jpg_and_cls),
+]
 assert len(MANIFEST_UPGRADES) == MANIFEST_VERSION
 
 
@@ -151,6 +161,8 @@ def malformed(data: dict) -> str | None:
             return f"'{key}' is not {length} numbers"
     if data.get("min_side") is not None and not is_count(data["min_side"]):
         return "'min_side' is not a whole number"
+    if not is_format(data.get("images"), data.get("label")):
+        return "'images' and 'label' are not image extensions and a label spec (see alexnet-prepare index --help)"
     if "storage" in data and not is_storage(data["storage"]):
         return "'storage' is not {resize: null or a side, center_crop: true or false, quality: 1..100}"
     return None
@@ -236,6 +248,11 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def sample_format(self) -> SampleFormat:
+        """Which member of a sample is its image (the first of these extensions) and which its label."""
+        return SampleFormat(tuple(self.data["images"]), self.data["label"])
 
     def has(self, split: str) -> bool:
         return split in self.data["splits"]

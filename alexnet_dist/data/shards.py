@@ -31,6 +31,7 @@ from ..errors import DataError
 from . import shard_index
 from .images import STORAGE_RULES, encode
 from .manifest import MANIFEST, MANIFEST_VERSION
+from .members import SampleFormat
 from .sources import Sample, Source
 from .stats import STATS
 
@@ -346,6 +347,7 @@ def write_dataset(
         "source": source_name,
         "classes": source.classes,
         "num_classes": len(source.classes),
+        **SampleFormat().record(),  # <key>.jpg and <key>.cls, the class number
         # How every image was stored, so that a photo can later be read as its stored copy would
         # be (data/photos.py). Manifests written before it lack it: readers take it as unknown.
         "storage": {"resize": resize, "center_crop": center_crop, "quality": quality},

@@ -30,8 +30,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
 from . import shard_index, store
-from .loader import BadImage, Batch, all_skipped, parse_label
+from .loader import BadImage, Batch, all_skipped
 from .manifest import tar_header
+from .members import SampleFormat, parse_label
 from .plan import EpochPlan, Piece
 from .transforms import Augmentation, center_crop, colour_shift, crop_box, random_crop_flip, ten_views
 
@@ -39,7 +40,7 @@ from .transforms import Augmentation, center_crop, colour_shift, crop_box, rando
 def decode_image(data: bytes, where: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
-        return image.convert("RGB")  # greyscale, CMYK and PNG all come out RGB
+        return image.convert("RGB")  # grey, palette, CMYK and alpha all come out RGB, as from DALI
     except Exception as exc:
         raise BadImage(where, str(exc)) from None
 
@@ -80,12 +81,14 @@ class ShardStream(IterableDataset):
         plan: EpochPlan,
         augment: Augmentation,
         *,
-        num_classes: int,
+        sample_format: SampleFormat,
+        classes: list[str],
         workers: int,
         shuffle_buffer: int,
         strict: bool,
     ):
-        self.plan, self.augment, self.num_classes = plan, augment, num_classes
+        self.plan, self.augment = plan, augment
+        self.sample_format, self.classes = sample_format, classes
         self.workers, self.shuffle_buffer, self.strict = max(1, workers), shuffle_buffer, strict
         self.epoch = 0
         self.skip = 0
@@ -212,14 +215,16 @@ class ShardStream(IterableDataset):
             if remaining <= 0:
                 return
             where = f"{tar}:{sample['__key__']}"
-            label = parse_label(sample["cls"] if "cls" in sample else None, where, self.num_classes)
-            if "jpg" not in sample:
-                raise DataError(f"{where}: sample has no .jpg image")
+            fmt = self.sample_format
+            label = parse_label(sample.get(fmt.label_ext), where, fmt, self.classes)
+            image_ext = fmt.image_of(sample)
+            if image_ext is None:
+                raise DataError(f"{where}: sample has no {fmt.describe_images()} image")
             rng = random.Random(f"{name}-{index}")
             index, taken = index + 1, taken + 1
             window = [] if plan.train and self.augment.windows else None
             try:
-                image = self.view(sample["jpg"], rng, where, window)
+                image = self.view(sample[image_ext], rng, where, window)
             except BadImage as exc:
                 if self.strict:
                     raise
@@ -364,7 +369,8 @@ def build(
     augment: Augmentation,
     settings: LoaderSettings,
     *,
-    num_classes: int,
+    sample_format: SampleFormat,
+    classes: list[str],
     position,
     device: torch.device,
     min_side: int | None = None,
@@ -377,7 +383,8 @@ def build(
     dataset = ShardStream(
         plan,
         augment,
-        num_classes=num_classes,
+        sample_format=sample_format,
+        classes=classes,
         workers=workers,
         shuffle_buffer=settings.shuffle_buffer,
         strict=settings.bad_images == "error",
