@@ -263,6 +263,46 @@ def test_grey_cmyk_and_png_decode_to_rgb_and_a_corrupt_image_is_skipped_and_coun
     assert decode_codes(first[1:4])[0] == [7, 7, 7]
 
 
+def patterned(mode: str) -> Image.Image:
+    """A 20x20 picture of varied colours in PIL mode `mode`, with varying transparency where it has any."""
+    y, x = np.mgrid[0:20, 0:20]
+    rgb = Image.fromarray(np.stack([x * 12, y * 12, (x * y) % 256], -1).astype(np.uint8), "RGB")
+    if mode in ("RGBA", "LA"):
+        picture = rgb.convert(mode[:-1])
+        picture.putalpha(Image.linear_gradient("L").resize((20, 20)))
+        return picture
+    if mode.startswith("P"):
+        picture = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+        if mode == "P+transparency":
+            picture.info["transparency"] = 3  # a palette entry shown as see-through
+        return picture
+    return rgb.convert(mode)
+
+
+def test_both_loaders_decode_png_webp_grey_palette_and_alpha_to_the_same_rgb_pixels(tmp_path, coded):
+    """Every mode of the image types alexnet-prepare index accepts: the two loaders' pixels agree
+    exactly, and are PIL's convert("RGB") of the picture (alpha dropped, grey repeated, the
+    palette looked up)."""
+    import shutil
+
+    root = tmp_path / "modes"
+    shutil.copytree(coded, root)
+    images = [encoded(patterned(mode), "PNG") for mode in ("RGB", "L", "1", "P", "P+transparency", "RGBA", "LA")]
+    images += [encoded(patterned(mode), "WEBP") for mode in ("RGB", "RGBA")]  # lossy
+    lossless = io.BytesIO()
+    patterned("RGBA").save(lossless, "WEBP", lossless=True)
+    images += [lossless.getvalue(), encoded(patterned("L"), "JPEG")]
+    replace_shard(root, "val", 0, [(f"mode-{i:02d}", data, b"0") for i, data in enumerate(images)])
+    pixels = {}
+    for name, loader in zip(("dali", "wds"), LOADERS, strict=True):
+        first = next(iter(module(root, loader=loader, batch_size=len(images), crop=20).val_dataloader()))
+        pixels[name] = first.images.permute(0, 2, 3, 1).numpy()
+    want = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in images])
+    assert np.array_equal(pixels["dali"], want) and np.array_equal(pixels["wds"], want)
+    for grey in (1, 2, 6, 10):  # L, 1 and LA PNGs, the grey JPEG: three equal channels
+        assert np.array_equal(want[grey][..., 0], want[grey][..., 2])
+
+
 @pytest.mark.parametrize("loader", LOADERS, ids=["dali", "wds"])
 def test_a_corrupt_image_stops_a_strict_loader_naming_shard_and_key(awkward, loader):
     root, tar = awkward
