@@ -12,6 +12,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_cli
 from helpers.shards import WDS, data_module
@@ -510,6 +511,20 @@ def test_training_reads_only_the_kept_samples_and_validation_only_the_held_out(t
     validated = [tuple(key) for batch in dm.val_dataloader() for key in batch.keys]
     assert sorted(trained) == sorted(split_keys(out, "train"))  # 2 batches of 20: every kept sample, once
     assert validated == split_keys(out, "val")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["wds", "dali"])
+def test_a_run_on_a_held_out_split_evaluates_exactly_the_held_out_samples(tmp_path, cli_env, train_only, loader):
+    results = train_on(tmp_path, cli_env, train_only["out"], loader, f"held-{loader}")
+    assert results["global_step"] == 40 // 16 and results["val_count"] == 4
+    ckpt = tmp_path / "runs" / "smoke" / f"held-{loader}" / "checkpoints" / "last.ckpt"
+    run_cli(
+        "alexnet-eval", f"ckpt_path={ckpt}", f"data.root={train_only['out']}", f"loader={loader}",
+        f"probs={tmp_path / 'p.npz'}", cwd=tmp_path, env=cli_env,
+    )  # fmt: skip
+    probs = np.load(tmp_path / "p.npz")
+    assert list(zip(probs["shards"], probs["keys"], strict=True)) == split_keys(train_only["out"], "val")
 
 
 def manifest_summary(manifest: dict) -> dict:

@@ -147,7 +147,7 @@ def read_tar(tar: str, num_classes: int | None, decode: int, stop: threading.Eve
     reading only the .jpg and .cls members' bytes. Given up, part-way, once `stop` is set."""
     found, at = TarIndex(tar, num_classes, decode), 0
     with store.open_file(tar) as f:  # a brace pattern names files whether or not they exist: Missing
-        if f.read(len(GZIP)) == GZIP:  # by its bytes: a .tar name may hide one, a .tgz name may not
+        if f.read(len(GZIP)) == GZIP:  # known by its bytes: a gzip file may be named .tar
             raise gzipped(tar)
         f.seek(0)
         try:
