@@ -20,7 +20,8 @@ LAYERS = [
 # Imports within a layer: normalisation uses the geometry; the manifest check, the writer and the
 # statistics read and write DALI index files through shard_index; the image conversion takes the
 # sources' samples; the writer uses both, reads the manifest and clears stale statistics; the
-# statistics read the manifest; the indexer of other tools' tars writes with the writer's helpers; the loaders
+# statistics read the manifest; the indexer of other tools' tars writes with the writer's helpers and reads
+# sample keys off index lines through shard_index; the loaders
 # share the contract in loader.py and never import each other.
 WITHIN = {
     "normalize": {"transforms"},
@@ -28,7 +29,7 @@ WITHIN = {
     "manifest": {"shard_index"},
     "shards": {"manifest", "sources", "images", "stats", "shard_index"},
     "stats": {"manifest", "shard_index"},
-    "index": {"manifest", "shards"},
+    "index": {"manifest", "shards", "shard_index"},
     "wds": {"loader"},
     "dali": {"loader", "dali_pipeline"},
 }

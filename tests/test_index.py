@@ -1,21 +1,26 @@
 """alexnet-prepare index over tars written by webdataset's ShardWriter, as another tool would
 leave them: local, on S3 and over HTTP; then training on them with both loaders."""
 
+import hashlib
 import io
 import json
 import math
 import re
 import shutil
+import subprocess
 import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_cli
 from helpers.shards import WDS, data_module
 from PIL import Image
 
 from alexnet_dist.data.index import index_shards
+from alexnet_dist.data.shard_index import sample_key
+from alexnet_dist.errors import DataError
 
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
 COLOURS = [(230, 30, 30), (30, 230, 30), (30, 30, 230)]  # flat colours, which JPEG keeps within a unit or two
@@ -175,7 +180,7 @@ def test_samples_that_cannot_train_are_named_with_why_and_left_out(tmp_path, cli
     out = tmp_path / "out"
     proc = index_cli(
         tmp_path, cli_env, f"{faulty['root']}/train/", f"{faulty['root']}/val/*.tar", out,
-        "--classes", faulty["root"] / "classes.txt",
+        "--classes", faulty["root"] / "classes.txt", "--max-skipped", "1",
     )  # fmt: skip
     t0, t1, t2 = faulty["train"][:3]
     want = [
@@ -213,7 +218,7 @@ def test_more_than_twenty_skipped_samples_are_summed_up(tmp_path, cli_env):
     tars = write_tars(
         tmp_path / "train", [good("ok", 0)] + [{"__key__": f"x{i:02d}", "cls": 0} for i in range(25)], 100
     )
-    proc = index_cli(tmp_path, cli_env, tars[0], tars[0], tmp_path / "out")
+    proc = index_cli(tmp_path, cli_env, tars[0], tars[0], tmp_path / "out", "--max-skipped", "1")
     lines = proc.stderr.splitlines()
     assert lines[:20] == [f"{tars[0]}:x{i:02d}: no {ANY} image (has .cls)" for i in range(20)]
     assert lines[20] == "... and 5 more (see manifest.json)"  # then the same for val, indexing the same tar
@@ -225,7 +230,7 @@ def test_more_than_twenty_skipped_samples_are_summed_up(tmp_path, cli_env):
 def test_without_a_classes_file_the_train_labels_name_the_classes(tmp_path):
     train = write_tars(tmp_path / "train", [good("a", 0), good("b", 4), good("c", 4)], 10)
     val = write_tars(tmp_path / "val", [good("d", 4), good("e", 5), good("f", 1)], 10)
-    manifest = index_shards(str(train[0]), str(val[0]), tmp_path / "out")
+    manifest = index_shards(str(train[0]), str(val[0]), tmp_path / "out", max_skipped=1)
     assert manifest["classes"] == ["0", "1", "2", "3", "4"]  # up to the largest, with the ones no image has
     assert manifest["splits"]["train"]["class_counts"] == {"0": 1, "4": 2}
     assert manifest["splits"]["val"]["class_counts"] == {"1": 1, "4": 1}
@@ -270,7 +275,7 @@ def member(tar: Path, number: int) -> tarfile.TarInfo:
     [
         ("no match", r"--train {root}/train/nothing-\*\.tar: matches no tar"),
         ("empty folder", r"--val {root}/empty/: matches no tar"),
-        ("val missing", r"index: --val PATTERN missing \(training needs both --train and --val\)"),
+        ("val missing", r"index: no validation data; give --val PATTERN \(validation tars\) or --val-fraction F"),
         ("missing file", r"{root}/train/shard-000003\.tar: no such file"),
         ("not a tar", r"{root}/train/shard-000000\.tar: damaged at byte 0, after 0 samples \(.*\)"),
         ("garbage part-way", r"{tar1}: damaged at byte {at}, after 2 samples \(no tar header"),
@@ -278,6 +283,10 @@ def member(tar: Path, number: int) -> tarfile.TarInfo:
         ("cut in a skipped member", r"{tar1}: damaged at byte {at}, after 1 samples \(unexpected end"),
         ("no usable sample", r"--val {root}/val/shard-000000\.tar: no usable samples in its 1 tars \(1 skipped, e\.g"),
         ("classes missing", r"--classes {root}/nowhere\.txt: no such file"),
+        ("val and fraction", r"index: --val and --val-fraction both given"),
+        ("fraction 1", r"index: --val-fraction 1: must be between 0 and 1 \(e\.g\. 0\.05\)"),
+        ("fraction holds none", r"--val-fraction 0\.01 holds out 0 of the 9 usable training samples"),
+        ("max-skipped 2", r"index: --max-skipped 2: a part of the samples, from 0 to 1 \(default 0\.01\)"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_indexed_is_one_line(tmp_path, cli_env, case, message):
@@ -309,7 +318,13 @@ def test_what_cannot_be_indexed_is_one_line(tmp_path, cli_env, case, message):
         write_tars(root / "val", [{"__key__": "v0", "cls": 0}], 3)
     elif case == "classes missing":
         extra = ["--classes", root / "nowhere.txt"]
-    args = ["--train", train] + (["--val", val_pattern] if case != "val missing" else [])
+    elif case == "val and fraction":
+        extra = ["--val-fraction", "0.1"]
+    elif case == "max-skipped 2":
+        extra = ["--max-skipped", "2"]
+    elif case.startswith("fraction"):
+        extra, val_pattern = ["--val-fraction", "1" if case == "fraction 1" else "0.01"], None
+    args = ["--train", train] + (["--val", val_pattern] if case != "val missing" and val_pattern else [])
     proc = run_cli(
         "alexnet-prepare", "index", *args, "--out", tmp_path / "out", *extra, cwd=tmp_path, env=cli_env, check=False
     )
@@ -319,6 +334,198 @@ def test_what_cannot_be_indexed_is_one_line(tmp_path, cli_env, case, message):
         proc.stderr
     )
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def tar_of_files(tmp_path: Path, count: int, *args: str) -> Path:
+    """files/k000.jpg, k000.cls, ... made as a conversion script would (every image, then every
+    label), packed by the real tar command: `tar <args> x.tar -C files .`."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(count):
+        (files / f"k{i:03d}.jpg").write_bytes(jpeg(COLOURS[i % 3]))
+    for i in range(count):
+        (files / f"k{i:03d}.cls").write_text(str(i % 3))
+    tar = tmp_path / "x.tar"
+    subprocess.run(["tar", *args, str(tar), "-C", str(files), "."], check=True)
+    return tar
+
+
+@pytest.mark.parametrize("case", ["tar cf", "tar czf", "gzip named .tar", "5% unusable"])
+def test_tars_as_people_write_them_stop_in_one_line_or_index_whole(tmp_path, cli_env, case):
+    """A folder packed by plain `tar cf` (files in directory order, a sample's members apart), a
+    gzip-compressed tar, a split with 5% of its samples unusable: one line, nothing written, and
+    what the line says to do gives a tar that indexes every sample."""
+    out = tmp_path / "out"
+    if case == "5% unusable":
+        samples = [good(f"k{i:02d}", i % 3) for i in range(19)] + [{"__key__": "k19", "jpg": jpeg(COLOURS[0])}]
+        tar = write_tars(tmp_path / "train", samples, 100)[0]
+        proc = index_cli(tmp_path, cli_env, tar, tar, out, check=False)
+        want = (
+            f"error: --train {tar}: 1 of 20 samples are unusable, more than --max-skipped 0.01 allows; the "
+            f"commonest reason (1 of them) as in {tar}:k19: no .cls label; fix the tars, or pass --max-skipped "
+            "0.05 to index the 19 usable ones\n"
+        )
+        assert (proc.returncode, proc.stderr, proc.stdout) == (2, want, "")
+        assert not out.exists()
+        proc = index_cli(tmp_path, cli_env, tar, tar, out, "--max-skipped", "0.05")
+        assert proc.stdout.splitlines()[0] == "train: 19 images in 1 shards, 1 skipped (see manifest.json)"
+        return
+    # (the compressed ones sorted by name, so that unpacked as the line says they index whole)
+    tar = tar_of_files(
+        tmp_path, 30, *{"tar cf": ["cf"], "tar czf": ["--sort=name", "-czf"]}.get(case, ["--sort=name", "-cf"])
+    )
+    if case == "tar cf":
+        order = subprocess.run(["tar", "tf", tar], capture_output=True, text=True, check=True).stdout.split()
+        assert order != sorted(order)  # what the test is about: the folder's order is not the names'
+        want = (
+            f"error: {tar}: the members of sample \\./(k\\d+) are not next to each other "
+            "\\(((\\./k\\d+)\\.(jpg|cls)) comes after other samples' members\\), but webdataset and DALI read a "
+            "sample as one run of members; re-create the tar sorted by name, e.g. "
+            "`tar --sort=name -cf NAME.tar -C FOLDER .` \\(GNU tar: plain `tar cf` "
+            "stores files in the folder's own order\\)\n"
+        )
+    else:
+        if case == "tar czf":
+            tar = tar.rename(tmp_path / "x.tar.gz")
+            fix = "gzip -dc x.tar.gz > x.tar` and point the pattern at x.tar"
+        else:  # compressed behind a .tar name: known by its first bytes
+            subprocess.run(["gzip", "-k", tar], check=True)
+            tar = (tmp_path / "x.tar.gz").rename(tmp_path / "x.tar")
+            fix = "gzip -dc x.tar > x-plain.tar` and point the pattern at x-plain.tar"
+        want = (
+            f"error: {tar}: gzip-compressed; the index needs a plain tar (DALI reads members at their byte offsets): "
+            f"unpack it with `{fix}\n"
+        )
+    proc = index_cli(tmp_path, cli_env, tar, tar, out, check=False)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert not out.exists()
+    if case == "tar cf":
+        named = re.fullmatch(want.replace(str(tar), re.escape(str(tar))), proc.stderr)
+        assert named, proc.stderr
+        # the first member in the tar whose sample's run of members ended before it
+        members = [name for name in order if name != "./"]
+        keys = [sample_key(name) for name in members]
+        apart = next(i for i, key in enumerate(keys) if key in keys[:i] and keys[i - 1] != key)
+        assert (named[1], named[2]) == (keys[apart].removeprefix("./"), members[apart])
+    else:
+        assert proc.stderr == want
+    if case == "tar cf":  # the fix the line gives
+        subprocess.run(["tar", "--sort=name", "-cf", tar, "-C", tmp_path / "files", "."], check=True)
+    else:
+        fixed = re.search(r"`(.*)`", want)[1]
+        subprocess.run(fixed, shell=True, cwd=tmp_path, check=True)
+        tar = tmp_path / fixed.split()[-1]
+    proc = index_cli(tmp_path, cli_env, tar, tar, out)
+    assert proc.stdout.splitlines()[0] == "train: 30 images in 1 shards" and proc.stderr == ""
+
+
+def test_the_commonest_skip_reason_counts_alike_reasons_as_one(tmp_path):
+    """Labels 7, 8 and 9 outside the classes are one reason, three times: more than the two
+    samples without an image."""
+    samples = [good(f"k{i:02d}", i % 3) for i in range(20)]
+    samples += [{"__key__": "no-jpg-a", "cls": 0}, {"__key__": "no-jpg-b", "cls": 1}]
+    samples += [{"__key__": f"out-{label}", "jpg": jpeg(COLOURS[0]), "cls": label} for label in (7, 8, 9)]
+    tar = write_tars(tmp_path / "train", samples, 100)[0]
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    with pytest.raises(DataError) as caught:
+        index_shards(str(tar), str(tar), tmp_path / "out", classes=str(tmp_path / "classes.txt"), max_skipped=0.1)
+    assert str(caught.value) == (
+        f"--train {tar}: 5 of 25 samples are unusable, more than --max-skipped 0.1 allows; the commonest reason "
+        f"(3 of them) as in {tar}:out-7: label 7 is outside the 3 classes (0..2); fix the tars, or pass "
+        "--max-skipped 0.2 to index the 20 usable ones"
+    )
+
+
+def rule_rank(tar: Path, key: str) -> bytes:
+    """What --val-fraction orders the samples by, as the docs state it."""
+    return hashlib.sha256(f"{tar.name}:{key}".encode()).digest()
+
+
+@pytest.fixture(scope="module")
+def train_only(tmp_path_factory) -> dict:
+    """43 training samples in 2 tars and a third tar of one sample whose key the rule holds out
+    (its hash is below every other's), with no validation tars; indexed with --val-fraction 0.1:
+    round(0.1 x 44) = 4 held out."""
+    root = tmp_path_factory.mktemp("train-only")
+    tars = write_tars(root / "train", [good(f"t/{i:03d}", i % 3, SIZES[i % 2]) for i in range(43)], 22)
+    keys = {(tar.name, key) for tar, members in ((t, tar_members(t)) for t in tars) for key in map(sample_key, members)}
+    lowest = min(rule_rank(Path(name), key) for name, key in keys)
+    solo = root / "train" / "solo.tar"
+    key = next(k for k in (f"s/{n}" for n in range(10000)) if rule_rank(solo, k) < lowest)
+    shutil.move(write_tars(root / "solo", [good(key, 2)], 1)[0], solo)
+    keys.add((solo.name, key))
+    out = root / "out"
+    index_shards(f"{root}/train/", None, out, val_fraction=0.1)
+    return {"root": root, "out": out, "tars": [*tars, solo], "keys": keys, "solo": key}
+
+
+def split_keys(out: Path, split: str) -> list[tuple[str, str]]:
+    """(tar, key) of every sample a split's index files list, in order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [
+        (shard["tar"], sample_key(fields[3]))
+        for shard in manifest["splits"][split]["shards"]
+        for fields in index_lines(out, shard)
+    ]
+
+
+def test_val_fraction_holds_out_the_samples_the_rule_picks_on_every_run_and_wherever_the_tars_lie(
+    tmp_path, train_only
+):  # fmt: skip
+    out, root = train_only["out"], train_only["root"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["val_fraction"]["fraction"] == 0.1 and "SHA-256" in manifest["val_fraction"]["rule"]
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert (train["pattern"], val["pattern"], val["held_out_from"]) == (f"{root}/train/", f"{root}/train/", "train")
+    ranked = sorted(train_only["keys"], key=lambda k: rule_rank(Path(k[0]), k[1]))
+    held = {(str(root / "train" / name), key) for name, key in ranked[:4]}
+    assert (str(root / "train" / "solo.tar"), train_only["solo"]) in held
+    train_keys, val_keys = split_keys(out, "train"), split_keys(out, "val")
+    assert set(val_keys) == held and len(val_keys) == 4 == val["count"]
+    assert len(train_keys) == 40 == train["count"] and not held & set(train_keys)
+    assert {(Path(t).name, k) for t, k in train_keys + val_keys} == train_only["keys"]
+    # every tar stays in train, the one whose only sample is held out with none; val: where held-out ones lie
+    assert [s["tar"] for s in train["shards"]] == [str(t) for t in train_only["tars"]]
+    assert [s["count"] for s in train["shards"]][2] == 0
+    assert [s["tar"] for s in val["shards"]] == sorted(
+        {t for t, _ in held}, key=[str(t) for t in train_only["tars"]].index
+    )
+    assert sum(map(Counter, (train["class_counts"], val["class_counts"])), Counter()) == Counter(
+        {"0": 15, "1": 14, "2": 15}
+    )
+    # the same again, and for the same tars in another folder
+    shutil.copytree(root / "train", tmp_path / "elsewhere")
+    again = index_shards(f"{root}/train/", None, tmp_path / "again", val_fraction=0.1)
+    assert again == manifest
+    for split in ("train", "val"):
+        assert split_keys(tmp_path / "again", split) == split_keys(out, split)
+    index_shards(f"{tmp_path}/elsewhere/", None, tmp_path / "moved", val_fraction=0.1)
+    moved = {(Path(t).name, k) for t, k in split_keys(tmp_path / "moved", "val")}
+    assert moved == {(Path(t).name, k) for t, k in held}
+
+
+@pytest.mark.parametrize("loader", [WDS, {"name": "dali"}], ids=["wds", "dali"])
+def test_training_reads_only_the_kept_samples_and_validation_only_the_held_out(train_only, loader):
+    out = train_only["out"]
+    dm = data_module(out, loader, epoch=0, crop=24, batch_size=20, val_batch_size=3)
+    trained = [tuple(key) for batch in dm.train_dataloader() for key in batch.keys]
+    validated = [tuple(key) for batch in dm.val_dataloader() for key in batch.keys]
+    assert sorted(trained) == sorted(split_keys(out, "train"))  # 2 batches of 20: every kept sample, once
+    assert validated == split_keys(out, "val")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["wds", "dali"])
+def test_a_run_on_a_held_out_split_evaluates_exactly_the_held_out_samples(tmp_path, cli_env, train_only, loader):
+    results = train_on(tmp_path, cli_env, train_only["out"], loader, f"held-{loader}")
+    assert results["global_step"] == 40 // 16 and results["val_count"] == 4
+    ckpt = tmp_path / "runs" / "smoke" / f"held-{loader}" / "checkpoints" / "last.ckpt"
+    run_cli(
+        "alexnet-eval", f"ckpt_path={ckpt}", f"data.root={train_only['out']}", f"loader={loader}",
+        f"probs={tmp_path / 'p.npz'}", cwd=tmp_path, env=cli_env,
+    )  # fmt: skip
+    probs = np.load(tmp_path / "p.npz")
+    assert list(zip(probs["shards"], probs["keys"], strict=True)) == split_keys(train_only["out"], "val")
 
 
 def manifest_summary(manifest: dict) -> dict:
@@ -339,7 +546,7 @@ def served(clean, faulty):
 def test_tars_on_s3_and_over_http_index_as_the_same_tars_on_disk(
     tmp_path, cli_env, served, object_store, http_server
 ):  # fmt: skip
-    local = index_shards(f"{served['train'][0].parent}/", str(served["val"][0]), tmp_path / "local")
+    local = index_shards(f"{served['train'][0].parent}/", str(served["val"][0]), tmp_path / "local", max_skipped=1)
     site, base = http_server
     for split in ("train", "val"):
         (site / "idx" / split).mkdir(parents=True, exist_ok=True)
@@ -354,7 +561,7 @@ def test_tars_on_s3_and_over_http_index_as_the_same_tars_on_disk(
         ("http-brace", f"{base}/idx", f"train/{brace}", "val/shard-{000000..000000}.tar"),
     ]:
         out = tmp_path / name
-        proc = index_cli(tmp_path, env, f"{where}/{train}", f"{where}/{val}", out)
+        proc = index_cli(tmp_path, env, f"{where}/{train}", f"{where}/{val}", out, "--max-skipped", "1")
         assert proc.stdout.splitlines()[:2] == [
             "train: 48 images in 3 shards",
             "val: 2 images in 1 shards, 2 skipped (see manifest.json)",
@@ -416,7 +623,7 @@ def indexed_faulty(tmp_path_factory) -> Path:
     write_tars(root / "val", mixed("v", 20), 9)
     (root / "classes.txt").write_text("a\nb\nc\n")  # so that label 9 is outside in training too
     out = root / "out"
-    index_shards(f"{root}/train/", f"{root}/val/", out, classes=str(root / "classes.txt"))
+    index_shards(f"{root}/train/", f"{root}/val/", out, classes=str(root / "classes.txt"), max_skipped=1)
     return out
 
 
@@ -447,7 +654,7 @@ def test_ranks_starting_inside_a_tar_read_pax_named_samples_and_pass_over_duplic
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "out"
-    manifest = index_shards(f"{tmp_path}/val/", f"{tmp_path}/val/", out)
+    manifest = index_shards(f"{tmp_path}/val/", f"{tmp_path}/val/", out, max_skipped=1)
     assert [s["count"] for s in manifest["splits"]["val"]["shards"]] == [12, 3]
     assert manifest["splits"]["val"]["skipped"] == [f"{tmp_path}/val/shard-000001.tar:w/dup: two .jpg members"]
     expected = [i % 3 for i in range(12)] + [0, 2, 1]

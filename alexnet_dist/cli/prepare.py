@@ -1,5 +1,6 @@
 """alexnet-prepare SOURCE --src DIR --out DIR: image folders, ImageNet, Fashion-MNIST or synthetic images to shards;
-alexnet-prepare index --train PATTERN --val PATTERN --out DIR: a manifest for WebDataset tars made elsewhere."""
+alexnet-prepare index --train PATTERN (--val PATTERN | --val-fraction F) --out DIR: a manifest for WebDataset tars
+made elsewhere."""
 
 import argparse
 import os
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..data import sources
+from ..data.index import MAX_SKIPPED
 from ..data.members import IMAGES, index_format
 from ..data.shards import write_dataset
 from ..errors import ConfigError, DataError
@@ -63,6 +65,19 @@ def parse_args(argv=None):
             "a local glob, or a folder or s3:// prefix ending in / (every .tar under it)",
         )
     g.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="index without --val: hold out this part (0 < F < 1) of the training samples for validation, "
+        "chosen from the hashes of their tar names and keys, the same on every run",
+    )
+    g.add_argument(
+        "--max-skipped",
+        type=float,
+        metavar="F",
+        help=f"index: stop when more than this part of a split's samples is unusable (default {MAX_SKIPPED})",
+    )
+    g.add_argument(
         "--classes",
         metavar="FILE|N",
         help="index: a file of class names, one a line, for labels 0, 1, ... (default: the train split's class "
@@ -94,9 +109,9 @@ def check_args(args) -> None:
     else:
         if args.train or args.val:
             raise ConfigError(f"--train and --val name the tars of alexnet-prepare index; {args.source} reads --src")
-        for name in ("image", "label"):
+        for name in ("image", "label", "val_fraction", "max_skipped"):
             if getattr(args, name) is not None:
-                raise ConfigError(f"--{name} says which member of another tool's tars to read: it is for index only")
+                raise ConfigError(f"--{name.replace('_', '-')} is for alexnet-prepare index; {args.source} reads --src")
         try:
             args.classes = int(args.classes or 10)
         except ValueError:
@@ -115,10 +130,27 @@ def check_args(args) -> None:
 
 
 def check_index_args(args) -> None:
-    """index reads --train and --val, both (training needs both), and stores nothing anew."""
-    for split in ("train", "val"):
-        if not getattr(args, split):
-            raise ConfigError(f"index: --{split} PATTERN missing (training needs both --train and --val)")
+    """index reads --train and either --val or --val-fraction (training needs both splits), and
+    stores nothing anew."""
+    if not args.train:
+        raise ConfigError("index: --train PATTERN missing")
+    if args.val and args.val_fraction is not None:
+        raise ConfigError(
+            "index: --val and --val-fraction both given; validate on the --val tars or on a held-out part"
+        )
+    if not args.val and args.val_fraction is None:
+        raise ConfigError(
+            "index: no validation data; give --val PATTERN (validation tars) or --val-fraction F "
+            "(hold out that part of the training samples, e.g. 0.05)"
+        )
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        raise ConfigError(f"index: --val-fraction {args.val_fraction:g}: must be between 0 and 1 (e.g. 0.05)")
+    if args.max_skipped is None:
+        args.max_skipped = MAX_SKIPPED
+    elif not 0 <= args.max_skipped <= 1:
+        raise ConfigError(
+            f"index: --max-skipped {args.max_skipped:g}: a part of the samples, from 0 to 1 (default {MAX_SKIPPED})"
+        )
     for name in ("src", "val_labels", "resize"):
         if getattr(args, name) is not None:
             raise ConfigError(f"index: --{name.replace('_', '-')} does not apply (the tars are indexed as they are)")
@@ -159,6 +191,8 @@ def prepare(args) -> None:
             sample=args.sample,
             workers=args.workers,
             fmt=args.sample_format,
+            val_fraction=args.val_fraction,
+            max_skipped=args.max_skipped,
         )
         print_skipped(manifest)
     else:

@@ -7,9 +7,21 @@ and its name up to the first dot, the extension the rest (a/b.seg.jpg: key a/b, 
 Which member is its image and which its label, and what the label means, members.py says (--image,
 --label); other members are passed over. A sample that cannot train (no image, a label that is no
 class, an image PIL cannot read or the loaders would decode differently) stays out of the index
-and is listed, with why, in the manifest's `skipped`.
+and is listed, with why, in the manifest's `skipped`; when more than --max-skipped of a split's
+samples are, nothing is written (a data set that lost most of its samples is no success).
+
+A tar must be plain (not gzip-compressed: DALI and the index read members at byte offsets) and
+hold each sample's members next to each other, as webdataset and DALI read them; a tar made
+with plain `tar cf` from a folder stores files in directory order instead. Either stops in one
+line saying how to re-create the tar.
+
+Without --val tars, --val-fraction F holds out round(F x N) of the N usable training samples
+for validation: those whose SHA-256 of "<tar file name>:<key>" is smallest, so the choice
+depends on the data alone, the same on every run and machine and wherever the tars lie. Both
+splits then name the same tars, each with its own index files listing its own samples.
 """
 
+import hashlib
 import io
 import json
 import re
@@ -17,7 +29,7 @@ import tarfile
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +37,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DataError
-from . import store
+from . import shard_index, store
 from .manifest import MANIFEST, MANIFEST_VERSION
 from .members import BadLabel, SampleFormat, class_number, image_problem, index_format, label_value
 from .shards import channel_stats, forget_dataset, index_line, size_stats, write_atomically, write_index
 
 # webdataset's base_plus_ext: a name with no dot after its folder is no part of any sample.
 KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+MAX_SKIPPED = 0.01  # --max-skipped: the part of a split's samples that may be unusable
+GZIP = b"\x1f\x8b"  # the first bytes of every gzip file
+HOLD_OUT_RULE = 'the round(fraction x N) usable train samples with the smallest SHA-256 of "<tar file name>:<key>"'
 
 
 def expand_split(split: str, pattern: str) -> list[str]:
@@ -81,6 +96,7 @@ class TarIndex:
     lines: list[str] = field(default_factory=list)  # DALI index lines of the samples kept
     skipped: list[str] = field(default_factory=list)  # "<tar>:<key>: why" of the others
     labels: Counter = field(default_factory=Counter)
+    line_labels: list[int] = field(default_factory=list)  # the label of each line's sample
     sizes: set = field(default_factory=set)
     sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
     squares: np.ndarray = field(default_factory=lambda: np.zeros(3))
@@ -152,7 +168,8 @@ class TarIndex:
     def settle(self, classes: Classes) -> None:
         """The index lines, skipped samples, label counts and image sizes, in tar order, once the
         classes are known: a label that names none of them is skipped here."""
-        self.lines, self.skipped, self.labels, self.sizes = [], [], Counter(), set()
+        self.lines, self.line_labels, self.skipped = [], [], []
+        self.labels, self.sizes = Counter(), set()
         for key, line, value, size in self.entries:
             if line is not None:
                 try:
@@ -163,6 +180,7 @@ class TarIndex:
                 self.skipped.append(f"{self.tar}:{key}: {value}")
                 continue
             self.lines.append(line)
+            self.line_labels.append(number)
             self.labels[number] += 1
             self.sizes.add(size)
 
@@ -172,9 +190,12 @@ def read_tar(tar: str, found: TarIndex, stop: threading.Event) -> TarIndex:
     `found`, reading only the bytes of image and label members. Given up, part-way, once `stop` is set."""
     at = 0
     with store.open_file(tar) as f:  # a brace pattern names files whether or not they exist: Missing
+        if f.read(len(GZIP)) == GZIP:  # known by its bytes: a gzip file may be named .tar
+            raise gzipped(tar)
+        f.seek(0)
         try:
             with tarfile.open(fileobj=f, mode="r|") as stream:
-                key, members = None, {}
+                key, members, done = None, {}, set()
                 for member in stream:
                     if stop.is_set():  # another tar failed, or Ctrl-C: this one's result is not wanted
                         return found
@@ -185,6 +206,9 @@ def read_tar(tar: str, found: TarIndex, stop: threading.Event) -> TarIndex:
                     if name[1] != key:
                         if key is not None:
                             found.add(key, members)
+                            done.add(key)
+                        if name[1] in done:  # a sample's members apart: each run would read as a sample
+                            raise scattered(tar, name[1], member.name)
                         key, members = name[1], {}
                     ext = name[2].lower()  # as webdataset reads it: k.JPG is the image of k
                     data = stream.extractfile(member).read() if ext in found.wanted else None
@@ -196,6 +220,27 @@ def read_tar(tar: str, found: TarIndex, stop: threading.Event) -> TarIndex:
             raise damaged(found, at, str(exc)) from None
         check_end(f, found, at)
     return found
+
+
+def gzipped(tar: str) -> DataError:
+    name = tar.rsplit("/", 1)[-1]
+    plain = next(
+        (name.removesuffix(end) + ".tar" for end in (".tar.gz", ".tgz", ".gz") if name.endswith(end)),
+        name.removesuffix(".tar") + "-plain.tar",
+    )
+    return DataError(
+        f"{tar}: gzip-compressed; the index needs a plain tar (DALI reads members at their byte offsets): "
+        f"unpack it with `gzip -dc {name} > {plain}` and point the pattern at {plain}"
+    )
+
+
+def scattered(tar: str, key: str, name: str) -> DataError:
+    return DataError(
+        f"{tar}: the members of sample {key} are not next to each other ({name} comes after other samples' "
+        "members), but webdataset and DALI read a sample as one run of members; re-create the tar sorted by "
+        "name, e.g. `tar --sort=name -cf NAME.tar -C FOLDER .` (GNU tar: plain `tar cf` stores files in "
+        "the folder's own order)"
+    )
 
 
 def check_end(f, found: TarIndex, end: int) -> None:
@@ -235,20 +280,26 @@ def read_split(
 
 def index_shards(
     train: str,
-    val: str,
+    val: str | None,
     out: Path,
     *,
     classes: str | None = None,
     sample: int = 10000,
     workers: int = 1,
     fmt: SampleFormat | None = None,
+    val_fraction: float | None = None,
+    max_skipped: float = MAX_SKIPPED,
 ) -> dict:
-    """Indexes the tars the --train and --val patterns name, reading their samples as `fmt` says;
-    writes out/index/<split>/NNNNNN.idx and then out/manifest.json (tars by their full location).
-    Returns the manifest. `fmt` None: what the command reads by default (members.index_format)."""
+    """Indexes the tars the --train and --val patterns name, or without --val holds out
+    `val_fraction` of the training samples for validation, reading their samples as `fmt` says
+    (None: what the command reads by default, members.index_format); writes
+    out/index/<split>/NNNNNN.idx and then out/manifest.json (tars by their full location).
+    Returns the manifest."""
+    assert (val is None) != (val_fraction is None), "--val or --val-fraction, one of them"
     fmt = fmt or index_format(None, None)
-    out, patterns = Path(out), {"train": train, "val": val}
-    tars = {split: expand_split(split, pattern) for split, pattern in patterns.items()}
+    out, patterns = Path(out), {"train": train, "val": val if val is not None else train}
+    read = ("train", "val") if val is not None else ("train",)  # held out: the train tars, read once
+    tars = {split: expand_split(split, patterns[split]) for split in read}
     known = Classes(None, "")
     if classes:
         names = read_classes(classes)
@@ -258,33 +309,30 @@ def index_shards(
     if known.names is None:
         names = train_classes([value for t in found["train"] for value in t.values()])
         known = Classes(names, f"the train split's {len(names)} classes")
-    found["val"] = read_split("val", tars["val"], fmt, known, 0, workers)
+    if val is not None:
+        found["val"] = read_split("val", tars["val"], fmt, known, 0, workers)
     for indexes in found.values():
         for t in indexes:
             t.settle(known)
     for split, indexes in found.items():
-        if not any(t.lines for t in indexes):
-            skipped = [line for t in indexes for line in t.skipped]
-            example = f", e.g. {skipped[0]}" if skipped else ""
-            raise DataError(
-                f"--{split} {patterns[split]}: no usable samples in its {len(indexes)} tars "
-                f"({len(skipped)} skipped{example})"
-            )
+        check_usable(split, patterns[split], indexes, max_skipped)
+    splits = found if val is not None else hold_out(found["train"], val_fraction)
     manifest = {
         "version": MANIFEST_VERSION,
         "source": "index",
         "classes": names,
         "num_classes": len(names),
         **fmt.record(),
+        **({"val_fraction": {"fraction": val_fraction, "rule": HOLD_OUT_RULE}} if val is None else {}),
         "splits": {},
     }
     try:
         forget_dataset(out)  # an old manifest would name index files this run rewrites
-        for split in found:
+        for split in splits:
             (out / "index" / split).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"{exc.filename}: cannot write there ({exc.strerror}); pass --out a writable folder") from None
-    for split, indexes in found.items():
+    for split, indexes in splits.items():
         shards = []
         for number, t in enumerate(indexes):
             name = f"index/{split}/{number:06d}.idx"
@@ -293,6 +341,8 @@ def index_shards(
         remove_stale(out / "index" / split, len(indexes))
         labels = sum((t.labels for t in indexes), Counter())
         manifest["splits"][split] = {
+            "pattern": patterns[split],
+            **({"held_out_from": "train"} if split == "val" and val is None else {}),
             "count": sum(s["count"] for s in shards),
             "shards": shards,
             "skipped": [line for t in indexes for line in t.skipped],
@@ -310,6 +360,72 @@ def train_classes(values: list) -> list[str]:
     (a number then means the class at that place), else "0" up to the largest class number."""
     names = sorted({v for v in values if isinstance(v, str)})
     return names or [str(k) for k in range(max(values, default=-1) + 1)]
+
+
+def check_usable(split: str, pattern: str, indexes: list[TarIndex], max_skipped: float) -> None:
+    """A split with no usable sample, or more than `max_skipped` of its samples unusable, stops in
+    one line: how many, the commonest reason and an example of it."""
+    skipped = [line for t in indexes for line in t.skipped]
+    if not any(t.lines for t in indexes):
+        example = f", e.g. {skipped[0]}" if skipped else ""
+        raise DataError(
+            f"--{split} {pattern}: no usable samples in its {len(indexes)} tars ({len(skipped)} skipped{example})"
+        )
+    total = sum(t.samples for t in indexes)
+    if len(skipped) <= max_skipped * total:
+        return
+    # (tar, key, why) of each: a skipped line is "<tar>:<key>: why", and a tar's name may hold colons
+    found = [(t.tar, *line[len(t.tar) + 1 :].split(": ", 1)) for t in indexes for line in t.skipped]
+    kind, count = Counter(reason_kind(why) for _, _, why in found).most_common(1)[0]
+    tar, key, why = next(f for f in found if reason_kind(f[2]) == kind)
+    need = -(-len(skipped) * 100 // total) / 100  # the fraction skipped, rounded up to a hundredth
+    raise DataError(
+        f"--{split} {pattern}: {len(skipped)} of {total} samples are unusable, more than --max-skipped "
+        f"{max_skipped:g} allows; the commonest reason ({count} of them) as in {tar}:{key}: {why}; fix the tars, "
+        f"or pass --max-skipped {need:g} to index the {total - len(skipped)} usable ones"
+    )
+
+
+def reason_kind(why: str) -> str:
+    """A skip reason without its particulars (numbers, quoted names, the part in brackets), so that
+    "label 7 is outside ..." and "label 8 is outside ..." count as one reason."""
+    return re.sub(r"\(.*\)|b?'.*?'|-?\d+", "_", why)
+
+
+def hold_out(train: list[TarIndex], fraction: float) -> dict[str, list[TarIndex]]:
+    """The training tars' usable samples parted into train and val: round(fraction x N) of the N
+    held out for validation by HOLD_OUT_RULE. Every tar stays in train (as the tars listed
+    without --val-fraction do, those all held out with no samples); val lists only the tars
+    holding held-out samples. The skipped samples stay with train, where they were found."""
+
+    def rank(t: TarIndex, line: str) -> bytes:
+        key = shard_index.sample_key(line.split()[3])  # the first member's name: the sample's key
+        return hashlib.sha256(f"{t.tar.rsplit('/', 1)[-1]}:{key}".encode()).digest()
+
+    order = sorted((rank(t, line), n, i) for n, t in enumerate(train) for i, line in enumerate(t.lines))
+    count = round(fraction * len(order))
+    if not 0 < count < len(order):
+        raise DataError(
+            f"--val-fraction {fraction:g} holds out {count} of the {len(order)} usable training samples, and "
+            "training and validation each need some; choose a fraction that leaves both, or give --val tars"
+        )
+    held = {(n, i) for _, n, i in order[:count]}
+    splits = {"train": [], "val": []}
+    for n, t in enumerate(train):
+        for split in splits:
+            rows = [i for i in range(len(t.lines)) if ((n, i) in held) == (split == "val")]
+            if rows or split == "train":
+                labels = [t.line_labels[i] for i in rows]
+                splits[split].append(
+                    replace(
+                        t,
+                        lines=[t.lines[i] for i in rows],
+                        line_labels=labels,
+                        labels=Counter(labels),
+                        skipped=t.skipped if split == "train" else [],
+                    )
+                )
+    return splits
 
 
 def remove_stale(folder: Path, count: int) -> None:
