@@ -12,6 +12,7 @@ cannot read) stays out of the index and is listed, with why, in the manifest's `
 import io
 import json
 import re
+import sys
 import tarfile
 import threading
 from collections import Counter
@@ -26,7 +27,15 @@ from tqdm import tqdm
 from ..errors import DataError
 from . import store
 from .manifest import MANIFEST, MANIFEST_VERSION
-from .shards import channel_stats, forget_dataset, index_line, size_stats, write_atomically, write_index
+from .shards import (
+    DESCRIPTIONS,
+    channel_stats,
+    forget_dataset,
+    index_line,
+    size_stats,
+    write_atomically,
+    write_index,
+)
 
 # webdataset's base_plus_ext: a name with no dot after its folder is no part of any sample.
 KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -189,11 +198,21 @@ def read_split(split: str, tars: list[str], num_classes: int | None, decode: int
 
 
 def index_shards(
-    train: str, val: str, out: Path, *, classes: str | None = None, sample: int = 10000, workers: int = 1
+    train: str,
+    val: str,
+    out: Path | str,
+    *,
+    classes: str | None = None,
+    sample: int = 10000,
+    workers: int = 1,
+    staging: Path | None = None,
 ) -> dict:
     """Indexes the tars the --train and --val patterns name; writes out/index/<split>/NNNNNN.idx
-    and then out/manifest.json (tars by their full location). Returns the manifest."""
-    out, patterns = Path(out), {"train": train, "val": val}
+    and then out/manifest.json (tars by their full location). `out`: a folder or an s3:// prefix
+    (store.Destination). Returns the manifest."""
+    dest, patterns = store.Destination(out, staging, volatile=DESCRIPTIONS), {"train": train, "val": val}
+    dest.check()
+    out = dest.folder
     tars = {split: expand_split(split, pattern) for split, pattern in patterns.items()}
     names = read_classes(classes) if classes else None
     per_tar = -(-sample // len(tars["train"]))  # images decoded for the statistics: the first of each tar
@@ -216,6 +235,11 @@ def index_shards(
         "num_classes": len(names),
         "splits": {},
     }
+    if dest.remote and not all(store.is_remote(t) for split_tars in tars.values() for t in split_tars):
+        print(  # a shared file system may hold them at the same path everywhere; elsewhere they are missing
+            f"notice: {dest.url(MANIFEST)} will name tars by their path on this machine's disk",
+            file=sys.stderr,
+        )
     try:
         forget_dataset(out)  # an old manifest would name index files this run rewrites
         for split in found:
@@ -227,8 +251,10 @@ def index_shards(
         for number, t in enumerate(indexes):
             name = f"index/{split}/{number:06d}.idx"
             write_index(out / name, t.lines)
+            dest.put(name)
             shards.append({"tar": t.tar, "index": name, "count": len(t.lines)})
         remove_stale(out / "index" / split, len(indexes))
+        dest.prune(f"index/{split}", r"\d{6}\.idx")
         labels = sum((t.labels for t in indexes), Counter())
         manifest["splits"][split] = {
             "count": sum(s["count"] for s in shards),
@@ -239,7 +265,10 @@ def index_shards(
     train = found["train"]
     manifest.update(channel_stats(*(sum(getattr(t, k) for t in train) for k in ("sums", "squares", "pixels"))))
     manifest.update(size_stats({size for indexes in found.values() for t in indexes for size in t.sizes}))
-    write_atomically(out / MANIFEST, json.dumps(manifest, indent=1))  # last: the index files it names are whole
+    write_atomically(out / MANIFEST, json.dumps(manifest, indent=1))
+    dest.put(MANIFEST)  # last: the index files it names are whole
+    if report := dest.finish():
+        print(report, flush=True)
     return manifest
 
 
