@@ -163,6 +163,12 @@ def test_index_writes_its_index_files_and_manifest_to_the_bucket_and_drops_stale
     assert sorted(objects(object_store, url))[:2] == ["index/train/000000.idx", "index/val/000000.idx"]
     assert Manifest.read(url).shards("train")[0].tar == one
 
+    # Tars on this machine's disk: the manifest in the bucket names them by their path, and says so.
+    made = tmp_path / "made"
+    code, out, err = prepare_here(capsys, "index", "--train", f"{made}/train/", "--val", f"{made}/val/", "--out", url)
+    assert code == 0 and f"notice: {url}/manifest.json will name tars by their path on this machine's disk\n" in err
+    assert Manifest.read(url).shards("train")[0].tar == str(made / "train/000000.tar")
+
 
 def test_synthetic_and_stats_go_to_the_bucket_and_new_shards_take_the_old_stats_away(tmp_path, object_store, capsys):
     url = bucket(object_store, "prepared") + "/synthetic"
