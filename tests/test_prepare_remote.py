@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, start_cli
+from conftest import ObjectStore, run_cli, start_cli
 from helpers.shards import RAW, WDS, data_module
 from PIL import Image
 
@@ -84,6 +84,12 @@ def image_folder(tmp_path) -> Path:
     return src
 
 
+# What image_folder's data set is in a bucket: 60 + 6 tars, their index files, the manifest.
+EVERY_OBJECT = ["manifest.json"] + [
+    f"{s}/{i:06d}.{e}" for s, n in (("train", 60), ("val", 6)) for i in range(n) for e in ("idx", "tar")
+]
+
+
 @pytest.mark.slow
 def test_an_upload_killed_mid_way_is_finished_by_the_same_command_and_trains(
     tmp_path, object_store, image_folder, cli_env
@@ -111,9 +117,7 @@ def test_an_upload_killed_mid_way_is_finished_by_the_same_command_and_trains(
 
     manifest = Manifest.read(url)
     assert [manifest.count(s) for s in ("train", "val")] == [600, 12]
-    assert sorted(objects(object_store, url)) == ["manifest.json"] + [
-        f"{s}/{i:06d}.{e}" for s, n in (("train", 60), ("val", 6)) for i in range(n) for e in ("idx", "tar")
-    ]
+    assert sorted(objects(object_store, url)) == EVERY_OBJECT
     for split in ("train", "val"):
         assert sum(s.count for s in manifest.shards(split)) == manifest.count(split)
         expected = json.loads(store.read_text(f"{url}/manifest.json"))["splits"][split]["class_counts"]
@@ -173,7 +177,8 @@ def test_index_writes_its_index_files_and_manifest_to_the_bucket_and_drops_stale
 def test_synthetic_and_stats_go_to_the_bucket_and_new_shards_take_the_old_stats_away(tmp_path, object_store, capsys):
     url = bucket(object_store, "prepared") + "/synthetic"
     make = ["synthetic", "--train-count", 40, "--val-count", 8, "--size", 16, "--min-shards", 2, "--workers", 1]
-    assert prepare_here(capsys, *make, "--out", url)[0] == 0
+    assert prepare_here(capsys, *make, "--out", url, "--staging", tmp_path / "staged")[0] == 0
+    assert (tmp_path / "staged/train/000001.tar").is_file()  # a staging folder named by the user is kept
     code, out, err = prepare_here(capsys, "stats", "--out", url)
     assert code == 0, err
     assert f"uploaded 3 files to {url} (0 were there already)" in out
@@ -190,7 +195,8 @@ def test_synthetic_and_stats_go_to_the_bucket_and_new_shards_take_the_old_stats_
     assert sorted(objects(object_store, url)) == ["manifest.json"] + [
         f"{s}/{i:06d}.{e}" for s in ("train", "val") for i in range(2) for e in ("idx", "tar")
     ]
-    # The same command once more: every object is there whole, and nothing is sent again.
+    # The same command once more (its staging folder gone with its success, so every shard is made
+    # anew): every object is there whole, and nothing is sent again.
     code, out, err = prepare_here(capsys, *make, "--seed", 1, "--out", url)
     assert f"uploaded 0 files to {url} (9 were there already)" in out, out
 
@@ -233,3 +239,37 @@ def test_missing_credentials_are_one_line(tmp_path, object_store, cli_env):
         "error: s3://prepared/x: cannot be written (no AWS credentials: set AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE); check the location and the settings\n",
     )
+
+
+@pytest.mark.slow
+def test_a_store_gone_mid_upload_is_one_line_and_the_same_command_finishes_once_it_is_back(
+    tmp_path, image_folder, cli_env
+):
+    server = ObjectStore(tmp_path)  # its own server: this test stops it
+    try:
+        url = bucket(server, "gone") + "/direct"
+        env = {**cli_env, **server.env}
+        args = ["imagefolder", "--src", image_folder, "--out", url, "--shard-size", 10, "--workers", 1]
+        proc = start_cli("alexnet-prepare", *args, cwd=tmp_path, env=env)
+        deadline = time.monotonic() + 120
+        while not any(name.endswith(".tar") for name in objects(server, url)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        server.stop()
+        _, err = proc.communicate(timeout=120)
+        last = err.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert re.fullmatch(
+            r"error: s3://gone/direct/\S+: cannot be written \(.+\) after 6 tries over \d+ s; check that the store "
+            r"is reachable, then run the same command again \(what was uploaded is kept\)",
+            last,
+        ), last
+        server.start()  # on the same port, empty (moto keeps its objects in memory)
+        bucket(server, "gone")
+        out = run_cli("alexnet-prepare", *args, cwd=tmp_path, env=env)
+        assert f"uploaded 133 files to {url} (0 were there already)" in out.stdout
+        manifest = json.loads(server.client().get_object(Bucket="gone", Key="direct/manifest.json")["Body"].read())
+        assert [manifest["splits"][s]["count"] for s in ("train", "val")] == [600, 12]
+        assert sorted(objects(server, url)) == EVERY_OBJECT
+    finally:
+        server.stop()

@@ -1,5 +1,6 @@
 """alexnet-prepare SOURCE --src DIR --out DIR: image folders, ImageNet, Fashion-MNIST or synthetic images to shards;
-alexnet-prepare index --train PATTERN --val PATTERN --out DIR: a manifest for WebDataset tars made elsewhere."""
+alexnet-prepare index --train PATTERN --val PATTERN --out DIR: a manifest for WebDataset tars made elsewhere.
+--out may be s3://BUCKET/PREFIX: the files are made in a local staging folder and uploaded as they are finished."""
 
 import argparse
 import os

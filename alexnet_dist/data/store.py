@@ -404,7 +404,7 @@ class Destination:
         self.volatile, self.forgotten = volatile, False
         self.uploaded = self.kept = 0
         if not self.remote:
-            self.location, self.folder = location, Path(location)
+            self.location, self.folder = location, Path(location).expanduser()
             return
         bucket, prefix = split_s3(location)
         self.location = f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
@@ -435,10 +435,16 @@ class Destination:
         path, location = self.folder / name, self.url(name)
         bucket, key = split_s3(location)
         digest = md5(path)
-        try:
-            there = retrying(location, lambda: s3_client().head_object(Bucket=bucket, Key=key))
-        except Missing:
-            there = None
+
+        def look():  # what the bucket holds there, or None
+            try:
+                return s3_client().head_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                if is_missing(exc):
+                    return None
+                raise
+
+        there = retrying(location, look, writing=True)  # a part of writing: a failure says "cannot be written"
         if there and there["ContentLength"] == path.stat().st_size and there.get("Metadata", {}).get("md5") == digest:
             self.kept += 1
             return
@@ -475,7 +481,7 @@ class Destination:
             pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             return [o["Key"][len(prefix) :] for page in pages for o in page.get("Contents", [])]
 
-        for name in retrying(self.url(folder), listing):
+        for name in retrying(self.url(folder), listing, writing=True):
             if re.fullmatch(pattern, name) and not (self.folder / folder / name).exists():
                 self.forget()
                 self.delete(f"{folder}/{name}")
