@@ -1,14 +1,16 @@
 """alexnet-prepare SOURCE --src DIR --out DIR: image folders, ImageNet, Fashion-MNIST or synthetic images to shards;
 alexnet-prepare index --train PATTERN (--val PATTERN | --val-fraction F) --out DIR: a manifest for WebDataset tars
-made elsewhere."""
+made elsewhere.
+--out may be s3://BUCKET/PREFIX: the files are made in a local staging folder and uploaded as they are finished."""
 
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from ..data import sources
+from ..data import sources, store
 from ..data.index import MAX_SKIPPED
+from ..data.manifest import MANIFEST
 from ..data.members import IMAGES, index_format
 from ..data.shards import write_dataset
 from ..errors import ConfigError, DataError
@@ -37,7 +39,18 @@ def parse_args(argv=None):
         "LOC_val_solution.csv or one synset id per line "
         "(default SRC/LOC_val_solution.csv)",
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder for train/, val/ and manifest.json")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder for train/, val/ and manifest.json, or s3://BUCKET/PREFIX (made in --staging, "
+        "each file uploaded as it is finished, manifest.json last)",
+    )
+    p.add_argument(
+        "--staging",
+        type=Path,
+        help=f"s3:// --out: the local folder it is made in before upload (default {store.STAGING}/BUCKET/PREFIX, "
+        "removed once all is uploaded; a folder named here is kept)",
+    )
     p.add_argument("--resize", type=int, help="resize so the short side is this many pixels (the paper: 256)")
     p.add_argument(
         "--center-crop", action="store_true", help="after --resize, keep the central square (the paper's 256x256)"
@@ -104,6 +117,9 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Settings that cannot work, or would be silently ignored, in one line each."""
+    store.check_writable(args.out)  # before anything looks there
+    if args.staging and not args.out.startswith("s3://"):
+        raise ConfigError(f"--staging is where an s3:// --out is made; --out {args.out} is a local folder")
     if args.source == "index":
         check_index_args(args)
     else:
@@ -174,12 +190,14 @@ def prepare(args) -> None:
     if args.source == "stats":
         from ..data.stats import compute_stats
 
-        stats = compute_stats(args.out, args.sample)
+        stats = compute_stats(args.out, args.sample, staging=args.staging)
         print(f"{stats['images']} images: channel mean {stats['channel_mean']}, colour axes' std {stats['pca_std']}")
-        print(f"wrote {args.out / 'stats.json'}, mean_image.npy and mean_image.png")
+        print(f"wrote {store.join(args.out, 'stats.json')}, mean_image.npy and mean_image.png")
         return
-    stats = [args.out / name for name in ("stats.json", "mean_image.npy")]
-    had_stats = any(path.exists() for path in stats)
+    # A bucket that refuses is one line before anything is read there or made
+    store.Destination(args.out, args.staging).check()
+    stats = [store.join(args.out, name) for name in ("stats.json", "mean_image.npy")]
+    had_stats = any(store.exists(location) for location in stats)
     if args.source == "index":
         from ..data.index import index_shards
 
@@ -193,6 +211,7 @@ def prepare(args) -> None:
             fmt=args.sample_format,
             val_fraction=args.val_fraction,
             max_skipped=args.max_skipped,
+            staging=args.staging,
         )
         print_skipped(manifest)
     else:
@@ -202,8 +221,8 @@ def prepare(args) -> None:
             f"{split}: {info['count']} images in {len(info['shards'])} shards"
             + (f", {len(info['skipped'])} skipped (see manifest.json)" if info["skipped"] else "")
         )
-    print(f"wrote {args.out / 'manifest.json'}")
-    if had_stats and not any(path.exists() for path in stats):
+    print(f"wrote {store.join(args.out, MANIFEST)}")
+    if had_stats and not any(store.exists(location) for location in stats):
         print(
             "removed stats.json and mean_image.* (they described the earlier shards): "
             f"run alexnet-prepare stats --out {args.out} again"
@@ -250,6 +269,7 @@ def write_shards(args) -> dict:
         min_shards=args.min_shards,
         workers=args.workers,
         seed=args.seed,
+        staging=args.staging,
     )
 
 

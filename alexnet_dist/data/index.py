@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import re
+import sys
 import tarfile
 import threading
 from collections import Counter
@@ -40,7 +41,15 @@ from ..errors import DataError
 from . import shard_index, store
 from .manifest import MANIFEST, MANIFEST_VERSION
 from .members import BadLabel, SampleFormat, class_number, image_problem, index_format, label_value
-from .shards import channel_stats, forget_dataset, index_line, size_stats, write_atomically, write_index
+from .shards import (
+    DESCRIPTIONS,
+    channel_stats,
+    forget_dataset,
+    index_line,
+    size_stats,
+    write_atomically,
+    write_index,
+)
 
 # webdataset's base_plus_ext: a name with no dot after its folder is no part of any sample.
 KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -281,7 +290,7 @@ def read_split(
 def index_shards(
     train: str,
     val: str | None,
-    out: Path,
+    out: Path | str,
     *,
     classes: str | None = None,
     sample: int = 10000,
@@ -289,15 +298,21 @@ def index_shards(
     fmt: SampleFormat | None = None,
     val_fraction: float | None = None,
     max_skipped: float = MAX_SKIPPED,
+    staging: Path | None = None,
 ) -> dict:
     """Indexes the tars the --train and --val patterns name, or without --val holds out
     `val_fraction` of the training samples for validation, reading their samples as `fmt` says
     (None: what the command reads by default, members.index_format); writes
-    out/index/<split>/NNNNNN.idx and then out/manifest.json (tars by their full location).
-    Returns the manifest."""
+    out/index/<split>/NNNNNN.idx and then out/manifest.json (tars by their full location). `out`: a
+    folder or an s3:// prefix (store.Destination). Returns the manifest."""
     assert (val is None) != (val_fraction is None), "--val or --val-fraction, one of them"
     fmt = fmt or index_format(None, None)
-    out, patterns = Path(out), {"train": train, "val": val if val is not None else train}
+    dest, patterns = (
+        store.Destination(out, staging, volatile=DESCRIPTIONS),
+        {"train": train, "val": val if val is not None else train},
+    )
+    dest.check()
+    out = dest.folder
     read = ("train", "val") if val is not None else ("train",)  # held out: the train tars, read once
     tars = {split: expand_split(split, patterns[split]) for split in read}
     known = Classes(None, "")
@@ -326,6 +341,11 @@ def index_shards(
         **({"val_fraction": {"fraction": val_fraction, "rule": HOLD_OUT_RULE}} if val is None else {}),
         "splits": {},
     }
+    if dest.remote and not all(store.is_remote(t) for split_tars in tars.values() for t in split_tars):
+        print(  # a shared file system may hold them at the same path everywhere; elsewhere they are missing
+            f"notice: {dest.url(MANIFEST)} will name tars by their path on this machine's disk",
+            file=sys.stderr,
+        )
     try:
         forget_dataset(out)  # an old manifest would name index files this run rewrites
         for split in splits:
@@ -337,8 +357,10 @@ def index_shards(
         for number, t in enumerate(indexes):
             name = f"index/{split}/{number:06d}.idx"
             write_index(out / name, t.lines)
+            dest.put(name)
             shards.append({"tar": t.tar, "index": name, "count": len(t.lines)})
         remove_stale(out / "index" / split, len(indexes))
+        dest.prune(f"index/{split}", r"\d{6}\.idx")
         labels = sum((t.labels for t in indexes), Counter())
         manifest["splits"][split] = {
             "pattern": patterns[split],
@@ -351,7 +373,10 @@ def index_shards(
     train = found["train"]
     manifest.update(channel_stats(*(sum(getattr(t, k) for t in train) for k in ("sums", "squares", "pixels"))))
     manifest.update(size_stats({size for indexes in found.values() for t in indexes for size in t.sizes}))
-    write_atomically(out / MANIFEST, json.dumps(manifest, indent=1))  # last: the index files it names are whole
+    write_atomically(out / MANIFEST, json.dumps(manifest, indent=1))
+    dest.put(MANIFEST)  # last: the index files it names are whole
+    if report := dest.finish():
+        print(report, flush=True)
     return manifest
 
 

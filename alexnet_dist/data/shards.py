@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError
-from . import shard_index
+from . import shard_index, store
 from .images import STORAGE_RULES, encode
 from .manifest import MANIFEST, MANIFEST_VERSION
 from .members import SampleFormat
@@ -74,11 +74,15 @@ def size_stats(sizes: set) -> dict:
     }
 
 
+# What describes a data set's shards: the manifest and the statistics (`alexnet-prepare stats`).
+DESCRIPTIONS = (MANIFEST, STATS, "mean_image.npy", "mean_image.png")
+
+
 def forget_dataset(out: Path) -> None:
-    """Removes the manifest and the statistics (`alexnet-prepare stats`) of `out` before its shards
-    change: until the new manifest is written the folder is no data set, and an old manifest would
-    list a mix of old and new shards."""
-    for name in (MANIFEST, STATS, "mean_image.npy", "mean_image.png"):
+    """Removes the manifest and the statistics of `out` before its shards change: until the new
+    manifest is written the folder is no data set, and an old manifest would list a mix of old and
+    new shards. (In a bucket, store.Destination does the same with them, as its `volatile` files.)"""
+    for name in DESCRIPTIONS:
         (out / name).unlink(missing_ok=True)
 
 
@@ -254,22 +258,27 @@ def _remove_stale(folder: Path, plan: list) -> None:
             f.unlink()
 
 
-def _write_split(pool, split: str, plan: list, settings: dict, finished: dict, progress: bool) -> list[dict]:
-    """Each shard's record, in plan order: the `finished` one an earlier run left, written otherwise."""
+def _write_split(
+    pool, split: str, plan: list, settings: dict, finished: dict, progress: bool, dest: store.Destination
+) -> list[dict]:
+    """Each shard's record, in plan order: the `finished` one an earlier run left, written otherwise;
+    each shard and its index put to `dest` (uploaded to a bucket) as soon as it is there."""
     futures = [
         finished[path] or pool.submit(write_shard, path, chunk, settings, split == "train") for path, chunk in plan
     ]
     results = []
     with tqdm(total=sum(len(c) for _, c in plan), desc=f"{split} shards", unit="img", disable=not progress) as bar:
-        for (_, chunk), future in zip(plan, futures, strict=True):
+        for (path, chunk), future in zip(plan, futures, strict=True):
             results.append(future if isinstance(future, dict) else future.result())
+            for name in (f"{split}/{path.name}", f"{split}/{path.with_suffix('.idx').name}"):
+                dest.put(name)
             bar.update(len(chunk))
     return results
 
 
 def write_dataset(
     source: Source,
-    out: Path,
+    out: Path | str,
     *,
     source_name: str,
     resize: int | None = None,
@@ -280,11 +289,15 @@ def write_dataset(
     workers: int = 1,
     seed: int = 0,
     progress: bool = True,
+    staging: Path | None = None,
 ) -> dict:
     """Shuffles each split (so every shard holds a mix of classes), cuts it into shards of at
     most `shard_size` samples and at least `min_shards` shards (so several ranks and loader
-    workers each get some), writes them, then manifest.json."""
-    out = Path(out)
+    workers each get some), writes them, then manifest.json. `out`: a folder, or an s3:// prefix
+    (made in `staging` and uploaded: store.Destination)."""
+    dest = store.Destination(out, staging, volatile=DESCRIPTIONS)
+    dest.check()
+    out = dest.folder
     # Every setting that changes a shard's bytes: a re-run with other ones rewrites its shards.
     settings = {
         "source": source_name,
@@ -332,16 +345,16 @@ def write_dataset(
     ) as pool:
         try:
             for split, plan in plans.items():
-                results[split] = _write_split(pool, split, plan, settings, finished, progress)
-        except KeyboardInterrupt:
-            stop.set()  # each worker drops its shard at its next image; finished shards are kept
-            pool.shutdown(cancel_futures=True)
-            raise
+                results[split] = _write_split(pool, split, plan, settings, finished, progress, dest)
         except BrokenProcessPool:  # the OOM killer, a kill -9
             raise DataError(
                 f"{out}: a worker writing shards died (killed, or out of memory?); finished shards are kept: "
                 "run the same command again, with fewer --workers if memory ran out"
             ) from None
+        except BaseException:  # Ctrl-C, an upload that failed: no more shards
+            stop.set()  # each worker drops its shard at its next image; finished shards are kept
+            pool.shutdown(cancel_futures=True)
+            raise
     manifest = {
         "version": MANIFEST_VERSION,
         "source": source_name,
@@ -374,6 +387,7 @@ def write_dataset(
                 class_counts[label] = class_counts.get(label, 0) + n
         verify_split(out, split, shards, class_counts)
         _remove_stale(out / split, plan)
+        dest.prune(split, r"\d{6}\.(tar|idx)")
         manifest["splits"][split] = {
             "count": total,
             "shards": shards,
@@ -384,4 +398,7 @@ def write_dataset(
             manifest.update(channel_stats(sums, sq, pixels))
     manifest.update(size_stats(all_sizes))
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=1))
+    dest.put(MANIFEST)  # last: every file it names is in place
+    if report := dest.finish():
+        print(report, flush=True)
     return manifest

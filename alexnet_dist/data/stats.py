@@ -50,9 +50,13 @@ def image_member(line: str) -> tuple[int, int]:
     return int(fields[at + 1]), int(fields[at + 2])
 
 
-def compute_stats(root: Path, count: int = 10000, size: int = 256) -> dict:
+def compute_stats(root: Path | str, count: int = 10000, size: int = 256, staging: Path | None = None) -> dict:
+    """The statistics of the shards at `root` (a folder or an s3:// prefix), written beside its
+    manifest.json (for s3://, made in `staging` and uploaded: store.Destination)."""
+    dest = store.Destination(root, staging, volatile=(STATS,))  # an old stats.json goes first
+    dest.check()
     manifest = Manifest.read(root)
-    root = Path(manifest.root)  # a local folder: the statistics are written beside manifest.json
+    root = dest.folder
     stored = manifest.stat("image_size")
     shape = (stored[1], stored[0]) if stored else (size, size)  # mean image: the stored size, else size x size
     image_sum = np.zeros((*shape, 3))
@@ -84,6 +88,10 @@ def compute_stats(root: Path, count: int = 10000, size: int = 256) -> dict:
     tmp = root / (STATS + ".tmp")
     tmp.write_text(json.dumps(stats, indent=1))
     tmp.replace(root / STATS)
+    for name in ("mean_image.npy", "mean_image.png", STATS):  # stats.json last, as it was written
+        dest.put(name)
+    if report := dest.finish():
+        print(report, flush=True)
     return stats
 
 

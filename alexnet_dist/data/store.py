@@ -11,13 +11,21 @@ out (TIMEOUT_S each), never hangs it, and a short outage costs nothing.
 S3 credentials, region and endpoint come from the standard AWS environment variables and files
 (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/config, AWS_ENDPOINT_URL for an S3-compatible store),
 read by boto3 as every AWS tool reads them.
+
+alexnet-prepare writes through `Destination`: a local folder, or an s3:// prefix whose files are
+made in a local staging folder and uploaded one by one as they are finished, under the same
+retry policy (HTTP is read-only).
 """
 
 import fnmatch
+import hashlib
 import http.client
 import io
 import os
+import re
+import shutil
 import ssl
+import tempfile
 import threading
 import time
 import urllib.error
@@ -92,19 +100,20 @@ class Transient(DataError):
         self.why = why
 
 
-def retry(location: str, attempt, failed: Transient | None = None):
-    """The one retry policy for reading from a store: attempt() until it returns; after a Transient
-    failure again after each of WAITS, any other error at once. `failed`: a first try, already made,
-    that failed. When every try failed, Unreachable names `location` and the last failure's why."""
+def retry(location: str, attempt, failed: Transient | None = None, writing: bool = False):
+    """The one retry policy for a store: attempt() until it returns; after a Transient failure
+    again after each of WAITS, any other error at once. `failed`: a first try, already made, that
+    failed. When every try failed, Unreachable names `location` and the last failure's why."""
     started, tries = time.monotonic(), 0
     while True:
         if failed is not None:
             tries += 1
             if tries > len(WAITS):
+                again = "what was uploaded is kept" if writing else "a training run resumes from its last checkpoint"
                 raise Unreachable(
-                    f"{location}: cannot be read ({failed.why}) after {tries} tries over "
-                    f"{time.monotonic() - started:.0f} s; check that the store is reachable, then run the same "
-                    "command again (a training run resumes from its last checkpoint)"
+                    f"{location}: cannot be {'written' if writing else 'read'} ({failed.why}) after {tries} tries "
+                    f"over {time.monotonic() - started:.0f} s; check that the store is reachable, then run the same "
+                    f"command again ({again})"
                 )
             time.sleep(WAITS[tries - 1])
         try:
@@ -150,10 +159,12 @@ def is_urllib3(exc: Exception) -> bool:
     return type(exc).__module__.startswith("urllib3")
 
 
-def retrying(location: str, request):
+def retrying(location: str, request, writing: bool = False):
     """request() (one request to the store) under the retry policy, its errors told apart by their
     type (`failure`): a missing file, a refusal or bad settings stop at once, in one line naming
-    the location; what may pass is tried again."""
+    the location; what may pass is tried again. `writing`: the request writes (or deletes), and a
+    missing bucket is a refusal like any other."""
+    verb = "written" if writing else "read"
 
     def attempt():
         try:
@@ -161,13 +172,13 @@ def retrying(location: str, request):
         except Exception as exc:
             why, again = failure(exc)
             why = " ".join(why.split())  # one line, whatever the library's message
-            if is_missing(exc):
+            if is_missing(exc) and not writing:
                 raise Missing(f"{location}: no such file ({why})") from None
             if not again:
-                raise DataError(f"{location}: cannot be read ({why}); check the location and the settings") from None
-            raise Transient(f"{location}: cannot be read ({why})", why) from None
+                raise DataError(f"{location}: cannot be {verb} ({why}); check the location and the settings") from None
+            raise Transient(f"{location}: cannot be {verb} ({why})", why) from None
 
-    return retry(location, attempt)
+    return retry(location, attempt, writing=writing)
 
 
 def is_missing(exc: Exception) -> bool:
@@ -344,3 +355,142 @@ def folder_tars(folder: str) -> list[str]:
             "e.g. https://host/shards/shard-{000000..000099}.tar"
         )
     return sorted(str(p) for p in Path(folder).resolve().rglob("*.tar") if fnmatch.fnmatch(p.name, "*.tar"))
+
+
+# Where an s3:// --out is made before its files are uploaded, unless --staging names a folder.
+STAGING = Path(tempfile.gettempdir()) / "alexnet-prepare-staging"
+PROBE = ".alexnet-prepare-probe"  # written and removed at the start: a bucket that refuses stops at once
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(location: str) -> None:
+    """A location alexnet-prepare can write: a local folder or s3://; never a local folder named
+    after a URL (s3:/x, gs://x) nor one over HTTP, which has no standard way to write."""
+    if location.startswith(("http://", "https://")):
+        raise DataError(
+            f"--out {location}: alexnet-prepare cannot write over HTTP; write to a local folder or "
+            "s3://BUCKET/PREFIX, then serve that folder over HTTP if you like"
+        )
+    if not location.startswith("s3://") and re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", location):
+        raise DataError(
+            f"--out {location}: looks like a URL, but alexnet-prepare writes to a local folder or "
+            "s3://BUCKET/PREFIX only; give one of those"
+        )
+
+
+class Destination:
+    """Where alexnet-prepare writes: a local folder, or an s3://BUCKET/PREFIX. Files are always
+    made in the local `folder` (the destination itself, or for s3:// a staging folder, `staging`
+    or one under STAGING named after the bucket and prefix) and then `put` there: uploaded, unless
+    the bucket already holds them whole (the same size and MD5), so a re-run after an interrupted
+    upload sends only what is missing. An object is uploaded in one PUT, which S3 makes visible
+    whole or not at all.
+
+    `volatile`: the files that describe the others (manifest.json, ...). Before the first other
+    file in the bucket changes, they are deleted there: a reader never finds a manifest that
+    names a file being replaced, and until the new one is put the prefix is no data set."""
+
+    def __init__(self, location, staging: Path | None = None, volatile: tuple[str, ...] = ()):
+        location = str(location)
+        check_writable(location)
+        self.remote = location.startswith("s3://")
+        self.volatile, self.forgotten = volatile, False
+        self.uploaded = self.kept = 0
+        if not self.remote:
+            self.location, self.folder = location, Path(location).expanduser()
+            return
+        bucket, prefix = split_s3(location)
+        self.location = f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
+        self.folder = Path(staging) if staging else STAGING / bucket / prefix.strip("/")
+        self.own_staging = not staging  # a folder the user named is theirs to remove
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(
+                f"{exc.filename}: cannot stage {self.location} there ({exc.strerror}); pass --staging a writable folder"
+            ) from None
+
+    def url(self, name: str) -> str:
+        return join(self.location, name)
+
+    def check(self) -> None:
+        """For s3://: the bucket takes an object (the credentials, the bucket and the right to
+        write are there), before any work that would be lost."""
+        if self.remote:
+            bucket, key = split_s3(self.url(PROBE))
+            retrying(self.location, lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=b""), writing=True)
+            retrying(self.location, lambda: s3_client().delete_object(Bucket=bucket, Key=key), writing=True)
+
+    def put(self, name: str) -> None:
+        """folder/name to the destination's name (for a local folder it is there already)."""
+        if not self.remote:
+            return
+        path, location = self.folder / name, self.url(name)
+        bucket, key = split_s3(location)
+        digest = md5(path)
+
+        def look():  # what the bucket holds there, or None
+            try:
+                return s3_client().head_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                if is_missing(exc):
+                    return None
+                raise
+
+        there = retrying(location, look, writing=True)  # a part of writing: a failure says "cannot be written"
+        if there and there["ContentLength"] == path.stat().st_size and there.get("Metadata", {}).get("md5") == digest:
+            self.kept += 1
+            return
+        if name not in self.volatile:
+            self.forget()
+
+        def upload():
+            with open(path, "rb") as f:
+                s3_client().put_object(Bucket=bucket, Key=key, Body=f, Metadata={"md5": digest})
+
+        retrying(location, upload, writing=True)
+        self.uploaded += 1
+
+    def forget(self) -> None:
+        """Deletes the volatile files from the bucket, once."""
+        if self.forgotten:
+            return
+        for name in self.volatile:
+            self.delete(name)
+        self.forgotten = True
+
+    def delete(self, name: str) -> None:
+        bucket, key = split_s3(self.url(name))
+        retrying(self.url(name), lambda: s3_client().delete_object(Bucket=bucket, Key=key), writing=True)
+
+    def prune(self, folder: str, pattern: str) -> None:
+        """Deletes the objects directly under `folder` whose names match `pattern` and have no
+        file in the local folder: those of an earlier preparation that this one does not make."""
+        if not self.remote:
+            return
+        bucket, prefix = split_s3(self.url(folder) + "/")
+
+        def listing():
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return [o["Key"][len(prefix) :] for page in pages for o in page.get("Contents", [])]
+
+        for name in retrying(self.url(folder), listing, writing=True):
+            if re.fullmatch(pattern, name) and not (self.folder / folder / name).exists():
+                self.forget()
+                self.delete(f"{folder}/{name}")
+
+    def finish(self) -> str:
+        """After the last put: the default staging folder removed (the bucket holds it all now); one
+        line saying what was sent, or '' for a local folder."""
+        if not self.remote:
+            return ""
+        if self.own_staging:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return f"uploaded {self.uploaded} files to {self.location} ({self.kept} were there already)"
