@@ -12,7 +12,7 @@ PACKAGE = Path(alexnet_dist.__file__).parent
 LAYERS = [
     {"store"},
     {"transforms", "normalize"},
-    {"shard_index", "manifest", "sources", "images", "shards", "stats", "index"},
+    {"shard_index", "manifest", "sources", "images", "members", "shards", "stats", "index"},
     {"plan"},
     {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
     {"datamodule", "photos"},
@@ -21,15 +21,18 @@ LAYERS = [
 # statistics read and write DALI index files through shard_index; the image conversion takes the
 # sources' samples; the writer uses both, reads the manifest and clears stale statistics; the
 # statistics read the manifest; the indexer of other tools' tars writes with the writer's helpers and reads
-# sample keys off index lines through shard_index; the loaders
+# sample keys off index lines through shard_index; members.py (which member is the image and the
+# label) asks images.py which pictures both decoders read alike, and the manifest, the writer and
+# the indexer record or read its format; the loaders
 # share the contract in loader.py and never import each other.
 WITHIN = {
     "normalize": {"transforms"},
     "images": {"sources"},
-    "manifest": {"shard_index"},
-    "shards": {"manifest", "sources", "images", "stats", "shard_index"},
+    "manifest": {"shard_index", "members"},
+    "members": {"images"},
+    "shards": {"manifest", "sources", "images", "stats", "shard_index", "members"},
     "stats": {"manifest", "shard_index"},
-    "index": {"manifest", "shards", "shard_index"},
+    "index": {"manifest", "shards", "shard_index", "members"},
     "wds": {"loader"},
     "dali": {"loader", "dali_pipeline"},
 }

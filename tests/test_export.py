@@ -19,6 +19,9 @@ from alexnet_dist.data.normalize import DeviceNormalize
 from alexnet_dist.training import ckpt_format
 from alexnet_dist.training.module import Classifier
 
+# One worker holds the trained run the tests share (a module fixture runs once per xdist worker).
+pytestmark = pytest.mark.xdist_group("export")
+
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
 
 # Runs model.pt2 in a Python that refuses to import alexnet_dist: the program needs plain torch only.
