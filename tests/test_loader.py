@@ -1,4 +1,6 @@
 import random
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -248,3 +250,46 @@ def test_a_garbled_index_line_where_a_rank_starts_is_named_not_the_tar(tmp_path)
         index.write_text("\n".join([header, *lines[:6], garbled, *lines[7:]]) + "\n")
         with pytest.raises(DataError, match=rf"^{index}: not a DALI index file \(a sample's line reads"):
             stream(tmp_path, "val", train=False, rank=1, world=3, workers=0, batch=7)
+
+
+# A DALI pipeline in a reference cycle, left to the cycle collector, then the webdataset loader
+# with two forked workers that collect at once (as they may at any allocation).
+LEFT_PIPELINE = """
+import gc, os, sys
+import torch
+from nvidia.dali import fn, pipeline_def
+from alexnet_dist.config import Data, Loader, make
+from alexnet_dist.data import wds
+from alexnet_dist.data.manifest import Manifest
+from alexnet_dist.data.plan import make_plan
+from alexnet_dist.data.transforms import Augmentation
+
+@pipeline_def(batch_size=1, num_threads=2, device_id=None)
+def numbers():
+    return fn.random.uniform(shape=[1])
+
+gc.disable()  # the cycle stays uncollected here until the loader's own collection
+pipe = numbers()
+pipe.build()
+pipe.run()
+cycle = [pipe]
+cycle.append(cycle)
+del pipe, cycle
+os.register_at_fork(after_in_child=gc.collect)
+manifest = Manifest.read(sys.argv[1])
+plan = make_plan(manifest.shards("train"), "train", 4, 0, 1, 0, "test")
+augment = Augmentation.of(make(Data, {"root": "-", "crop": 12, "val_resize": None}))
+loader = wds.build(plan, augment, make(Loader, {"name": "wds", "workers": 2}),
+    sample_format=manifest.sample_format, classes=manifest.classes, position=lambda: (0, 0),
+    device=torch.device("cpu"))
+print(len(list(loader)))
+"""
+
+
+def test_workers_start_cleanly_after_a_dali_pipeline_was_left_to_the_garbage_collector(unique_labels):
+    """Forked workers that collected their copy of such a pipeline hung in its destructor (seen:
+    DALI, then the webdataset loader, in one process); the loader collects before it forks."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LEFT_PIPELINE, str(unique_labels)], capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stdout) == (0, "9\n"), proc.stderr[-2000:]

@@ -13,6 +13,7 @@ key (error); either way it keeps its place in the stream, so resuming stays exac
 
 import atexit
 import functools
+import gc
 import io
 import multiprocessing
 import random
@@ -352,6 +353,12 @@ class EpochLoader(DataLoader):
     def __iter__(self):
         self.dataset.epoch, self.dataset.skip = self.position()
         wait_for_exiting_queue_threads()
+        if self.num_workers:
+            # Garbage that waits for the cycle collector is copied into forked workers and collected
+            # there: a DALI pipeline an earlier loader of this process left behind then runs its
+            # destructor in a child that lacks its threads, and hangs (seen). Collected here, it is
+            # destroyed once, in this process.
+            gc.collect()
         for batch in super().__iter__():
             self.skipped.extend(batch.skipped)
             yield batch
