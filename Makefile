@@ -25,7 +25,7 @@ demo: install
 	BIN=$(BIN) SHARDS=$(SHARDS) bash launch/demo.sh
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=40
 
 test-fast: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not slurm" --durations=5
