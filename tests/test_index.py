@@ -1,6 +1,7 @@
 """alexnet-prepare index over tars written by webdataset's ShardWriter, as another tool would
 leave them: local, on S3 and over HTTP; then training on them with both loaders."""
 
+import gzip
 import hashlib
 import io
 import json
@@ -275,6 +276,8 @@ def member(tar: Path, number: int) -> tarfile.TarInfo:
     [
         ("no match", r"--train {root}/train/nothing-\*\.tar: matches no tar"),
         ("empty folder", r"--val {root}/empty/: matches no tar"),
+        ("gzip folder", r"--val {root}/packed/: holds no plain tar, only gzip-compressed ones such as v\.tar\.gz; "
+         r"unpack them \(`gzip -dc v\.tar\.gz > v\.tar`\) and index the \.tar files"),
         ("val missing", r"index: no validation data; give --val PATTERN \(validation tars\) or --val-fraction F"),
         ("missing file", r"{root}/train/shard-000003\.tar: no such file"),
         ("not a tar", r"{root}/train/shard-000000\.tar: damaged at byte 0, after 0 samples \(.*\)"),
@@ -299,6 +302,10 @@ def test_what_cannot_be_indexed_is_one_line(tmp_path, cli_env, case, message):
         train = f"{root}/train/nothing-*.tar"
     elif case == "empty folder":
         val_pattern = f"{root}/empty/"
+    elif case == "gzip folder":
+        (root / "packed").mkdir()
+        (root / "packed" / "v.tar.gz").write_bytes(gzip.compress(val[0].read_bytes()))
+        val_pattern = f"{root}/packed/"
     elif case == "missing file":
         train = f"{root}/train/shard-{{000000..000003}}.tar"
     elif case == "not a tar":

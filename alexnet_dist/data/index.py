@@ -55,12 +55,20 @@ from .shards import (
 KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 MAX_SKIPPED = 0.01  # --max-skipped: the part of a split's samples that may be unusable
 GZIP = b"\x1f\x8b"  # the first bytes of every gzip file
+GZIP_ENDS = (".tar.gz", ".tgz")
 HOLD_OUT_RULE = 'the round(fraction x N) usable train samples with the smallest SHA-256 of "<tar file name>:<key>"'
 
 
 def expand_split(split: str, pattern: str) -> list[str]:
     tars = store.expand(pattern)
     if not tars:
+        folder = Path(pattern).expanduser()
+        packed = sorted(p for end in GZIP_ENDS for p in folder.rglob(f"*{end}")) if folder.is_dir() else []
+        if packed:  # a folder lists its plain .tar files only: compressed ones deserve a word
+            raise DataError(
+                f"--{split} {pattern}: holds no plain tar, only gzip-compressed ones such as {packed[0].name}; "
+                f"unpack them (`gzip -dc {packed[0].name} > {unpacked(packed[0].name)}`) and index the .tar files"
+            )
         raise DataError(f"--{split} {pattern}: matches no tar")
     return tars
 
@@ -231,12 +239,17 @@ def read_tar(tar: str, found: TarIndex, stop: threading.Event) -> TarIndex:
     return found
 
 
-def gzipped(tar: str) -> DataError:
-    name = tar.rsplit("/", 1)[-1]
-    plain = next(
-        (name.removesuffix(end) + ".tar" for end in (".tar.gz", ".tgz", ".gz") if name.endswith(end)),
+def unpacked(name: str) -> str:
+    """The name to give a gzip-compressed tar's plain copy."""
+    return next(
+        (name.removesuffix(end) + ".tar" for end in (*GZIP_ENDS, ".gz") if name.endswith(end)),
         name.removesuffix(".tar") + "-plain.tar",
     )
+
+
+def gzipped(tar: str) -> DataError:
+    name = tar.rsplit("/", 1)[-1]
+    plain = unpacked(name)
     return DataError(
         f"{tar}: gzip-compressed; the index needs a plain tar (DALI reads members at their byte offsets): "
         f"unpack it with `gzip -dc {name} > {plain}` and point the pattern at {plain}"
