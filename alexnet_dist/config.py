@@ -64,6 +64,9 @@ class Data:
     train_scale: float = 1.0
     test_views: int = 1
     mean_image: bool = False
+    partitions: int = 64  # the epoch's order in parts: a run trains on any number of processes dividing it
+    shuffle_window: int = 2000  # samples shuffled together within a part
+    trace: str | None = None  # a folder: each rank writes the keys each training step read there
 
     def __post_init__(self):
         check_views(self.test_views, "data.test_views")
@@ -130,7 +133,6 @@ class LoaderCommon:
     """The settings every loader reads."""
 
     name: str = "auto"  # a name in LOADERS, or auto
-    shuffle_buffer: int = 2000
     prefetch: int = 2
     dtype: DType = DType.float32  # what batches are normalised to
     bad_images: BadImages = BadImages.skip

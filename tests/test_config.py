@@ -187,7 +187,7 @@ def test_alexnet_eval_takes_typed_settings_and_a_wrong_one_is_one_line(capsys, a
 def test_every_commands_help_lists_its_settings_with_the_schemas_defaults(capsys):
     from alexnet_dist.bench import cli as bench
     from alexnet_dist.cli import evaluate
-    from alexnet_dist.config import Eval, Loader, make
+    from alexnet_dist.config import Data, Eval, Loader, make
 
     evaluate.main(["--help"])
     listed = capsys.readouterr().out.split("The settings and their defaults:")[1].split()
@@ -204,17 +204,17 @@ def test_every_commands_help_lists_its_settings_with_the_schemas_defaults(capsys
     with pytest.raises(SystemExit):
         bench.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    loader = make(Loader)
-    for flag, default in (("--shuffle-buffer", loader.shuffle_buffer), ("--workers", loader.workers)):
+    loader, data = make(Loader), make(Data, {"root": "-"})
+    for flag, default in (("--shuffle-window", data.shuffle_window), ("--workers", loader.workers)):
         assert f"{flag} {flag[2:].upper().replace('-', '_')}" in text and f"(default: {default})" in text
-    assert bench.parse_args(["loader"]).shuffle_buffer == loader.shuffle_buffer  # one default, the schema's
+    assert bench.parse_args(["loader"]).shuffle_window == data.shuffle_window  # one default, the schema's
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["model", "--modle", "alexnet_owt"], "error: --modle: no such option (the nearest is --model)"),
-        (["loader", "--shuffle_buffer=3"], "error: --shuffle_buffer: no such option (the nearest is --shuffle-buffer)"),
+        (["loader", "--shuffle_window=3"], "error: --shuffle_window: no such option (the nearest is --shuffle-window)"),
         (["model", "--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
     ],
 )

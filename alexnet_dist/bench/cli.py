@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..cli import one_line_errors
-from ..config import LOADERS, Loader, Optim, make, own_keys
+from ..config import LOADERS, Data, Loader, Optim, make, own_keys
 from ..errors import ConfigError
 from ..models import compiled, complete, create, named_config
 from . import scale
@@ -110,10 +110,10 @@ def parse_args(argv=None):
         help="train mode: DDP processes (default 1); ddp mode: processes to compare with one (default 2)",
     )
     p.add_argument(
-        "--shuffle-buffer",
+        "--shuffle-window",
         type=int,
-        default=loader.shuffle_buffer,
-        help="loader mode: samples mixed in memory (a small set is re-read to fill it every epoch)",
+        default=make(Data, {"root": "-"}).shuffle_window,
+        help="loader mode: samples shuffled together within a part of the epoch's order (data.shuffle_window)",
     )
     scale = p.add_argument_group("scale mode")
     scale.add_argument("--worlds", type=parse_worlds, default=WORLDS, help="world sizes, e.g. 8,64,512,1024")
@@ -144,7 +144,6 @@ def torch_device(args) -> torch.device:
 def data_module(args, target: torch.device, **loader):
     """The shards of --data with the configured loader, as training would read them; batches go to
     `target` outside a Trainer."""
-    from ..config import Data, make
     from ..config import Loader as LoaderSettings
     from ..data.datamodule import ShardDataModule
 
@@ -154,10 +153,15 @@ def data_module(args, target: torch.device, **loader):
         "name": args.loader,
         "workers": args.workers,  # each loader reads its own of these and ignores the other's
         "threads": args.threads,
-        "shuffle_buffer": args.shuffle_buffer,
         **loader,
     }
-    data = {"root": args.data, "batch_size": args.batch_size, "crop": args.size, "augment": args.augment}
+    data = {
+        "root": args.data,
+        "batch_size": args.batch_size,
+        "crop": args.size,
+        "augment": args.augment,
+        "shuffle_window": args.shuffle_window,
+    }
     return ShardDataModule(make(Data, data), make(LoaderSettings, loader), device=target)
 
 

@@ -145,7 +145,7 @@ def one_rank(root: Path, loader: str, world: int, rank: int, batch: int, crop: i
         "rss_start_mb": round(start_rss, 1),
         "batch": len(images),
     }
-    state = {"loader": train.state(0, 1), "rng": rng_state()}
+    state = {"loader": data.order_state(), "rng": rng_state()}
     figures["state_bytes_per_rank"] = len(pickle.dumps(state))  # what gather_object sends
     with tempfile.TemporaryDirectory() as tmp:  # rank zero writes every rank's state in one file
         path = Path(tmp) / "states.pt"
@@ -154,11 +154,9 @@ def one_rank(root: Path, loader: str, world: int, rank: int, batch: int, crop: i
         torch.save({"loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states]}, path)
         figures["state_write_s"] = round(time.perf_counter() - begin, 4)
         figures["state_file_mb"] = round(path.stat().st_size / 2**20, 3)
-    pieces = data.plan("train").mine(0)
-    figures["epoch_files"] = len({p.shard.tar for p in pieces})
-    figures["epoch_mb"] = round(
-        sum(os.path.getsize(p.shard.tar) * (p.stop - p.start) / p.shard.count for p in pieces) / 2**20, 2
-    )
+    use = data.plan("train").shard_use(0)
+    figures["epoch_files"] = len(use)
+    figures["epoch_mb"] = round(sum(os.path.getsize(s.tar) * n / s.count for s, n in use.items()) / 2**20, 2)
     return figures
 
 

@@ -1,11 +1,10 @@
 """The LightningDataModule: wiring only. It reads the manifest, makes each pass's EpochPlan for this
-rank, builds the configured loader from it (through config.LOADERS), and normalises the loader's
-uint8 batches on the training device."""
+rank, builds the configured loader from it (through config.LOADERS), normalises the loader's uint8
+batches on the training device, and writes the trace (data.trace)."""
 
 import lightning.pytorch as pl
 import torch
 
-from ..collectives import gather_to_rank_zero
 from ..config import Data, DType, plain
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
@@ -15,6 +14,7 @@ from .manifest import Manifest
 from .normalize import DeviceNormalize
 from .plan import EpochPlan, make_plan, position
 from .stats import read_mean_image, read_stats
+from .trace import Trace
 from .transforms import Augmentation
 
 CPU = torch.device("cpu")
@@ -60,7 +60,8 @@ class ShardDataModule(pl.LightningDataModule):
             dtype=torch.bfloat16 if loader.dtype == DType.bfloat16 else torch.float32,
         )
         self.loaders: dict[str, Loader] = {}  # by mode, as last built
-        self.loader_states = None  # per-rank loader states from a checkpoint
+        self.saved_order = None  # the order a checkpoint was trained in (order_state)
+        self.trace = None  # data.trace's writer, made with the first training loader
         self.first_train_batch = None  # (uint8 images, labels), for the run's pictures
         self.checked = False  # this rank's share of the shards, before its first loader
 
@@ -94,7 +95,15 @@ class ShardDataModule(pl.LightningDataModule):
             self.settings.batch_size if mode == "train" else self.settings.val_batch_size or self.settings.batch_size
         )
         return make_plan(
-            self.manifest.shards(split), mode, batch, rank, world, self.seed, f"{self.manifest.root}: {split}"
+            self.manifest.shards(split),
+            mode,
+            batch,
+            rank,
+            world,
+            self.seed,
+            f"{self.manifest.root}: {split}",
+            partitions=self.settings.partitions,
+            window=self.settings.shuffle_window,
         )
 
     def steps_per_epoch(self) -> int:
@@ -125,8 +134,10 @@ class ShardDataModule(pl.LightningDataModule):
             min_side=self.manifest.min_side,
             worker_signals=self.worker_signals,
         )
-        if train and self.loader_states:
-            loader.restore(self.loader_states[min(plan.rank, len(self.loader_states) - 1)])
+        if train:
+            self.check_order()
+            if self.settings.trace and self.trace is None:
+                self.trace = Trace(self.settings.trace, self.manifest.root, plan.rank, plan.world)
         self.loaders[mode] = loader
         return loader
 
@@ -139,15 +150,45 @@ class ShardDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test")
 
-    def gather_loader_states(self) -> list | None:
-        """The checkpoint's "loader" part: every rank's training-loader state (what resuming needs
-        beyond the global step), gathered to rank zero; None before training."""
-        if "train" not in self.loaders:
-            return None
-        return gather_to_rank_zero(self.loaders["train"].state(*self.position()))
+    def order_state(self) -> dict:
+        """The checkpoint's "loader" part: what the order of samples depends on besides the
+        data and the epoch (plan.py). With the global step, that is all a resume needs, on any
+        number of processes the order allows."""
+        s = self.settings
+        return {
+            "version": 4,
+            "seed": self.seed,
+            "batch_size": s.batch_size,
+            "partitions": s.partitions,
+            "shuffle_window": s.shuffle_window,
+        }
 
-    def restore_loader_states(self, states: list | None) -> None:
-        self.loader_states = states
+    def checkpointed_order(self) -> dict:
+        """order_state, for a checkpoint being written (on every rank): the trace is flushed with
+        it, so the trace on disk holds every step the checkpoint does."""
+        if self.trace is not None:
+            self.trace.flush()
+        return self.order_state()
+
+    def teardown(self, stage: str) -> None:
+        if self.trace is not None:
+            self.trace.close()
+
+    def restore_order(self, state) -> None:
+        self.saved_order = state if isinstance(state, dict) and state.get("version") == 4 else None
+
+    def check_order(self) -> None:
+        """A run resumed mid-epoch continues that epoch's order, so it must be the same order."""
+        saved, now = self.saved_order, self.order_state()
+        if saved is None or saved == now or self.position()[1] == 0:
+            return
+        changed = ", ".join(f"data.{k}={saved[k]} (now {now[k]})" for k in now if k != "seed" and saved[k] != now[k])
+        if saved["seed"] != now["seed"]:
+            changed = ", ".join(filter(None, [changed, f"seed={saved['seed']} (now {now['seed']})"]))
+        raise ConfigError(
+            f"the checkpoint stopped mid-epoch in an order of samples made with {changed}; resume with those "
+            "settings (they may change at an epoch's end)"
+        )
 
     def description(self) -> dict:
         """The checkpoint's "data" part: what the network's inputs were, so that a checkpoint alone
@@ -176,4 +217,8 @@ class ShardDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int):
         if batch.shifts is not None and self.first_train_batch is None:
             self.first_train_batch = (batch.images, batch.labels)
+        trainer = self.trainer
+        if self.trace is not None and batch.shifts is not None and trainer is not None and trainer.training:
+            # transferred just before it is trained: global_step is the step it is trained in
+            self.trace.write(trainer.current_epoch, trainer.global_step, batch.keys)
         return self.normalize(batch.images, batch.labels, batch.shifts, batch.windows)

@@ -1,9 +1,11 @@
 """What every loader is: built from an EpochPlan, the run's Augmentation and its loader settings
 by its module's `build(plan, augment, settings, *, sample_format, classes, position, device,
-min_side, worker_signals) -> Loader` (wds.py, dali.py; config.LOADERS names the module), it yields
+min_side, worker_signals, opener) -> Loader` (wds.py, dali.py; config.LOADERS names the module), it yields
 `Batch`es of uint8 images that DeviceNormalize turns into inputs on the training device.
 `sample_format` says which member of a sample is its image and which its label (members.py),
-`classes` are the manifest's class names. Every build takes every keyword and uses what concerns it."""
+`classes` are the manifest's class names, `opener(location)` opens a tar (samples.SampleReader
+reads through it: store.open_file, or the node's shard cache). Every build takes every keyword and
+uses what concerns it."""
 
 from typing import NamedTuple, Protocol
 
@@ -26,18 +28,13 @@ class Batch(NamedTuple):
 class Loader(Protocol):
     """One split for this rank. Each pass starts where `position()` says training stands: (epoch,
     batches of it already trained on), so a resumed run sees the batches an uninterrupted one
-    would have; `state()` adds what the loader needs beyond that to resume exactly, and
-    `restore()` takes it back from a checkpoint."""
+    would have: the plan's order and the samples' draws depend on nothing else (plan.py)."""
 
     skipped: list[str]  # undecodable images skipped by this process so far
 
     def __iter__(self): ...
 
     def __len__(self) -> int: ...
-
-    def state(self, epoch: int, done: int) -> dict: ...
-
-    def restore(self, state: dict) -> None: ...
 
 
 class BadImage(DataError):

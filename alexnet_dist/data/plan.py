@@ -1,31 +1,35 @@
 """What one rank reads in one pass over a split, for every loader alike: the policy of sampling,
 written once.
 
-The split's shards are laid end to end, in the manifest's order for evaluation and in a new order
-from (seed, epoch) for each training epoch, and rank r of W takes the samples from N*r/W to
-N*(r+1)/W of that sequence (N samples in all). So no sample is read twice in an epoch, every
-rank sees all the data over the epochs, and evaluation counts every sample exactly once across
-ranks (the counts may differ by one, as the metrics are summed once at the end). Training takes
-`steps` batches from every rank, the same number (DDP would hang on an unequal count): the
-samples that do not fill a global batch are left out of that epoch.
+Training. An epoch lays the split's shards end to end in an order drawn from (seed, epoch): N
+samples, each named by its place L in that sequence. The first steps * B of them (B the global
+batch, steps = N // B; the rest sit out this epoch) are cut into `partitions` contiguous parts, part
+p holding steps * q_p samples where q_p = B*(p+1)//P - B*p//P, and each part is shuffled within
+windows of `window` samples. Global batch i is, from every part, its samples i*q_p .. (i+1)*q_p - 1.
+None of this mentions the number of processes, so the sequence of global batches (as sets of
+samples) is the same on any number of them: rank r of W takes parts P*r/W .. P*(r+1)/W - 1, whose
+q_p add up to B/W. That needs W to divide both P and B: the family of world sizes a run can move
+between (make_plan says so in one line). A checkpoint needs only the global step to resume exactly
+on any member of the family. A rank's parts are one contiguous stretch of the epoch's shards, so it
+opens only the tars that stretch covers, and the windows keep the tars it reads at once few.
+
+Evaluation. The shards in the manifest's order; rank r of W reads samples N*r/W .. N*(r+1)/W - 1 in
+order, in batches, so every sample is counted exactly once across ranks.
+
+Each sample's random draws (crop, flip, colour noise) come from (seed, epoch, L) alone
+(`sample_seed`), so they do not depend on the world size, the loader's workers or threads either.
 """
 
 import random
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
 
 from ..config import per_rank
 from ..errors import ConfigError, DataError
 from .manifest import Shard
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Samples start..stop-1 of a shard, in the shard's own order."""
-
-    shard: Shard
-    start: int
-    stop: int
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class EpochPlan:
     world: int = 1
     seed: int = 0
     steps: int | None = None  # training: batches per epoch, the same on every rank
+    partitions: int = 1  # training: the parts of the epoch's order (data.partitions)
+    window: int = 2000  # training: samples shuffled together within a part (data.shuffle_window)
 
     @property
     def train(self) -> bool:
@@ -49,13 +55,18 @@ class EpochPlan:
             random.Random(f"{self.seed}-{epoch}").shuffle(order)
         return order
 
+    @cached_property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
     def span(self) -> tuple[int, int]:
-        """This rank's samples of the laid-out split: [start, stop)."""
-        total = sum(s.count for s in self.shards)
-        return total * self.rank // self.world, total * (self.rank + 1) // self.world
+        """Evaluation: this rank's samples of the laid-out split, [start, stop)."""
+        return self.total * self.rank // self.world, self.total * (self.rank + 1) // self.world
 
     def samples(self) -> int:
-        """How many samples this rank has in a pass (what an evaluation pass yields)."""
+        """How many samples this rank has in a pass."""
+        if self.train:
+            return self.steps * self.batch
         start, stop = self.span()
         return stop - start
 
@@ -63,46 +74,86 @@ class EpochPlan:
         """Batches of one pass: `steps` in training, enough for this rank's samples otherwise."""
         return self.steps if self.train else -(-self.samples() // self.batch)
 
-    def pieces(self, epoch: int, start: int, stop: int) -> list[Piece]:
-        """Samples [start, stop) of the split laid out in `epoch`'s order, shard by shard."""
-        pieces, offset = [], 0
-        for shard in self.order(epoch):
-            lo, hi = max(start, offset), min(stop, offset + shard.count)
-            if lo < hi:
-                pieces.append(Piece(shard, lo - offset, hi - offset))
-            offset += shard.count
-        return pieces
+    def part(self, epoch: int, p: int) -> np.ndarray:
+        """Part p's samples (places L) in their order for `epoch`: (steps, q_p), batch by batch."""
+        global_batch, parts = self.batch * self.world, self.partitions
+        q = global_batch * (p + 1) // parts - global_batch * p // parts
+        start, size = self.steps * (global_batch * p // parts), self.steps * q
+        rng = np.random.default_rng(zlib.crc32(f"{self.seed}-{epoch}-{p}".encode()))
+        places = np.arange(start, start + size, dtype=np.int64)
+        for first in range(0, size, self.window):
+            rng.shuffle(places[first : first + self.window])  # a view: shuffled in place
+        return places.reshape(self.steps, q)
 
-    def mine(self, epoch: int) -> list[Piece]:
-        """This rank's samples in `epoch`."""
-        return self.pieces(epoch, *self.span())
+    def places(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of the pass: each the places L of its samples."""
+        if not self.train:
+            start, stop = self.span()
+            return [np.arange(b, min(b + self.batch, stop), dtype=np.int64) for b in range(start, stop, self.batch)]
+        parts = range(self.partitions * self.rank // self.world, self.partitions * (self.rank + 1) // self.world)
+        table = np.concatenate([self.part(epoch, p) for p in parts], axis=1)
+        return list(table)
 
-    def seed_for(self, epoch: int, *more) -> int:
-        """A 31-bit seed of (seed, epoch, rank, mode, ...): each rank and pass its own draws."""
-        text = "-".join(map(str, (self.seed, epoch, self.rank, self.mode, *more)))
-        return zlib.crc32(text.encode()) & 0x7FFFFFFF
+    def locate(self, epoch: int, places: np.ndarray) -> list[tuple[Shard, int]]:
+        """(shard, sample number in the shard) of each place in `epoch`'s layout."""
+        order = self.order(epoch)
+        starts = np.cumsum([0] + [s.count for s in order])
+        which = np.searchsorted(starts, places, side="right") - 1
+        return [(order[w], int(place - starts[w])) for w, place in zip(which, places, strict=True)]
+
+    def shard_use(self, epoch: int) -> dict[Shard, int]:
+        """How many samples of each shard this rank reads in the pass."""
+        use = {}
+        for shard, _ in self.locate(epoch, np.concatenate(self.places(epoch))):
+            use[shard] = use.get(shard, 0) + 1
+        return use
+
+    def sample_seed(self, epoch: int, place: int) -> str:
+        """The name of a sample's random generator: its place in the epoch, not who reads it."""
+        return f"{self.seed}-{epoch}-{place}"
+
+
+def family(partitions: int, global_batch: int) -> list[int]:
+    """The numbers of processes a run with this order can train on."""
+    return [w for w in range(1, partitions + 1) if partitions % w == 0 and global_batch % w == 0]
 
 
 def make_plan(
-    shards: list[Shard], mode: str, global_batch: int, rank: int, world: int, seed: int, where: str
+    shards: list[Shard],
+    mode: str,
+    global_batch: int,
+    rank: int,
+    world: int,
+    seed: int,
+    where: str,
+    partitions: int = 1,
+    window: int = 2000,
 ) -> EpochPlan:
-    """The plan of one rank, checked: the global batch divides over the ranks, every rank has a
-    sample, and training has at least one whole batch. `where` names the data for the messages.
-    Ranks need no shard of their own: a shard may be split between several."""
+    """The plan of one rank, checked: the world size is one the order allows, every rank has a
+    sample, and training has at least one whole batch. `where` names the data for the messages."""
     count = sum(s.count for s in shards)
     if count < world:
         raise DataError(
             f"{where}: {count} samples for {world} ranks; every rank needs at least one: use fewer ranks or more data"
         )
-    batch = per_rank(global_batch, world, "data.batch_size" if mode == "train" else "data.val_batch_size")
+    if partitions < 1 or window < 1:
+        raise ConfigError(f"data.partitions={partitions}, data.shuffle_window={window}: both must be 1 or more")
     steps = None
     if mode == "train":
+        if partitions % world or global_batch % world:
+            sizes = ", ".join(map(str, family(partitions, global_batch)))
+            raise ConfigError(
+                f"{world} processes cannot share this run's order of samples (data.partitions={partitions}, "
+                f"data.batch_size={global_batch}): it trains on {sizes} processes; run on one of those, or start "
+                f"the run with data.partitions a multiple of {world}"
+            )
         steps = count // global_batch
         if steps == 0:
             raise ConfigError(
                 f"data.batch_size={global_batch} is larger than the training set ({count} images); use a smaller batch"
             )
-    return EpochPlan(tuple(shards), mode, batch, rank, world, seed, steps)
+    batch = per_rank(global_batch, world, "data.batch_size" if mode == "train" else "data.val_batch_size")
+    return EpochPlan(tuple(shards), mode, batch, rank, world, seed, steps, partitions, window)
 
 
 def position(global_step: int, batches_per_epoch: int, accumulate: int = 1) -> tuple[int, int]:

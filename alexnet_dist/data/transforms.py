@@ -104,23 +104,39 @@ def ten_views(image: Image.Image, size: int, resize: int | None = None) -> list[
     return crops + [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
 
 
-def random_crop_flip(
-    image: Image.Image, size: int, rng: random.Random, flip: bool = True, window: list | None = None
-) -> Image.Image:
-    """The paper's training view (section 4.1): a random size x size window, mirrored with p=0.5.
-    `window`, if given, receives [left, top, mirrored] (for the mean image's matching window)."""
-    w, h = image.size
-    if w < size or h < size:
-        image = resize_short(image, size)
-        w, h = image.size
-    left, top = rng.randint(0, w - size), rng.randint(0, h - size)
-    image = image.crop((left, top, left + size, top + size))
-    mirrored = flip and rng.random() < 0.5
-    if mirrored:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    if window is not None:
-        window += [left, top, int(mirrored)]
-    return image
+@dataclass(frozen=True)
+class Draws:
+    """One training sample's random choices, drawn before any pixel is decoded so that both
+    loaders make the same ones: the region of the image to cut (left, top, width, height; the
+    paper's crop x crop window, or modern mode's random-resized region), the mirror, and the
+    colour noise's z ~ N(0, I3)."""
+
+    box: tuple[int, int, int, int]
+    mirror: bool
+    z: tuple[float, float, float]
+
+
+def draw(augment: Augmentation, rng: random.Random, w: int, h: int) -> Draws:
+    """The draws for a w x h image (for the paper's window, the image as enlarged to the crop when
+    it is smaller: see cut_window)."""
+    if augment.style == "modern":
+        box = crop_box(w, h, rng, augment.min_area)
+    else:  # section 4.1: a random crop x crop window, every whole-pixel place equally likely
+        box = (rng.randint(0, w - augment.crop), rng.randint(0, h - augment.crop), augment.crop, augment.crop)
+    mirror = augment.flip and rng.random() < 0.5
+    return Draws(box, mirror, (rng.gauss(0, 1), rng.gauss(0, 1), rng.gauss(0, 1)))
+
+
+def enlarged(image: Image.Image, size: int) -> Image.Image:
+    """The image with its short side raised to `size` if it is shorter (the paper's window needs it)."""
+    return resize_short(image, size) if min(image.size) < size else image
+
+
+def cut_window(image: Image.Image, draws: Draws) -> Image.Image:
+    """The paper's training view (section 4.1) of an image already `enlarged`: the drawn window, mirrored if drawn."""
+    left, top, w, h = draws.box
+    image = image.crop((left, top, left + w, top + h))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if draws.mirror else image
 
 
 def crop_box(w: int, h: int, rng: random.Random, min_area: float = 0.08) -> tuple[int, int, int, int]:

@@ -1,14 +1,13 @@
-"""The portable loader: webdataset reads the tars, PIL decodes, a torch DataLoader runs workers.
+"""The portable loader: PIL decodes, a torch DataLoader runs workers.
 
-Each worker takes a contiguous part of its rank's samples in the plan (plan.py): in training just
-as many as its share of the epoch's batches needs, read in a shuffled order of their shards and
-mixed through a shuffle buffer; in evaluation an equal part, in order.
+Each pass reads this rank's batches of the plan (plan.py), sample by sample through their index
+files (samples.py); worker k of K makes the rank's batches k, k + K, ... of the pass, which the
+DataLoader hands out in turn, so the batches come out in the plan's order whatever K is.
 
-Every random draw of a sample comes from a generator named by (seed, epoch, rank, worker, sample
-index), so a resumed pass skips the samples already trained on without decoding them and the
-rest come out as in an uninterrupted run. An image that cannot be decoded is dropped from its
-batch and named in `Batch.skipped` (loader.bad_images=skip), or stops the run naming shard and
-key (error); either way it keeps its place in the stream, so resuming stays exact.
+Every random draw of a sample comes from a generator named by (seed, epoch, the sample's place in
+the epoch), so a resumed pass starts at its batch without reading the ones before, on any number
+of processes and workers. An image that cannot be decoded is dropped from its batch and named in
+`Batch.skipped` (loader.bad_images=skip), or stops the run naming shard and key (error).
 """
 
 import atexit
@@ -18,24 +17,21 @@ import io
 import multiprocessing
 import random
 import signal
-import tarfile
 import threading
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
-from . import shard_index, store
+from . import store
 from .loader import BadImage, Batch, all_skipped
-from .manifest import tar_header
 from .members import SampleFormat, parse_label
-from .plan import EpochPlan, Piece
-from .transforms import Augmentation, center_crop, colour_shift, crop_box, random_crop_flip, ten_views
+from .plan import EpochPlan
+from .samples import SampleReader
+from .transforms import Augmentation, Draws, center_crop, colour_shift, cut_window, draw, enlarged, ten_views
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -46,17 +42,29 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise BadImage(where, str(exc)) from None
 
 
-def random_resized_crop(
-    data: bytes, size: int, rng: random.Random, where: str, flip: bool = True, min_area: float = 0.08
-) -> Image.Image:
-    """The modern training view: a random region resized to size x size, mirrored with p=0.5.
-    The region is chosen from the JPEG header alone, so the decoder can work at 1/2, 1/4 or 1/8
-    scale (libjpeg's DCT scaling, PIL's draft mode) whenever the region still covers size pixels
-    at that scale: most regions are large, and this is where most of the speed comes from."""
+def image_size(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) from an image's header alone."""
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception as exc:
+        raise BadImage(where, str(exc)) from None
+
+
+def training_view(data: bytes, augment: Augmentation, rng: random.Random, where: str) -> tuple[Image.Image, Draws]:
+    """The augmented training image of one sample's bytes, and the draws that made it."""
+    if augment.style == "paper":
+        image = enlarged(decode_image(data, where), augment.crop)
+        draws = draw(augment, rng, *image.size)
+        return cut_window(image, draws), draws
+    # Modern: the region is chosen from the header alone, so the decoder can work at 1/2, 1/4 or
+    # 1/8 scale (libjpeg's DCT scaling, PIL's draft mode) whenever the region still covers `crop`
+    # pixels at that scale: most regions are large, and this is where most of the speed comes from.
+    size = augment.crop
     try:
         image = Image.open(io.BytesIO(data))
         w, h = image.size
-        left, top, cw, ch = crop_box(w, h, rng, min_area)
+        draws = draw(augment, rng, w, h)
+        left, top, cw, ch = draws.box
         if image.format == "JPEG":
             image.draft("RGB", (-(-w * size // cw), -(-h * size // ch)))  # at least size px of region
         sx, sy = image.size[0] / w, image.size[1] / h
@@ -64,9 +72,7 @@ def random_resized_crop(
     except Exception as exc:
         raise BadImage(where, str(exc)) from None
     image = image.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
-    if flip and rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return image
+    return (image.transpose(Image.FLIP_LEFT_RIGHT) if draws.mirror else image), draws
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -74,8 +80,8 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ShardStream(IterableDataset):
-    """Batches of one pass over this rank's shards; `epoch` and `skip` (batches of the epoch
-    already trained on) are set by EpochLoader before each pass."""
+    """Batches of one pass over this rank's part of the plan; `epoch` and `skip` (batches of the
+    epoch already trained on) are set by EpochLoader before each pass."""
 
     def __init__(
         self,
@@ -85,171 +91,65 @@ class ShardStream(IterableDataset):
         sample_format: SampleFormat,
         classes: list[str],
         workers: int,
-        shuffle_buffer: int,
         strict: bool,
+        opener=store.open_file,
     ):
         self.plan, self.augment = plan, augment
         self.sample_format, self.classes = sample_format, classes
-        self.workers, self.shuffle_buffer, self.strict = max(1, workers), shuffle_buffer, strict
+        self.workers, self.strict, self.opener = max(1, workers), strict, opener
         self.epoch = 0
         self.skip = 0
 
-    def worker_batches(self, worker: int) -> int:
-        """How many batches this worker yields in one pass."""
-        if self.plan.train:
-            steps = self.plan.steps
-            return steps // self.workers + (worker < steps % self.workers)
-        start, stop = self.worker_span(worker)
-        return -(-(stop - start) // self.plan.batch)
-
-    def worker_span(self, worker: int) -> tuple[int, int]:
-        """The worker's samples of the laid-out split: in training, those its batches need."""
-        start, stop = self.plan.span()
-        if self.plan.train:
-            need = [self.worker_batches(w) * self.plan.batch for w in range(self.workers)]
-            first = start + sum(need[:worker])
-            return first, first + need[worker]
-        n = stop - start
-        return start + n * worker // self.workers, start + n * (worker + 1) // self.workers
-
     def __len__(self) -> int:
-        return sum(self.worker_batches(w) for w in range(self.workers))
-
-    def samples(self, pieces: list[Piece]):
-        """(tar location, sample dict) of each piece in turn, the samples its index lists in that
-        order; a shard read to its end is checked against the manifest's count. Samples a shard
-        holds beyond its index (another tool's shards: alexnet-prepare index left them out) are
-        passed over."""
-        for piece in pieces:
-            shard = piece.shard
-            offset, keys = start_of(piece)  # outside the try: its errors name the index, not the tar
-            count = piece.start
-            whole = piece.stop == shard.count and shard.exact  # read on to the end, to check the count
-            try:
-                with store.open_file(shard.tar) as f:
-                    tar_header(f, shard.tar, offset)  # zeros would read as an empty tar
-                    f.seek(offset)
-                    members = tar_file_expander([{"url": shard.tar, "stream": f}])
-                    # another tool's sample with two members of one extension is left out of the index
-                    # (alexnet-prepare index): passed over here too, instead of stopping the stream
-                    handler = reraise_exception if shard.exact else passing_duplicates
-                    for sample in group_by_keys(members, handler=handler):
-                        if count < piece.stop and sample["__key__"] == keys[count - piece.start]:
-                            yield shard.tar, sample
-                        elif count < piece.stop and shard.exact:
-                            raise DataError(
-                                f"{shard.tar}: its index file says sample {count} is {keys[count - piece.start]}, "
-                                f"the tar holds {sample['__key__']} there; re-run alexnet-prepare"
-                            )
-                        elif not shard.exact:
-                            continue  # not in the index
-                        count += 1
-                        if count >= piece.stop and not whole:
-                            break
-            except store.Missing:  # removed since the start-up check
-                raise DataError(f"{shard.tar}: listed in manifest.json but missing; re-run alexnet-prepare") from None
-            except (tarfile.TarError, OSError, ValueError) as exc:
-                raise DataError(
-                    f"{shard.tar}: unreadable after {count} samples ({reason(exc)}); "
-                    "the tar is damaged: re-create it with alexnet-prepare"
-                ) from None
-            if count < piece.stop or (whole and count != shard.count):
-                raise DataError(
-                    f"{shard.tar}: holds {count} samples but manifest.json says {shard.count}; "
-                    "re-run alexnet-prepare so shards and manifest agree"
-                )
-
-    def train_samples(self, pieces: list[Piece], rng: random.Random):
-        """The pieces in a random order, mixed through a shuffle buffer so consecutive samples
-        come from different places."""
-        order = list(pieces)
-        rng.shuffle(order)
-        buffer = []
-        for item in self.samples(order):
-            if len(buffer) < max(1, self.shuffle_buffer):
-                buffer.append(item)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], item = item, buffer[i]
-            yield item
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def skipped_batches(self, worker: int) -> int:
-        """Of the first `self.skip` batches of the epoch, how many came from this worker: the
-        DataLoader takes batches from its workers in turn (0, 1, ..., W-1, 0, ...)."""
-        return max(0, (self.skip - worker + self.workers - 1) // self.workers)
-
-    def view(self, data: bytes, rng: random.Random, where: str, window: list | None):
-        """The augmented image (or the ten views) of one sample's encoded bytes."""
-        a = self.augment
-        if self.plan.train and a.style == "modern":
-            return random_resized_crop(data, a.crop, rng, where, a.flip, a.min_area)
-        image = decode_image(data, where)
-        if self.plan.train:
-            return random_crop_flip(image, a.crop, rng, a.flip, window)
-        if self.plan.mode == "test" and a.test_views == 10:
-            return ten_views(image, a.crop, a.val_resize)
-        return center_crop(image, a.crop, a.val_resize)
+        return self.plan.batches()
 
     def __iter__(self):
         info = get_worker_info()
-        # The DataLoader asks its workers in turn starting from worker 0; after skipping `skip`
-        # batches the next one belongs to worker skip % W, so worker ids are rotated to match.
-        worker = ((info.id if info else 0) + self.skip) % self.workers
-        plan, batch_size = self.plan, self.plan.batch
-        name = f"{plan.seed}-{self.epoch}-{plan.rank}-{worker}"
-        pieces = plan.pieces(self.epoch, *self.worker_span(worker))
-        if plan.train:
-            stream = self.train_samples(pieces, random.Random(name))
-        else:
-            stream = self.samples(pieces)
-        remaining = self.worker_batches(worker) - self.skipped_batches(worker)
-        # Resuming mid-epoch: pass over the samples of batches already trained on without decoding them.
-        index = self.skipped_batches(worker) * batch_size
-        for _ in range(index):
-            next(stream, None)
-        noise = self.augment.noise_at(self.epoch) if plan.train else 0.0
-        pca = (self.augment.pca_std, self.augment.pca_vectors)
-        images, labels, keys, shifts, windows, skipped, taken = [], [], [], [], [], [], 0
-        for tar, sample in stream:
-            if remaining <= 0:
-                return
-            where = f"{tar}:{sample['__key__']}"
-            fmt = self.sample_format
-            label = parse_label(sample.get(fmt.label_ext), where, fmt, self.classes)
-            image_ext = fmt.image_of(sample)
+        # The DataLoader asks its workers in turn starting from worker 0, so worker k makes the
+        # pass's batches skip + k, skip + k + K, ...
+        worker = info.id if info else 0
+        batches = self.plan.places(self.epoch)
+        reader = SampleReader(self.opener)
+        try:
+            for i in range(self.skip + worker, len(batches), self.workers):
+                yield self.batch(reader, batches[i])
+        finally:
+            reader.close()
+
+    def batch(self, reader: SampleReader, places) -> Batch:
+        plan, a, fmt = self.plan, self.augment, self.sample_format
+        noise = a.noise_at(self.epoch) if plan.train else 0.0
+        images, labels, keys, shifts, windows, skipped = [], [], [], [], [], []
+        for place, (shard, number) in zip(places, plan.locate(self.epoch, places), strict=True):
+            key, members = reader.read(shard, number)
+            where = f"{shard.tar}:{key}"
+            label = parse_label(members.get(fmt.label_ext), where, fmt, self.classes)
+            image_ext = fmt.image_of(members)
             if image_ext is None:
                 raise DataError(f"{where}: sample has no {fmt.describe_images()} image")
-            rng = random.Random(f"{name}-{index}")
-            index, taken = index + 1, taken + 1
-            window = [] if plan.train and self.augment.windows else None
             try:
-                image = self.view(sample[image_ext], rng, where, window)
+                if plan.train:
+                    rng = random.Random(plan.sample_seed(self.epoch, int(place)))
+                    image, draws = training_view(members[image_ext], a, rng, where)
+                elif plan.mode == "test" and a.test_views == 10:
+                    image = ten_views(decode_image(members[image_ext], where), a.crop, a.val_resize)
+                else:
+                    image = center_crop(decode_image(members[image_ext], where), a.crop, a.val_resize)
             except BadImage as exc:
                 if self.strict:
                     raise
                 skipped.append(exc.skipped)
-                image = None
-            if image is not None:
-                if noise:  # the colour shift of section 4.1, added on the device by DeviceNormalize
-                    z = [rng.gauss(0, 1) for _ in range(3)]
-                    shifts.append(torch.from_numpy(colour_shift(z, noise, *pca)))
-                if window is not None:
-                    windows.append(window)
-                images.append(
-                    torch.stack([to_tensor(v) for v in image]) if isinstance(image, list) else to_tensor(image)
-                )
-                labels.append(label)
-                keys.append((tar, sample["__key__"]))
-            if taken == batch_size:
-                yield self.batch(images, labels, keys, shifts, windows, skipped)
-                images, labels, keys, shifts, windows, skipped, taken = [], [], [], [], [], [], 0
-                remaining -= 1
-        if taken and remaining > 0:
-            yield self.batch(images, labels, keys, shifts, windows, skipped)
+                continue
+            if plan.train:
+                # the colour shift of section 4.1, added on the device by DeviceNormalize
+                shifts.append(torch.from_numpy(colour_shift(draws.z, noise, a.pca_std, a.pca_vectors)))
+                windows.append([draws.box[0], draws.box[1], int(draws.mirror)])
+            images.append(torch.stack([to_tensor(v) for v in image]) if isinstance(image, list) else to_tensor(image))
+            labels.append(label)
+            keys.append((shard.tar, key))
+        return self.assemble(images, labels, keys, shifts, windows, skipped)
 
-    def batch(self, images, labels, keys, shifts, windows, skipped) -> Batch:
+    def assemble(self, images, labels, keys, shifts, windows, skipped) -> Batch:
         n, crop = len(labels), self.augment.crop
         if not images and self.plan.train:
             raise all_skipped(skipped)
@@ -261,44 +161,10 @@ class ShardStream(IterableDataset):
             stacked,
             torch.tensor(labels, dtype=torch.int64),
             torch.stack(shifts) if shifts else torch.zeros(n, 3),
-            torch.tensor(windows) if windows else None,
+            torch.tensor(windows) if self.augment.windows else None,
             tuple(skipped),
             tuple(keys),
         )
-
-
-def reason(exc: Exception) -> str:
-    """What went wrong, without what webdataset appends to an error's arguments (the stream
-    object, the url, " @ <file object>")."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc.args[0] if exc.args else exc).split(" @ ")[0]
-
-
-def passing_duplicates(exc: Exception) -> bool:
-    """group_by_keys' handler: go on past a sample's second member of one extension."""
-    if isinstance(exc, ValueError) and "duplicate file name" in str(exc.args[0] if exc.args else ""):
-        return True
-    raise exc
-
-
-def start_of(piece: Piece) -> tuple[int, list[str]]:
-    """(byte offset to start reading at, keys of the piece's samples) from the shard's index file
-    (every shard has one: the start-up check, Manifest.check_share, requires it). A piece that
-    starts inside the shard starts at its first sample's header, so a rank skips to its slice
-    without reading the samples before it (a whole shard of full-size images, at worst)."""
-    index, lines = piece.shard.index, shard_index.read(piece.shard)
-    entries = [shard_index.entry(line, index) for line in lines[piece.start : piece.stop]]
-    keys = [key for _, _, key in entries]
-    if piece.start == 0:
-        return 0, keys
-    if piece.shard.exact:  # alexnet-prepare writes plain ustar: a member's header lies one block before its data
-        return entries[0][0] - tarfile.BLOCKSIZE, keys
-    # Other tools' tars may give a member a pax header too (webdataset's ShardWriter does, for every
-    # member: names over 100 bytes and non-ASCII ones live only there). The first header of the
-    # piece's first sample begins where the previous sample's data ends, rounded up to a block.
-    end = shard_index.entry(lines[piece.start - 1], index)[1]
-    return -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, keys
 
 
 def kill_daemonic_children() -> None:
@@ -363,13 +229,6 @@ class EpochLoader(DataLoader):
             self.skipped.extend(batch.skipped)
             yield batch
 
-    def state(self, epoch: int, done: int) -> dict:
-        """Nothing beyond the position: a resumed pass skips the samples trained on without decoding."""
-        return {}
-
-    def restore(self, state: dict) -> None:
-        pass
-
 
 def build(
     plan: EpochPlan,
@@ -382,6 +241,7 @@ def build(
     device: torch.device,
     min_side: int | None = None,
     worker_signals: tuple[int, ...] = (),
+    opener=store.open_file,
 ) -> EpochLoader:
     """The webdataset loader of `plan`: loader.workers processes (no more than there are batches),
     or the training process itself with loader.workers=0. `min_side` does not matter here: PIL
@@ -393,8 +253,8 @@ def build(
         sample_format=sample_format,
         classes=classes,
         workers=workers,
-        shuffle_buffer=settings.shuffle_buffer,
         strict=settings.bad_images == "error",
+        opener=opener,
     )
     processes = workers if settings.workers > 0 else 0
     return EpochLoader(

@@ -39,7 +39,7 @@ PARTS_KEY = "alexnet_dist"
 # ranks differ, gathered to rank zero).
 PARTS = {
     "training": "Classifier: {plateau, skipped_steps, rng: every rank's rng_state() or None, validation: metrics}",
-    "loader": "ShardDataModule: [every rank's training-loader state] (DALI's has its own STATE_VERSION)",
+    "loader": "ShardDataModule: what the order of samples depends on (data/plan.py): seed, batch_size, partitions...",
     "data": "ShardDataModule: what the inputs were (class names, normalisation, evaluation geometry); not restored",
 }
 

@@ -95,8 +95,8 @@ class Run:
         parts = CheckpointParts()  # what of the module's and the data's own state checkpoints hold
         if hasattr(module, "training_state"):
             parts.register("training", module.training_state, module.restore_training_state)
-        if hasattr(data, "gather_loader_states"):
-            parts.register("loader", data.gather_loader_states, data.restore_loader_states)
+        if hasattr(data, "checkpointed_order"):
+            parts.register("loader", data.checkpointed_order, data.restore_order)
         if hasattr(data, "description"):  # read by alexnet-eval, -export and -predict; nothing to restore
             parts.register("data", data.description, lambda state: None)
         return [

@@ -1,0 +1,110 @@
+"""Samples read one at a time from their shards, through the shards' index files: one seek and one
+read per sample, whatever its place in the tar, so a loader can read the samples of an epoch's
+order (plan.py) in that order. Both loaders read through a SampleReader.
+
+Each read checks what it can see on the way: a tar header stands where the index says a sample's
+first member begins (its name the index's, for alexnet-prepare's own shards), the tar holds every
+byte the index lists, and after the last sample of an alexnet-prepare shard comes the tar's end,
+not another sample. Whatever is wrong is one line naming the tar.
+"""
+
+import tarfile
+from collections import OrderedDict
+
+from ..errors import DataError
+from . import shard_index, store
+from .manifest import Shard, tar_header
+
+KEEP_OPEN = 16  # tars a reader keeps open at once (a rank reads a few parts' windows at a time)
+
+
+class SampleReader:
+    """Reads samples of shards; `opener(location)` opens a tar (store.open_file, or a node's shard
+    cache). Keeps the index files it has read and a few tars open."""
+
+    def __init__(self, opener=store.open_file):
+        self.opener = opener
+        self.indexes: dict[str, list[str]] = {}
+        self.files: OrderedDict = OrderedDict()
+
+    def lines(self, shard: Shard) -> list[str]:
+        if shard.index not in self.indexes:
+            self.indexes[shard.index] = shard_index.read(shard)
+        return self.indexes[shard.index]
+
+    def file(self, tar: str):
+        f = self.files.pop(tar, None)
+        if f is None:
+            try:
+                f = self.opener(tar)
+            except store.Missing:  # removed since the start-up check
+                raise DataError(f"{tar}: listed in manifest.json but missing; re-run alexnet-prepare") from None
+            while len(self.files) >= KEEP_OPEN:
+                self.files.popitem(last=False)[1].close()
+        self.files[tar] = f
+        return f
+
+    def read(self, shard: Shard, number: int) -> tuple[str, dict[str, bytes]]:
+        """(key, {extension: bytes}) of sample `number` of `shard`: the members its index line lists."""
+        line = self.lines(shard)[number]
+        first, end, key = shard_index.entry(line, shard.index)
+        fields = line.split()
+        members = [
+            (fields[i].lstrip("."), int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+            for i in range(0, len(fields), 4)
+        ]
+        f = self.file(shard.tar)
+        try:
+            header = tar_header(f, shard.tar, first - tarfile.BLOCKSIZE)
+            if shard.exact and header.name != members[0][3]:
+                raise DataError(
+                    f"{shard.tar}: its index file says sample {number} is {key}, the tar holds {header.name} "
+                    "there; re-run alexnet-prepare"
+                )
+            data = f.read(end - first)
+            if len(data) < end - first:
+                raise DataError(
+                    f"{shard.tar}: ends inside sample {key} (byte {first + len(data)} of {end}); the tar is "
+                    "truncated: re-create it with alexnet-prepare"
+                )
+            if shard.exact and number == shard.count - 1:
+                check_tail(f, shard.tar, end)
+        except DataError:
+            self.forget(shard.tar)
+            raise
+        except OSError as exc:
+            self.forget(shard.tar)
+            raise DataError(
+                f"{shard.tar}: unreadable at sample {key} ({exc.strerror or exc}); the tar is damaged: "
+                "re-create it with alexnet-prepare"
+            ) from None
+        return key, {ext: data[offset - first : offset - first + size] for ext, offset, size, _ in members}
+
+    def forget(self, tar: str) -> None:
+        f = self.files.pop(tar, None)
+        if f is not None:
+            f.close()
+
+    def close(self) -> None:
+        while self.files:
+            self.files.popitem()[1].close()
+
+
+def check_tail(f, tar: str, end: int) -> None:
+    """After an alexnet-prepare shard's last sample (its data ending at `end`) comes the tar's end:
+    zeros, or the end of the file. Another member there means the tar holds more samples than its
+    index and the manifest count, which would otherwise be left out without a word."""
+    f.seek(-(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)  # after the last data, padded to a block
+    after = f.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(after, "utf-8", "surrogateescape")
+    except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+        return
+    except tarfile.HeaderError:
+        raise DataError(
+            f"{tar}: damaged after its last sample (not a tar's end); re-create it with alexnet-prepare"
+        ) from None
+    raise DataError(
+        f"{tar}: holds more samples than its index file and manifest.json count; "
+        "re-run alexnet-prepare so shards and manifest agree"
+    )
