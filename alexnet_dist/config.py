@@ -64,7 +64,7 @@ class Data:
     train_scale: float = 1.0
     test_views: int = 1
     mean_image: bool = False
-    partitions: int = 64  # the epoch's order in parts: a run trains on any number of processes dividing it
+    partitions: int = 192  # the epoch's order in parts: a run trains on any number of processes dividing it
     shuffle_window: int = 2000  # samples shuffled together within a part
     trace: str | None = None  # a folder: each rank writes the keys each training step read there
 

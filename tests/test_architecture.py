@@ -13,7 +13,7 @@ LAYERS = [
     {"store"},
     {"transforms", "normalize"},
     {"shard_index", "manifest", "sources", "images", "members", "shards", "stats", "index"},
-    {"plan"},
+    {"plan", "samples", "trace"},
     {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
     {"datamodule", "photos"},
 ]
@@ -24,7 +24,8 @@ LAYERS = [
 # sample keys off index lines through shard_index; members.py (which member is the image and the
 # label) asks images.py which pictures both decoders read alike, and the manifest, the writer and
 # the indexer record or read its format; the loaders
-# share the contract in loader.py and never import each other.
+# share the contract in loader.py and never import each other; the plan's layer holds the order of
+# samples, the reading of one sample and the trace of what was read, none importing another.
 WITHIN = {
     "normalize": {"transforms"},
     "images": {"sources"},

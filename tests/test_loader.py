@@ -14,8 +14,8 @@ from alexnet_dist.data import sources, wds
 from alexnet_dist.data.manifest import Manifest
 from alexnet_dist.data.plan import make_plan
 from alexnet_dist.data.shards import write_dataset
-from alexnet_dist.data.transforms import Augmentation, center_crop, crop_box, random_crop_flip
-from alexnet_dist.data.wds import decode_image, random_resized_crop
+from alexnet_dist.data.transforms import Augmentation, center_crop, crop_box, cut_window, draw
+from alexnet_dist.data.wds import decode_image, training_view
 from alexnet_dist.errors import DataError
 
 
@@ -28,10 +28,10 @@ def coordinate_image(w=40, h=30):
 
 
 def test_random_crops_stay_inside_and_flips_mirror():
-    rng = random.Random(0)
+    rng, augment = random.Random(0), augmentation(crop=24)
     flips, lefts = 0, set()
     for _ in range(200):
-        out = np.asarray(random_crop_flip(coordinate_image(), 24, rng))
+        out = np.asarray(cut_window(coordinate_image(), draw(augment, rng, 40, 30)))
         xs, ys = out[0, :, 0].astype(int), out[:, 0, 1].astype(int)
         assert out.shape == (24, 24, 3)
         assert list(ys) == list(range(ys[0], ys[0] + 24)) and 0 <= ys[0] <= 6
@@ -79,8 +79,8 @@ def stream(root, split, *, train, rank, world, workers=2, batch=4, seed=0, epoch
     """The webdataset loader of one rank, built from its plan as the data module builds it."""
     manifest = Manifest.read(root)
     mode = "train" if train else "val"
-    plan = make_plan(manifest.shards(split), mode, batch * world, rank, world, seed, "test")
-    settings = make(Loader, {"name": "wds", "workers": workers, "shuffle_buffer": 10})
+    plan = make_plan(manifest.shards(split), mode, batch * world, rank, world, seed, "test", partitions=12, window=10)
+    settings = make(Loader, {"name": "wds", "workers": workers})
     loader = wds.build(
         plan,
         augmentation(crop=12, val_resize=None),
@@ -142,8 +142,8 @@ def test_datamodule_normalises_on_the_device_and_checks_batch_division(synthetic
 def test_a_resumed_pass_yields_exactly_the_batches_not_yet_trained_on(unique_labels, workers):
     def loader(done):  # epoch 1, `done` batches of it trained on
         manifest = Manifest.read(unique_labels)
-        plan = make_plan(manifest.shards("train"), "train", 4, 0, 1, 3, "test")  # 37 samples: 9 steps
-        settings = make(Loader, {"name": "wds", "workers": workers, "shuffle_buffer": 10})
+        plan = make_plan(manifest.shards("train"), "train", 4, 0, 1, 3, "test", partitions=4)  # 37 samples: 9 steps
+        settings = make(Loader, {"name": "wds", "workers": workers})
         return wds.build(
             plan,
             augmentation(crop=12),
@@ -210,8 +210,9 @@ def test_modern_crops_cover_their_region_and_reduced_decoding_changes_little():
     data = io.BytesIO()
     Image.fromarray(ramp).save(data, format="JPEG", quality=95)
     full = Image.open(io.BytesIO(data.getvalue())).convert("RGB")
+    modern = augmentation(crop=64, augment="modern", flip=False)
     for seed in range(20):
-        out = random_resized_crop(data.getvalue(), 64, random.Random(seed), "x", flip=False)
+        out, _ = training_view(data.getvalue(), modern, random.Random(seed), "x")
         left, top, w, h = crop_box(400, 300, random.Random(seed))
         exact = full.resize((64, 64), Image.BILINEAR, box=(left, top, left + w, top + h))
         assert out.size == (64, 64)

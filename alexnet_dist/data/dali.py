@@ -22,12 +22,11 @@ from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
 from . import store
 from .dali_pipeline import PipelineSpec, blank_jpeg, build_pipeline
-from .loader import BadImage, Batch, all_skipped
+from .loader import BadImage, Batch, all_skipped, image_size
 from .members import SampleFormat, parse_label
 from .plan import EpochPlan
 from .samples import SampleReader
 from .transforms import Augmentation, colour_shift, draw
-from .wds import image_size
 
 
 def to_torch(dali_batch, device: torch.device) -> torch.Tensor:

@@ -7,9 +7,11 @@ min_side, worker_signals, opener) -> Loader` (wds.py, dali.py; config.LOADERS na
 reads through it: store.open_file, or the node's shard cache). Every build takes every keyword and
 uses what concerns it."""
 
+import io
 from typing import NamedTuple, Protocol
 
 import torch
+from PIL import Image
 
 from ..errors import DataError
 
@@ -54,6 +56,15 @@ class BadImage(DataError):
     def skipped(self) -> str:
         """How a skipped image is named in Batch.skipped and the run's report."""
         return f"{self.where} (cannot decode: {self.why})"
+
+
+def image_size(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) from an image's header alone; BadImage where there is no readable header
+    (both loaders make a training sample's draws from its size before decoding it)."""
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception as exc:
+        raise BadImage(where, str(exc)) from None
 
 
 def all_skipped(skipped) -> DataError:

@@ -42,14 +42,6 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise BadImage(where, str(exc)) from None
 
 
-def image_size(data: bytes, where: str) -> tuple[int, int]:
-    """(width, height) from an image's header alone."""
-    try:
-        return Image.open(io.BytesIO(data)).size
-    except Exception as exc:
-        raise BadImage(where, str(exc)) from None
-
-
 def training_view(data: bytes, augment: Augmentation, rng: random.Random, where: str) -> tuple[Image.Image, Draws]:
     """The augmented training image of one sample's bytes, and the draws that made it."""
     if augment.style == "paper":
