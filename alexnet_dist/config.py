@@ -64,9 +64,16 @@ class Data:
     train_scale: float = 1.0
     test_views: int = 1
     mean_image: bool = False
+    cache_dir: str | None = None  # node-local folder caching remote (s3://, http) tars; None: stream them
+    cache_limit_gb: float = 100.0  # the cache's size limit (10^9 bytes); least recently read tars go first
+    prefetch_shards: int = 2  # remote tars each reader downloads into the cache ahead of reading them
 
     def __post_init__(self):
         check_views(self.test_views, "data.test_views")
+        if not self.cache_limit_gb > 0:
+            raise ConfigError(f"data.cache_limit_gb={self.cache_limit_gb}: give the cache's size limit in GB, above 0")
+        if self.prefetch_shards < 0:
+            raise ConfigError(f"data.prefetch_shards={self.prefetch_shards}: give 0 (no prefetching) or more")
 
 
 def needs_package(package: str, title: str, extra: str) -> Callable[[], str | None]:
