@@ -104,7 +104,7 @@ def moto_gets(object_store, url: str) -> int:
 
 def cached_bytes(folder: Path) -> int:
     """What the cache's tars take, those being downloaded included."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith((".tar", ".tar.part")))
+    return sum(p.stat().st_size for p in folder.glob("*-*.tar*") if p.name.endswith((".tar", ".tar.part")))
 
 
 def run_script(script: str, *args, env: dict | None = None, timeout: float = 60):
@@ -185,6 +185,8 @@ def test_the_cache_stays_under_its_limit_with_more_data_than_it_holds(tmp_path, 
     sizes = [(tars / f"{i:06d}.tar").stat().st_size for i in range(TARS)]
     limit = int(2.5 * max(sizes))
     folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "000000.tar").write_bytes(b"the user's own" * 100_000)  # a cache_dir that holds other tars
     cache = ShardCache(folder, limit)
     order = list(range(TARS)) + [5, 4, 0, 1, 5, 2]  # recent ones again, and evicted ones
     fetched = store.fetched_bytes()
@@ -194,7 +196,7 @@ def test_the_cache_stays_under_its_limit_with_more_data_than_it_holds(tmp_path, 
             assert f.read() == (tars / f"{i:06d}.tar").read_bytes()
     # two tars fit: of those read again, 5 and 4 were still there; 0, 1, then 5 and 2 had been evicted
     assert store.fetched_bytes() - fetched == sum(sizes[i] for i in order[:6] + [0, 1, 5, 2])
-    assert len(list(folder.glob("*.tar"))) == 2 and cached_bytes(folder) <= limit
+    assert len(list(folder.glob("*-*.tar"))) == 2 and cached_bytes(folder) <= limit
     assert capfd.readouterr().err == ""
 
     # everything cached in use by readers: the next tar comes from the store, with one warning
@@ -213,7 +215,10 @@ def test_the_cache_stays_under_its_limit_with_more_data_than_it_holds(tmp_path, 
         in err[0]
     )
     assert err[0].endswith("; reading such tars from the store")
-    assert sorted(folder.glob("*.tar")) == sorted(folder / f"{cache_key(f'{s3_tars}/{i:06d}.tar')}.tar" for i in (1, 2))
+    assert (folder / "000000.tar").read_bytes() == b"the user's own" * 100_000  # neither counted nor evicted
+    assert sorted(folder.glob("*-*.tar")) == sorted(
+        folder / f"{cache_key(f'{s3_tars}/{i:06d}.tar')}.tar" for i in (1, 2)
+    )
 
     # a tar larger than the whole limit is read from the store
     small = ShardCache(tmp_path / "small", 1000)

@@ -37,6 +37,9 @@ from pathlib import Path
 from . import store
 
 CHUNK = 4 << 20  # bytes per read of a download
+# The cache's own tars and downloads: only these count against the limit and may be evicted, so a
+# cache_dir pointed at a folder of the user's tars by mistake deletes none of them.
+OWN = re.compile(r"([0-9a-f]{16}-[A-Za-z0-9._-]*)\.tar(\.part)?")
 GLOBAL_LOCK = ".cache.lock"
 FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -301,15 +304,16 @@ class ShardCache:
         until `size` more bytes fit under the limit; False (and one warning) when they cannot."""
         used, tars = 0, []
         for entry in os.scandir(self.folder):
-            name = entry.name
+            own = OWN.fullmatch(entry.name)
+            if not own:
+                continue
             try:
-                if name.endswith(".tar.part"):
-                    other = name.removesuffix(".tar.part")
-                    if other == key or self._unused(other):
+                if own[2]:
+                    if own[1] == key or self._unused(own[1]):
                         os.unlink(entry.path)  # left by a download that died
                     else:
                         used += entry.stat().st_size
-                elif name.endswith(".tar"):
+                else:
                     stat = entry.stat()
                     used += stat.st_size
                     tars.append((stat.st_mtime, entry.path, stat.st_size))
