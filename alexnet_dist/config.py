@@ -67,9 +67,16 @@ class Data:
     partitions: int = 192  # the epoch's order in parts: a run trains on any number of processes dividing it
     shuffle_window: int = 2000  # samples shuffled together within a part
     trace: str | None = None  # a folder: each rank writes the keys each training step read there
+    cache_dir: str | None = None  # node-local folder caching remote (s3://, http) tars; None: stream them
+    cache_limit_gb: float = 100.0  # the cache's size limit (10^9 bytes); least recently read tars go first
+    prefetch_shards: int = 2  # remote tars each reader downloads into the cache ahead of reading them
 
     def __post_init__(self):
         check_views(self.test_views, "data.test_views")
+        if not self.cache_limit_gb > 0:
+            raise ConfigError(f"data.cache_limit_gb={self.cache_limit_gb}: give the cache's size limit in GB, above 0")
+        if self.prefetch_shards < 0:
+            raise ConfigError(f"data.prefetch_shards={self.prefetch_shards}: give 0 (no prefetching) or more")
 
 
 def needs_package(package: str, title: str, extra: str) -> Callable[[], str | None]:

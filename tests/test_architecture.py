@@ -10,7 +10,7 @@ PACKAGE = Path(alexnet_dist.__file__).parent
 
 # data/ from the top: each module may import only modules of earlier layers (or its own).
 LAYERS = [
-    {"store"},
+    {"store", "shard_cache"},
     {"transforms", "normalize"},
     {"shard_index", "manifest", "sources", "images", "members", "shards", "stats", "index"},
     {"plan", "samples", "trace"},
@@ -24,9 +24,11 @@ LAYERS = [
 # sample keys off index lines through shard_index; members.py (which member is the image and the
 # label) asks images.py which pictures both decoders read alike, and the manifest, the writer and
 # the indexer record or read its format; the loaders
-# share the contract in loader.py and never import each other; the plan's layer holds the order of
-# samples, the reading of one sample and the trace of what was read, none importing another.
+# share the contract in loader.py and never import each other; the shard cache reads through the
+# store; the plan's layer holds the order of samples, the reading of one sample and the trace of
+# what was read, none importing another.
 WITHIN = {
+    "shard_cache": {"store"},
     "normalize": {"transforms"},
     "images": {"sources"},
     "manifest": {"shard_index", "members"},

@@ -42,6 +42,31 @@ WAITS = (0.5, 1, 2, 4, 8)  # seconds before each new try of a failed request
 TIMEOUT_S = 20  # connecting, and waiting for the next bytes of an answer
 
 
+# Bytes this process has received from remote stores (tars, index files, manifests; RemoteFile's
+# reads and the bytes http_get skips), for the benchmark's "bytes fetched from the store". A forked
+# child (a loader worker) counts its own from 0.
+_fetched, _fetched_lock = 0, threading.Lock()
+
+
+def fetched_bytes() -> int:
+    """How many bytes this process has received from remote stores so far."""
+    return _fetched
+
+
+def count_fetched(n: int) -> None:
+    global _fetched
+    with _fetched_lock:
+        _fetched += n
+
+
+def _fetched_in_child() -> None:
+    global _fetched, _fetched_lock
+    _fetched, _fetched_lock = 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fetched_in_child)
+
+
 def is_remote(location: str) -> bool:
     return str(location).startswith(SCHEMES)
 
@@ -203,6 +228,7 @@ def http_get(url: str, start: int, end: int | None = None):
             got = len(response.read(min(skip, 1 << 20)))
             if not got:
                 break
+            count_fetched(got)
             skip -= got
     return response
 
@@ -280,6 +306,7 @@ class RemoteFile(io.RawIOBase):
                 data = self.body.read(len(buffer))
                 if not data:  # the answer ended before the file did: the connection was cut
                     raise EOFError(f"the answer ended at byte {self.position} of {self.size}")
+                count_fetched(len(data))
             except Exception:
                 self.drop()  # the next try opens a new request at this position
                 raise
