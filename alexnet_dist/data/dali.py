@@ -20,7 +20,6 @@ import torch
 
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
-from . import store
 from .dali_pipeline import PipelineSpec, blank_jpeg, build_pipeline
 from .loader import BadImage, Batch, all_skipped, image_size
 from .members import SampleFormat, parse_label
@@ -94,11 +93,11 @@ class DaliLoader:
         position,
         device: torch.device,
         strict: bool,
-        opener,
+        cache,
     ):
         self.plan, self.augment, self.spec = plan, augment, spec
         self.sample_format, self.classes = sample_format, classes
-        self.position, self.device, self.strict, self.opener = position, device, strict, opener
+        self.position, self.device, self.strict, self.cache = position, device, strict, cache
         self.blank = blank_jpeg(max(spec.crop, spec.val_resize or 0))
         self.skipped = []  # "<tar>:<key> (reason)" of images skipped in this process
 
@@ -108,13 +107,15 @@ class DaliLoader:
     def __iter__(self):
         epoch, done = self.position()
         batches = self.plan.places(epoch)
-        reader, pending, bad = SampleReader(self.opener), {}, {}
+        uses = self.plan.first_uses(epoch, batches) if self.cache is not None else []
+        reader, pending, bad = SampleReader(self.cache, uses), {}, {}
 
         def start(first: int):
             def source(info):
                 i = first + info.iteration
                 if i >= len(batches):  # asked ahead past the pass's end
                     raise StopIteration
+                reader.reading(i)
                 pending[i] = self.prepare(reader, epoch, batches[i], bad)
                 return self.inputs(pending[i])
 
@@ -246,7 +247,7 @@ def build(
     device: torch.device,
     min_side: int | None = None,
     worker_signals: tuple[int, ...] = (),
-    opener=store.open_file,
+    cache=None,
 ) -> DaliLoader:
     """The DALI loader of `plan`, decoding on `device`'s GPU (loader.device=auto or gpu) or on the
     CPU. DALI cuts crops out of the stored image (after val_resize in evaluation), so every stored
@@ -285,5 +286,5 @@ def build(
         position=position,
         device=device if kind == "gpu" else torch.device("cpu"),
         strict=settings.bad_images == "error",
-        opener=opener,
+        cache=cache,
     )

@@ -13,6 +13,7 @@ from .loader import Batch, Loader
 from .manifest import Manifest
 from .normalize import DeviceNormalize
 from .plan import EpochPlan, make_plan, position
+from .shard_cache import ShardCache
 from .stats import read_mean_image, read_stats
 from .trace import Trace
 from .transforms import Augmentation
@@ -59,6 +60,7 @@ class ShardDataModule(pl.LightningDataModule):
             mean_image=mean_image,
             dtype=torch.bfloat16 if loader.dtype == DType.bfloat16 else torch.float32,
         )
+        self.cache = ShardCache.of(data)  # remote tars on this node's disk (data.cache_dir), or None
         self.loaders: dict[str, Loader] = {}  # by mode, as last built
         self.saved_order = None  # the order a checkpoint was trained in (order_state)
         self.trace = None  # data.trace's writer, made with the first training loader
@@ -133,6 +135,7 @@ class ShardDataModule(pl.LightningDataModule):
             device=self.training_device(),
             min_side=self.manifest.min_side,
             worker_signals=self.worker_signals,
+            cache=self.cache,
         )
         if train:
             self.check_order()

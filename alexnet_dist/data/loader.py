@@ -1,11 +1,11 @@
 """What every loader is: built from an EpochPlan, the run's Augmentation and its loader settings
 by its module's `build(plan, augment, settings, *, sample_format, classes, position, device,
-min_side, worker_signals, opener) -> Loader` (wds.py, dali.py; config.LOADERS names the module), it yields
+min_side, worker_signals, cache) -> Loader` (wds.py, dali.py; config.LOADERS names the module), it yields
 `Batch`es of uint8 images that DeviceNormalize turns into inputs on the training device.
 `sample_format` says which member of a sample is its image and which its label (members.py),
-`classes` are the manifest's class names, `opener(location)` opens a tar (samples.SampleReader
-reads through it: store.open_file, or the node's shard cache). Every build takes every keyword and
-uses what concerns it."""
+`classes` are the manifest's class names, `cache` the node's shard cache (shard_cache.py) or None;
+both loaders read samples through samples.SampleReader. Every build takes every keyword and uses
+what concerns it."""
 
 import io
 from typing import NamedTuple, Protocol

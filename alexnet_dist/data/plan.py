@@ -101,6 +101,14 @@ class EpochPlan:
         which = np.searchsorted(starts, places, side="right") - 1
         return [(order[w], int(place - starts[w])) for w, place in zip(which, places, strict=True)]
 
+    def first_uses(self, epoch: int, batches: list[np.ndarray]) -> list[tuple[int, str]]:
+        """(batch, tar) of each tar this rank reads in the pass, in the order first read."""
+        first = {}
+        for i, places in enumerate(batches):
+            for shard, _ in self.locate(epoch, places):
+                first.setdefault(shard.tar, i)
+        return [(i, tar) for tar, i in first.items()]
+
     def shard_use(self, epoch: int) -> dict[Shard, int]:
         """How many samples of each shard this rank reads in the pass."""
         use = {}

@@ -19,13 +19,22 @@ KEEP_OPEN = 16  # tars a reader keeps open at once (a rank reads a few parts' wi
 
 
 class SampleReader:
-    """Reads samples of shards; `opener(location)` opens a tar (store.open_file, or a node's shard
-    cache). Keeps the index files it has read and a few tars open."""
+    """Reads samples of shards, through the node's shard cache where there is one (data.cache_dir)
+    and from the store otherwise. Keeps the index files it has read and a few tars open.
 
-    def __init__(self, opener=store.open_file):
-        self.opener = opener
+    `uses`: (batch, tar) of the pass's tars by the batch that first reads each (EpochPlan.first_uses);
+    at each batch the cache is told the tars that come after it, to fetch them while this one trains."""
+
+    def __init__(self, cache=None, uses: list[tuple[int, str]] = ()):
+        self.opener = cache.open if cache is not None else store.open_file
+        self.cache, self.uses = cache, list(uses)
         self.indexes: dict[str, list[str]] = {}
         self.files: OrderedDict = OrderedDict()
+
+    def reading(self, batch: int) -> None:
+        """Batch `batch` of the pass is being read: the cache fetches the tars after it ahead."""
+        if self.cache is not None:
+            self.cache.prefetch([tar for first, tar in self.uses if first > batch])
 
     def lines(self, shard: Shard) -> list[str]:
         if shard.index not in self.indexes:

@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
-from . import store
 from .loader import BadImage, Batch, all_skipped
 from .members import SampleFormat, parse_label
 from .plan import EpochPlan
@@ -84,11 +83,11 @@ class ShardStream(IterableDataset):
         classes: list[str],
         workers: int,
         strict: bool,
-        opener=store.open_file,
+        cache=None,
     ):
         self.plan, self.augment = plan, augment
         self.sample_format, self.classes = sample_format, classes
-        self.workers, self.strict, self.opener = max(1, workers), strict, opener
+        self.workers, self.strict, self.cache = max(1, workers), strict, cache
         self.epoch = 0
         self.skip = 0
 
@@ -101,9 +100,11 @@ class ShardStream(IterableDataset):
         # pass's batches skip + k, skip + k + K, ...
         worker = info.id if info else 0
         batches = self.plan.places(self.epoch)
-        reader = SampleReader(self.opener)
+        uses = self.plan.first_uses(self.epoch, batches) if self.cache is not None else []
+        reader = SampleReader(self.cache, uses)
         try:
             for i in range(self.skip + worker, len(batches), self.workers):
+                reader.reading(i)
                 yield self.batch(reader, batches[i])
         finally:
             reader.close()
@@ -233,7 +234,7 @@ def build(
     device: torch.device,
     min_side: int | None = None,
     worker_signals: tuple[int, ...] = (),
-    opener=store.open_file,
+    cache=None,
 ) -> EpochLoader:
     """The webdataset loader of `plan`: loader.workers processes (no more than there are batches),
     or the training process itself with loader.workers=0. `min_side` does not matter here: PIL
@@ -246,7 +247,7 @@ def build(
         classes=classes,
         workers=workers,
         strict=settings.bad_images == "error",
-        opener=opener,
+        cache=cache,
     )
     processes = workers if settings.workers > 0 else 0
     return EpochLoader(
