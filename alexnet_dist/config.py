@@ -380,6 +380,7 @@ def check(s: Train) -> None:
         )
     devices, nodes = s.trainer["devices"], s.trainer["num_nodes"]
     if isinstance(devices, int) and isinstance(nodes, int):
+        check_world(s.data.partitions, s.data.batch_size, devices * nodes)
         for key in ("batch_size", "val_batch_size"):
             per_rank(getattr(s.data, key), devices * nodes, f"data.{key}")
 
@@ -388,6 +389,21 @@ def check_views(views: int, key: str) -> None:
     """The test views: the centre crop, or the paper's ten (section 4.1)."""
     if views not in (1, 10):
         raise ConfigError(f"{key}={views}: choose 1 (centre crop) or 10 (corners, centre and mirrors)")
+
+
+def check_world(partitions: int, global_batch: int, world: int) -> None:
+    """Training's order of samples comes in `partitions` parts (data/plan.py), so it runs (and
+    resumes) on a number of processes that divides both that and the global batch; else one line
+    naming the numbers that do."""
+    if partitions < 1:
+        raise ConfigError(f"data.partitions={partitions}: give 1 or more")
+    if partitions % world or global_batch % world:
+        sizes = [w for w in range(1, partitions + 1) if partitions % w == 0 and global_batch % w == 0]
+        raise ConfigError(
+            f"{world} processes cannot share this run's order of samples (data.partitions={partitions}, "
+            f"data.batch_size={global_batch}): it trains on {', '.join(map(str, sizes))} processes; run on one "
+            f"of those, or start the run with data.partitions and data.batch_size multiples of {world}"
+        )
 
 
 def per_rank(global_batch: int | None, world: int, key: str) -> int | None:

@@ -9,7 +9,7 @@ windows of `window` samples. Global batch i is, from every part, its samples i*q
 None of this mentions the number of processes, so the sequence of global batches (as sets of
 samples) is the same on any number of them: rank r of W takes parts P*r/W .. P*(r+1)/W - 1, whose
 q_p add up to B/W. That needs W to divide both P and B: the family of world sizes a run can move
-between (make_plan says so in one line). A checkpoint needs only the global step to resume exactly
+between (config.check_world says so in one line). A checkpoint needs only the global step to resume exactly
 on any member of the family. A rank's parts are one contiguous stretch of the epoch's shards, so it
 opens only the tars that stretch covers, and the windows keep the tars it reads at once few.
 
@@ -27,7 +27,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ..config import per_rank
+from ..config import check_world, per_rank
 from ..errors import ConfigError, DataError
 from .manifest import Shard
 
@@ -121,11 +121,6 @@ class EpochPlan:
         return f"{self.seed}-{epoch}-{place}"
 
 
-def family(partitions: int, global_batch: int) -> list[int]:
-    """The numbers of processes a run with this order can train on."""
-    return [w for w in range(1, partitions + 1) if partitions % w == 0 and global_batch % w == 0]
-
-
 def make_plan(
     shards: list[Shard],
     mode: str,
@@ -144,17 +139,11 @@ def make_plan(
         raise DataError(
             f"{where}: {count} samples for {world} ranks; every rank needs at least one: use fewer ranks or more data"
         )
-    if partitions < 1 or window < 1:
-        raise ConfigError(f"data.partitions={partitions}, data.shuffle_window={window}: both must be 1 or more")
+    if window < 1:
+        raise ConfigError(f"data.shuffle_window={window}: give 1 or more")
     steps = None
     if mode == "train":
-        if partitions % world or global_batch % world:
-            sizes = ", ".join(map(str, family(partitions, global_batch)))
-            raise ConfigError(
-                f"{world} processes cannot share this run's order of samples (data.partitions={partitions}, "
-                f"data.batch_size={global_batch}): it trains on {sizes} processes; run on one of those, or start "
-                f"the run with data.partitions a multiple of {world}"
-            )
+        check_world(partitions, global_batch, world)
         steps = count // global_batch
         if steps == 0:
             raise ConfigError(

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from ..errors import DataError
 from . import shard_index, store
-from .manifest import Shard, tar_header
+from .manifest import Shard
 
 KEEP_OPEN = 16  # tars a reader keeps open at once (a rank reads a few parts' windows at a time)
 
@@ -63,18 +63,18 @@ class SampleReader:
             for i in range(0, len(fields), 4)
         ]
         f = self.file(shard.tar)
+        start = first - tarfile.BLOCKSIZE  # the first member's header
         try:
-            header = tar_header(f, shard.tar, first - tarfile.BLOCKSIZE)
-            if shard.exact and header.name != members[0][3]:
+            f.seek(start)
+            data = f.read(end - start)
+            if len(data) < end - start:
                 raise DataError(
-                    f"{shard.tar}: its index file says sample {number} is {key}, the tar holds {header.name} "
-                    "there; re-run alexnet-prepare"
-                )
-            data = f.read(end - first)
-            if len(data) < end - first:
-                raise DataError(
-                    f"{shard.tar}: ends inside sample {key} (byte {first + len(data)} of {end}); the tar is "
+                    f"{shard.tar}: ends inside sample {key} (byte {start + len(data)} of {end}); the tar is "
                     "truncated: re-create it with alexnet-prepare"
+                )
+            for _, offset, _, name in members:  # every member's header, where the index says
+                check_header(
+                    data[offset - tarfile.BLOCKSIZE - start : offset - start], shard, number, key, name, offset
                 )
             if shard.exact and number == shard.count - 1:
                 check_tail(f, shard.tar, end)
@@ -87,7 +87,7 @@ class SampleReader:
                 f"{shard.tar}: unreadable at sample {key} ({exc.strerror or exc}); the tar is damaged: "
                 "re-create it with alexnet-prepare"
             ) from None
-        return key, {ext: data[offset - first : offset - first + size] for ext, offset, size, _ in members}
+        return key, {ext: data[offset - start : offset - start + size] for ext, offset, size, _ in members}
 
     def forget(self, tar: str) -> None:
         f = self.files.pop(tar, None)
@@ -97,6 +97,25 @@ class SampleReader:
     def close(self) -> None:
         while self.files:
             self.files.popitem()[1].close()
+
+
+def check_header(block: bytes, shard: Shard, number: int, key: str, name: str, offset: int) -> None:
+    """A tar header stands just before a member's data, as the index says (its name the index's, in
+    alexnet-prepare's own shards: other tools' may keep long names in a pax header before it)."""
+    try:
+        header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        why = "zeros" if isinstance(exc, tarfile.EOFHeaderError) else str(exc)
+        at = offset - tarfile.BLOCKSIZE
+        raise DataError(
+            f"{shard.tar}: no tar header {'at its start' if at == 0 else f'at byte {at}'} ({why}), where its "
+            f"index puts sample {key}; the tar is damaged: re-create it with alexnet-prepare"
+        ) from None
+    if shard.exact and header.name != name:
+        raise DataError(
+            f"{shard.tar}: its index file says sample {number} is {key}, the tar holds {header.name} there; "
+            "re-run alexnet-prepare"
+        )
 
 
 def check_tail(f, tar: str, end: int) -> None:
