@@ -38,7 +38,8 @@ def small(tmp_path_factory) -> Path:
 
 def world(n: int, loader: str, workers: int = 0) -> list[str]:
     extra = ["trainer.strategy=ddp"] if n > 1 else []
-    return [f"trainer.devices={n}", f"loader={loader}", f"loader.workers={workers}", *extra]
+    own = f"loader.workers={workers}" if loader == "wds" else "loader.threads=1"
+    return [f"trainer.devices={n}", f"loader={loader}", own, *extra]
 
 
 def batches(trace: Path) -> dict[int, list[str]]:
