@@ -128,7 +128,7 @@ LOADERS: dict[str, LoaderEntry] = {
         "alexnet_dist.data.dali",
         DaliSettings,
         "DALI",
-        reads_http=False,  # its readers take local files and s3:// only
+        reads_http=True,  # samples are read in Python (data/samples.py), as the webdataset loader reads them
         missing=needs_package("nvidia.dali", "NVIDIA DALI", "dali"),
     ),
     "wds": LoaderEntry("alexnet_dist.data.wds", WdsSettings, "the webdataset loader", reads_http=True),

@@ -87,6 +87,19 @@ def parse_args(argv=None):
         "--data", help="loader mode: where manifest.json is (a folder, s3://bucket/prefix or http(s)://host/path)"
     )
     p.add_argument(
+        "--epochs",
+        type=int,
+        default=0,
+        help="loader mode: time whole epochs instead of --steps, one line each with the bytes fetched from the store",
+    )
+    p.add_argument("--cache", help="loader mode: a node-local folder caching remote tars (data.cache_dir)")
+    p.add_argument(
+        "--cache-limit-gb",
+        type=float,
+        default=make(Data, {"root": "-"}).cache_limit_gb,
+        help="loader mode: the cache's size limit (data.cache_limit_gb)",
+    )
+    p.add_argument(
         "--against",
         help="loader mode: the same shards elsewhere (say, on local disk), measured right after --data in the same "
         "run; adds a line with the ratio of the two speeds",
@@ -161,6 +174,8 @@ def data_module(args, target: torch.device, **loader):
         "crop": args.size,
         "augment": args.augment,
         "shuffle_window": args.shuffle_window,
+        "cache_dir": args.cache,
+        "cache_limit_gb": args.cache_limit_gb,
     }
     return ShardDataModule(make(Data, data), make(LoaderSettings, loader), device=target)
 
@@ -249,6 +264,45 @@ def bench_loader(args) -> dict:
         "images": images,
         "seconds": round(seconds, 3),
     }
+
+
+def bench_epochs(args) -> list[dict]:
+    """Whole training epochs of the loader, one after another as training reads them: each one's
+    speed and the bytes fetched from the store during it (loader workers included), beside the
+    training split's size. With a shard cache the first epoch fills it and later ones read from it."""
+    from ..data import store
+
+    device = torch_device(args)
+    data = data_module(args, device, device=args.device)
+    loader = data.train_dataloader()
+    size = sum(store.size(shard.tar) for shard in data.manifest.shards("train"))
+    rows = []
+    for epoch in range(args.epochs):
+        loader.position = lambda epoch=epoch: (epoch, 0)  # what the Trainer's step count says at an epoch start
+        fetched, images = store.fetched_bytes(), 0
+        sync(device)
+        start = time.perf_counter()
+        for batch in loader:
+            images += len(batch[1])
+        sync(device)
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "name": f"loader/{data.loader_name}/epoch",
+                "data": args.data,
+                "epoch": epoch,
+                "images_per_sec": round(images / seconds, 1),
+                "fetched_bytes": store.fetched_bytes() - fetched,
+                "dataset_bytes": size,
+                "cache": args.cache,
+                "batch_size": args.batch_size,
+                "images": images,
+                "seconds": round(seconds, 3),
+            }
+        )
+    if data.cache is not None:
+        data.cache.close()
+    return rows
 
 
 def settings(args) -> dict:
@@ -376,6 +430,24 @@ def main(argv=None):
         results = bench_ddp(args, argv)
     elif args.mode == "scale":
         results = scale.run(args)
+    elif args.mode == "loader" and args.epochs:
+        results = bench_epochs(args)
+        if args.against:  # the same epochs from the other place, and each epoch's ratio of speeds
+            loader = results[0]["name"].split("/")[1]
+            other = bench_epochs(
+                argparse.Namespace(**{**vars(args), "data": args.against, "loader": loader, "cache": None})
+            )
+            ratios = [
+                {
+                    "name": f"{a['name']}/ratio",
+                    "epoch": a["epoch"],
+                    "data": a["data"],
+                    "against": b["data"],
+                    "ratio": round(a["images_per_sec"] / b["images_per_sec"], 3),
+                }
+                for a, b in zip(results, other, strict=True)
+            ]
+            results += other + ratios
     else:
         run = {"model": bench_model, "loader": bench_loader, "train": bench_train, "baseline": bench_baseline}
         results = [run[args.mode](args)]

@@ -8,7 +8,7 @@ import torch
 from ..config import Data, DType, plain
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
-from . import loader_choice
+from . import loader_choice, store
 from .loader import Batch, Loader
 from .manifest import Manifest
 from .normalize import DeviceNormalize
@@ -42,8 +42,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.manifest = Manifest.read(data.root)  # fails early, before any model is built
         if not (self.manifest.has("train") and self.manifest.has("val")):
             raise DataError(f"{self.manifest.path}: needs both a train and a val split")
-        splits = self.manifest.data["splits"]
-        over_http = any(s.tar.startswith(("http://", "https://")) for sp in splits for s in self.manifest.shards(sp))
+        tars = [s.tar for split in self.manifest.data["splits"] for s in self.manifest.shards(split)]
+        over_http = any(tar.startswith(("http://", "https://")) for tar in tars)
         self.loader_name = loader_choice.choose_loader(loader.name, over_http)  # a LOADERS name from here on
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
         stats = read_stats(self.manifest)
@@ -61,6 +61,13 @@ class ShardDataModule(pl.LightningDataModule):
             dtype=torch.bfloat16 if loader.dtype == DType.bfloat16 else torch.float32,
         )
         self.cache = ShardCache.of(data)  # remote tars on this node's disk (data.cache_dir), or None
+        remote = [tar for tar in tars if store.is_remote(tar)]
+        if self.cache is None and remote:
+            loader_choice.notice(
+                f"the shards are remote ({remote[0]}, ...): without a shard cache every sample is a request "
+                "of its own and every epoch fetches the data again; give a node-local folder: "
+                "data.cache_dir=/local/disk/path"
+            )
         self.loaders: dict[str, Loader] = {}  # by mode, as last built
         self.saved_order = None  # the order a checkpoint was trained in (order_state)
         self.trace = None  # data.trace's writer, made with the first training loader

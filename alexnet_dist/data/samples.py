@@ -38,7 +38,7 @@ class SampleReader:
 
     def lines(self, shard: Shard) -> list[str]:
         if shard.index not in self.indexes:
-            self.indexes[shard.index] = shard_index.read(shard)
+            self.indexes[shard.index] = shard_index.read(shard, self.opener)
         return self.indexes[shard.index]
 
     def file(self, tar: str):

@@ -54,10 +54,11 @@ def sample_key(member: str) -> str:
     return f"{folder}/{name.split('.', 1)[0]}" if folder else name.split(".", 1)[0]
 
 
-def opened(shard):
-    """`shard`'s index file (shard: a manifest.Shard) open for reading; one line where it cannot be."""
+def opened(shard, opener=store.open_file):
+    """`shard`'s index file (shard: a manifest.Shard) open for reading (through `opener`: the store,
+    or a node's shard cache); one line where it cannot be."""
     try:
-        return store.open_file(shard.index)
+        return opener(shard.index)
     except store.Missing:
         raise DataError(
             f"{shard.index}: DALI index file of {shard.tar} missing; re-run alexnet-prepare (it writes them)"
@@ -83,11 +84,11 @@ def ends(shard) -> tuple[int, str]:
     return count(first, shard.index), (lines[-1] if lines else "")
 
 
-def read(shard) -> list[str]:
+def read(shard, opener=store.open_file) -> list[str]:
     """The sample lines of `shard`'s index file, as many as the manifest counts (shard.count);
     each one is checked by `entry` where it is used."""
     try:
-        with opened(shard) as f:
+        with opened(shard, opener) as f:
             lines = f.read().decode(errors="replace").splitlines()
     except OSError as exc:  # removed or made unreadable since the start-up check
         raise unreadable(shard.index, exc) from None

@@ -21,6 +21,7 @@ import fnmatch
 import hashlib
 import http.client
 import io
+import multiprocessing
 import os
 import re
 import shutil
@@ -42,29 +43,20 @@ WAITS = (0.5, 1, 2, 4, 8)  # seconds before each new try of a failed request
 TIMEOUT_S = 20  # connecting, and waiting for the next bytes of an answer
 
 
-# Bytes this process has received from remote stores (tars, index files, manifests; RemoteFile's
-# reads and the bytes http_get skips), for the benchmark's "bytes fetched from the store". A forked
-# child (a loader worker) counts its own from 0.
-_fetched, _fetched_lock = 0, threading.Lock()
+# Bytes received from remote stores (tars, index files, manifests; RemoteFile's reads and the bytes
+# http_get skips), for the benchmark's "bytes fetched from the store". In shared memory: loader
+# workers forked from this process add to the same count, so it holds the whole rank's.
+_fetched = multiprocessing.Value("q", 0)
 
 
 def fetched_bytes() -> int:
-    """How many bytes this process has received from remote stores so far."""
-    return _fetched
+    """How many bytes this process and the workers forked from it have received from remote stores."""
+    return _fetched.value
 
 
 def count_fetched(n: int) -> None:
-    global _fetched
-    with _fetched_lock:
-        _fetched += n
-
-
-def _fetched_in_child() -> None:
-    global _fetched, _fetched_lock
-    _fetched, _fetched_lock = 0, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fetched_in_child)
+    with _fetched.get_lock():
+        _fetched.value += n
 
 
 def is_remote(location: str) -> bool:
