@@ -81,7 +81,10 @@ def wait_for_checkpoint(ckpt_dir: Path, proc, min_step: int, timeout: float = 18
 def test_training_from_s3_killed_and_resumed_equals_training_from_local_disk(
     tmp_path, s3_shards, local_runs, cli_env_module, loader
 ):
+    """The DALI run reads through a shard cache (data.cache_dir), the webdataset run streams."""
+    cache = tmp_path / "cache"
     args = [*ARGS, f"loader={loader}", f"data.root={s3_shards}", "run_id=s3"]
+    args += [f"data.cache_dir={cache}"] if loader == "dali" else []
     proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env_module)
     ckpt_dir = tmp_path / "runs/smoke/s3/checkpoints"
     wait_for_checkpoint(ckpt_dir, proc, min_step=20)  # mid-epoch (62 steps), saved every 5
@@ -93,6 +96,11 @@ def test_training_from_s3_killed_and_resumed_equals_training_from_local_disk(
     out = run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env_module)
     assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout
     assert_same_weights(final_weights(ckpt_dir.parent), local_runs[loader])
+    if loader == "dali":  # the 8 + 8 tars were read from the cache
+        assert len([p for p in cache.glob("*.tar") if not p.name.endswith(".idx.tar")]) == 16
+        assert "notice: the shards are remote" not in out.stderr
+    else:
+        assert "notice: the shards are remote (s3://shards/synthetic/" in out.stderr
 
 
 @pytest.mark.slow

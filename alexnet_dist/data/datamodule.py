@@ -185,12 +185,19 @@ class ShardDataModule(pl.LightningDataModule):
             self.trace.close()
 
     def restore_order(self, state) -> None:
-        self.saved_order = state if isinstance(state, dict) and state.get("version") == 4 else None
+        self.saved_order = state
 
     def check_order(self) -> None:
         """A run resumed mid-epoch continues that epoch's order, so it must be the same order."""
         saved, now = self.saved_order, self.order_state()
         if saved is None or saved == now or self.position()[1] == 0:
+            return
+        if not (isinstance(saved, dict) and saved.get("version") == 4):  # per-rank states of earlier releases
+            self.saved_order = None
+            loader_choice.warning(
+                f"the checkpoint stopped in epoch {self.position()[0]} under an earlier order of samples; the rest of "
+                "that epoch follows this release's order, so some of its samples may be trained twice or not at all"
+            )
             return
         changed = ", ".join(f"data.{k}={saved[k]} (now {now[k]})" for k in now if k != "seed" and saved[k] != now[k])
         if saved["seed"] != now["seed"]:

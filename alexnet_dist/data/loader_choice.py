@@ -48,3 +48,8 @@ def build(name: str, plan, augment, settings, **common):
 def notice(text: str) -> None:
     if rank_zero_only.rank == 0:
         print(f"notice: {text}", file=sys.stderr, flush=True)
+
+
+def warning(text: str) -> None:
+    if rank_zero_only.rank == 0:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
