@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, start_cli
+from helpers.shards import data_module
 from test_resume import wait_for_step_file
 
 from alexnet_dist.data import sources
 from alexnet_dist.data.shards import write_dataset
+from alexnet_dist.data.trace import Trace
+from alexnet_dist.errors import ConfigError
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("elastic")]
+pytestmark = pytest.mark.xdist_group("elastic")
 STEPS = 12  # 192 training images, global batch 16
 ARGS = [
     "experiment=smoke",
@@ -73,6 +76,72 @@ def assert_same_training(trace: Path, reference: dict) -> None:
         assert sorted(steps[step]) == sorted(keys), f"step {step}"
 
 
+def global_batches(root, world: int, loader: dict, epoch: int = 1, done: int = 0) -> list[set]:
+    """Each global batch of the pass from batch `done` of `epoch`, as the set of its keys: every
+    rank's loader built as the data module builds it, their batches put together."""
+    per_rank = []
+    for rank in range(world):
+        dm = data_module(root, loader, rank=rank, world=world, epoch=epoch, done=done, batch_size=16, crop=28)
+        per_rank.append([{f"{tar}:{key}" for tar, key in batch.keys} for batch in dm.train_dataloader()])
+    return [set().union(*parts) for parts in zip(*per_rank, strict=True)]
+
+
+def test_the_global_batches_are_the_same_for_every_world_loader_workers_and_start(small):
+    """In process, for speed: 1, 2 and 4 ranks, both loaders, 0 to 3 workers, starting at batch 0 or 5."""
+    whole = global_batches(small, 1, {"name": "wds", "workers": 0})
+    assert len(whole) == STEPS and all(len(b) == 16 for b in whole)
+    assert len(set().union(*whole)) == 192  # each sample once in the epoch
+    assert global_batches(small, 1, {"name": "wds", "workers": 0}, epoch=2) != whole  # a new order each epoch
+    for world, loader, done in [
+        (2, {"name": "wds", "workers": 2}, 0),
+        (4, {"name": "wds", "workers": 3}, 5),
+        (2, {"name": "dali", "threads": 1}, 5),
+        (4, {"name": "dali", "threads": 2}, 0),
+        (1, {"name": "dali", "threads": 1}, 7),
+    ]:
+        assert global_batches(small, world, loader, done=done) == whole[done:], (world, loader, done)
+
+
+def test_a_mid_epoch_resume_in_another_order_is_refused_and_one_at_an_epoch_end_is_not(small):
+    saved = data_module(small, {"name": "wds"}, batch_size=16, crop=28, partitions=96).order_state()
+    for done, refused in ((3, True), (0, False)):
+        dm = data_module(small, {"name": "wds"}, epoch=1, done=done, batch_size=16, crop=28)
+        dm.restore_order(saved)
+        if refused:
+            with pytest.raises(
+                ConfigError,
+                match=r"stopped mid-epoch in an order of samples made with "
+                r"data.partitions=96 \(now 192\); resume with those settings",
+            ):
+                dm.train_dataloader()
+        else:
+            assert len(dm.train_dataloader()) == STEPS
+
+
+def test_the_trace_drops_the_steps_a_resumed_checkpoint_does_not_hold(tmp_path):
+    """Lines written after the checkpoint by a run that died, in the files of ranks the resumed run
+    has and of those it has not, go; a line cut short by the kill too."""
+    for rank in range(4):
+        trace = Trace(str(tmp_path), "/data", rank, 4)
+        for step in range(6):
+            trace.write(0, step, [("/data/train/000000.tar", f"k{rank}{step}")])
+        trace.close()
+    with open(tmp_path / "rank-1.jsonl", "a") as f:
+        f.write('{"epoch": 0, "step": 2, "rank"')  # cut short
+    for rank in range(2):  # resumed at step 4 on 2 ranks
+        trace = Trace(str(tmp_path), "/data", rank, 2)
+        trace.write(0, 4, [("/data/train/000001.tar", "new")])
+        trace.close()
+    lines = {
+        r: [json.loads(line) for line in (tmp_path / f"rank-{r}.jsonl").read_text().splitlines()] for r in range(4)
+    }
+    assert [e["step"] for e in lines[0]] == [0, 1, 2, 3, 4] and lines[0][-1]["keys"] == ["train/000001.tar:new"]
+    assert lines[0][0] == {"epoch": 0, "step": 0, "rank": 0, "keys": ["train/000000.tar:k00"]}
+    assert [e["step"] for e in lines[1]] == [0, 1, 2, 3, 4]  # the cut line gone
+    assert [e["step"] for e in lines[2]] == [e["step"] for e in lines[3]] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "first, stop, then",
     [

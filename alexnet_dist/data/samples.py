@@ -15,7 +15,7 @@ from ..errors import DataError
 from . import shard_index, store
 from .manifest import Shard
 
-KEEP_OPEN = 16  # tars a reader keeps open at once (a rank reads a few parts' windows at a time)
+KEEP_OPEN = 64  # tars a reader keeps open: a batch reads from every part of the rank, each within a window of a tar or two
 
 
 class SampleReader:
