@@ -380,9 +380,9 @@ def check(s: Train) -> None:
         )
     devices, nodes = s.trainer["devices"], s.trainer["num_nodes"]
     if isinstance(devices, int) and isinstance(nodes, int):
-        check_world(s.data.partitions, s.data.batch_size, devices * nodes)
         for key in ("batch_size", "val_batch_size"):
             per_rank(getattr(s.data, key), devices * nodes, f"data.{key}")
+        check_world(s.data.partitions, s.data.batch_size, devices * nodes)
 
 
 def check_views(views: int, key: str) -> None:

@@ -62,7 +62,7 @@ def test_every_part_of_the_gpu_check_runs_and_reports_its_figures(tmp_path):
     bad = {x["case"]: x for x in lines(out, "e")}
     assert not bad["good"]["skipped"] and bad["good"]["delivered_mean_pixel"] > 0
     for case in ("not-a-jpeg", "cut-short"):  # an error from the decoder: skipped and named
-        assert bad[case]["skipped"] and f"{case}.jpg (cannot decode: " in bad[case]["why"][0]
+        assert bad[case]["skipped"] and f":{case} (cannot decode: " in bad[case]["why"][0]
     assert "garbled" in bad  # libjpeg decodes some garbled scans without an error: reported, not judged
     assert bad["bad_images=error"]["error"].endswith("or set loader.bad_images=skip to skip such images")
 
