@@ -28,6 +28,7 @@ ARGS = [
     "+trainer.enable_progress_bar=false",
     "trainer.max_epochs=2",
     "data.batch_size=16",
+    "data.partitions=4",  # the order in 4 parts: 1, 2 or 4 processes
     "checkpoint.every_n_steps=2",
 ]
 
@@ -161,10 +162,12 @@ def test_a_run_stopped_mid_epoch_resumes_on_another_world_with_the_same_batches(
     os.killpg(proc.pid, stop)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == (143 if stop == signal.SIGTERM else -9), err[-3000:]
-    # 3 processes cannot divide a global batch of 16: refused in one line, nothing trained
-    refused = run_cli("alexnet-train", *args, *world(3, "wds"), cwd=tmp_path, env=cli_env, check=False)
-    assert refused.returncode != 0
-    assert "error: 3 processes cannot share this run's order of samples" in refused.stderr
-    assert "it trains on 1, 2, 4, 8, 16 processes" in refused.stderr, refused.stderr[-2000:]
+    # 8 processes divide the global batch of 16 but not the order's 4 parts: refused in one line
+    refused = run_cli("alexnet-train", *args, *world(8, "wds"), cwd=tmp_path, env=cli_env, check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: 8 processes cannot share this run's order of samples (data.partitions=4, data.batch_size=16): "
+        "it trains on 1, 2, 4 processes; run on one of those, or start the run with data.partitions and "
+        "data.batch_size multiples of 8"
+    ], refused.stderr[-2000:]
     run_cli("alexnet-train", *args, *then, cwd=tmp_path, env=cli_env, timeout=400)
     assert_same_training(trace, reference)
