@@ -71,6 +71,8 @@ def test_sbatch_trains_with_one_rank_on_each_of_two_nodes(tmp_path, synthetic_ro
             "logger=csv",
             f"data.root={synthetic_root}",
             "trainer.max_epochs=1",
+            "trainer.limit_train_batches=10",  # an epoch of 10 steps
+            "trainer.limit_val_batches=2",
         ],
         tmp_path,
         job_env,
@@ -79,7 +81,7 @@ def test_sbatch_trains_with_one_rank_on_each_of_two_nodes(tmp_path, synthetic_ro
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
     results = json.loads((tmp_path / "runs/smoke" / job / "results.json").read_text())  # run dir named by job id
-    assert results["world_size"] == 2 and results["run_id"] == job and results["global_step"] == 62
+    assert results["world_size"] == 2 and results["run_id"] == job and results["global_step"] == 10
     assert f"job {job} (restart 0): 2 nodes x 1 tasks" in log
 
 
@@ -166,6 +168,7 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env)
         "logger=csv",
         f"data.root={synthetic_root}",
         "trainer.max_epochs=1",
+        "trainer.limit_train_batches=10",  # an epoch of 10 steps; all 500 validation images
     ]
     nodes = [
         subprocess.Popen(
@@ -181,7 +184,7 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env)
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     results = json.loads((tmp_path / "runs/smoke/tr/results.json").read_text())
-    assert results["world_size"] == 2 and results["global_step"] == 62 and results["val_count"] == 500
+    assert results["world_size"] == 2 and results["global_step"] == 10 and results["val_count"] == 500
 
 
 @pytest.mark.slurm
@@ -197,6 +200,7 @@ def test_hydra_submitit_launcher_runs_a_sweep_of_ddp_jobs_each_its_own_wandb_run
         f"data.root={synthetic_root}",
     ]
     cmd += ["trainer.max_epochs=1", "trainer.strategy=ddp", "trainer.devices=1", "trainer.num_nodes=2"]
+    cmd += ["trainer.limit_train_batches=10", "trainer.limit_val_batches=2"]  # epochs of 10 steps
     proc = subprocess.run(
         [*cmd, "optim.lr=0.02,0.05"], cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=400
     )
@@ -216,7 +220,7 @@ def test_hydra_submitit_launcher_runs_a_sweep_of_ddp_jobs_each_its_own_wandb_run
             f"{results['train_images_per_sec']:.1f}",
             f"runs/smoke/{sweep.name}/{job_num}",
         ]
-        assert results["world_size"] == 2 and results["global_step"] == 62
+        assert results["world_size"] == 2 and results["global_step"] == 10
         assert results["run_id"] == f"{sweep.name}-{job_num}"
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
         [record] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
