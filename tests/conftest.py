@@ -152,6 +152,22 @@ def train_here(tmp_path, monkeypatch, capsys, cli_env):
     return run
 
 
+def run_here(main, *args, capsys, check: bool = True) -> Outcome:
+    """A command's main (alexnet-eval's, -export's, ...: what its console script calls) run inside
+    the test process with these arguments, its output captured: for commands that load a large
+    network, without paying for a new Python that imports torch each time."""
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    if check and code != 0:
+        raise AssertionError(f"{main.__module__} {' '.join(map(str, args))} exited {code}\nstderr:\n{out.err[-5000:]}")
+    return Outcome(code, out.out, out.err)
+
+
 def run_cli(
     name: str, *args, cwd: Path, env: dict, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:

@@ -1,9 +1,14 @@
-"""alexnet-bench's modes on a fresh clone: each prints sane JSON (not a speed test)."""
+"""alexnet-bench's modes on a fresh clone: each prints sane JSON (not a speed test). The modes that
+compile or start processes of their own run as the command; the others run its main in this
+process (conftest.run_here), without a new Python importing torch for each."""
 
 import json
+import os
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_here
+
+from alexnet_dist.bench import cli as bench
 
 pytestmark = pytest.mark.slow
 COMMON = [
@@ -37,9 +42,11 @@ def lines(proc) -> list[dict]:
         ("baseline", []),
     ],
 )
-def test_each_mode_prints_one_measurement(tmp_path, synthetic_root, cli_env, mode, extra):
+def test_each_mode_prints_one_measurement(synthetic_root, capsys, monkeypatch, mode, extra):
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:  # as cli_env: not a SLURM job's step
+        monkeypatch.delenv(key)
     data = [] if mode == "model" else ["--data", str(synthetic_root)]
-    (result,) = lines(run_cli("alexnet-bench", mode, *COMMON, *data, *extra, cwd=tmp_path, env=cli_env))
+    (result,) = lines(run_here(bench.main, mode, *COMMON, *data, *extra, capsys=capsys))
     assert result["name"].startswith(mode) and result["images_per_sec"] > 10
     if mode in ("train", "baseline"):
         assert 0 <= result["data_wait"] < 1 and result["step_ms"] > 0 and result["batch_size"] == 32
@@ -75,8 +82,8 @@ def test_ddp_mode_compares_one_and_two_processes(tmp_path, synthetic_root, cli_e
     assert scaling["efficiency"] == pytest.approx(two["images_per_sec"] / (2 * one["images_per_sec"]), abs=1e-3)
 
 
-def test_a_missing_data_folder_is_one_line(tmp_path, cli_env):
-    proc = run_cli("alexnet-bench", "train", *COMMON, cwd=tmp_path, env=cli_env, check=False)
+def test_a_missing_data_folder_is_one_line(capsys):
+    proc = run_here(bench.main, "train", *COMMON, capsys=capsys, check=False)
     assert (
         proc.returncode == 2
         and proc.stderr.strip() == "error: train mode needs --data DIR (a folder made by alexnet-prepare)"

@@ -8,7 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_here
 from PIL import Image
 
 # one pytest-xdist worker runs them all: the source and its 256 px shards are made once
@@ -141,8 +141,11 @@ def test_flat_validation_without_labels_is_one_line(tmp_path, imagenet_src, cli_
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)  # the 60-million-parameter network at 224 px on a CPU, and its preparation
-def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet_256, cli_env):
-    """The commands of docs/reproducing-2012.md at toy scale."""
+def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet_256, cli_env, capsys):
+    """The commands of docs/reproducing-2012.md at toy scale (the evaluations and the export in
+    this process: their command lines' mains, without a new Python each)."""
+    from alexnet_dist.cli import evaluate, export
+
     data = imagenet_256
     run_cli(
         "alexnet-train",
@@ -168,20 +171,15 @@ def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet
     assert len(state["series"]["val_top1"]) == 1 and state["series"]["train_loss"]
     results = {}
     for views in (1, 10):
-        proc = run_cli(
-            "alexnet-eval",
-            f"ckpt_path={ckpt}",
-            f"views={views}",
-            f"probs={tmp_path}/v{views}.npz",
-            cwd=tmp_path,
-            env=cli_env,
+        proc = run_here(
+            evaluate.main, f"ckpt_path={ckpt}", f"views={views}", f"probs={tmp_path}/v{views}.npz", capsys=capsys
         )
         results[views] = json.loads(proc.stdout.splitlines()[0])
         assert results[views]["val_count"] == 6 and results[views]["views"] == views
     ten = np.load(tmp_path / "v10.npz")
     assert ten["probs"].shape == (6, 3) and np.allclose(ten["probs"].sum(1), 1, atol=1e-5)
     assert sorted(ten["labels"].tolist()) == [0, 0, 1, 1, 2, 2]  # labels from the csv, in shard order
-    proc = run_cli("alexnet-eval", "ensemble", f"probs={tmp_path}/v1.npz,{tmp_path}/v10.npz", cwd=tmp_path, env=cli_env)
+    proc = run_here(evaluate.main, "ensemble", f"probs={tmp_path}/v1.npz,{tmp_path}/v10.npz", capsys=capsys)
     both = json.loads(proc.stdout.splitlines()[0])
     mean = (np.load(tmp_path / "v1.npz")["probs"] + ten["probs"]) / 2
     assert both["val_top1"] == pytest.approx((mean.argmax(1) == ten["labels"]).mean())
@@ -193,7 +191,7 @@ def test_prepare_train_the_2012_recipe_and_evaluate_ten_views(tmp_path, imagenet
     from alexnet_dist.trained.export import program
     from alexnet_dist.trained.inputs import load
 
-    run_cli("alexnet-export", f"ckpt_path={ckpt}", f"out={tmp_path}/x", cwd=tmp_path, env=cli_env)
+    run_here(export.main, f"ckpt_path={ckpt}", f"out={tmp_path}/x", capsys=capsys)
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         own = program(load(ckpt))(images)
@@ -246,12 +244,14 @@ def test_stats_of_a_known_image_set(tmp_path, cli_env):
 
 
 @pytest.mark.slow
-def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoint(tmp_path, imagenet_256, cli_env):
+def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoint(tmp_path, imagenet_256, capsys):
     """A plain state dict (model=alexnet_owt) and a checkpoint of an earlier release holding the same
     weights in its run directory (whose config.yaml names the data) score alike; the checkpoint
-    exports, its programs computing what the plain network computes."""
+    exports, its programs computing what the plain network computes. (alexnet-eval and -export in
+    this process: their command lines' mains, without a new Python each.)"""
     import torch
 
+    from alexnet_dist.cli import evaluate, export
     from alexnet_dist.models import create
 
     data = imagenet_256
@@ -273,25 +273,19 @@ def test_torchvision_layout_weights_evaluate_like_the_same_weights_in_a_checkpoi
         same,
     )
     common = [f"data.root={data}", "views=10"]
-    plain = run_cli(
-        "alexnet-eval", f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet_owt", *common, cwd=tmp_path, env=cli_env
+    plain = run_here(
+        evaluate.main, f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet_owt", *common, capsys=capsys
     )
-    ckpt = run_cli("alexnet-eval", f"ckpt_path={same}", "views=10", cwd=tmp_path, env=cli_env)
+    ckpt = run_here(evaluate.main, f"ckpt_path={same}", "views=10", capsys=capsys)
     a, b = (json.loads(p.stdout.splitlines()[0]) for p in (plain, ckpt))
     assert a["val_count"] == 6 and {k: a[k] for k in ("val_top1", "val_top5", "val_loss")} == {
         k: b[k] for k in ("val_top1", "val_top5", "val_loss")
     }
-    wrong = run_cli(
-        "alexnet-eval",
-        f"ckpt_path={tmp_path}/alexnet-owt.pth",
-        "model=alexnet2012",
-        *common,
-        cwd=tmp_path,
-        env=cli_env,
-        check=False,
+    wrong = run_here(
+        evaluate.main, f"ckpt_path={tmp_path}/alexnet-owt.pth", "model=alexnet2012", *common, capsys=capsys, check=False
     )
     assert wrong.returncode == 2 and "does not fit alexnet_dist.models.AlexNet2012 with 3 classes" in wrong.stderr
-    run_cli("alexnet-export", f"ckpt_path={same}", f"out={tmp_path}/owt", cwd=tmp_path, env=cli_env)
+    run_here(export.main, f"ckpt_path={same}", f"out={tmp_path}/owt", capsys=capsys)
     pre = json.loads((tmp_path / "owt/preprocess.json").read_text())
     assert (pre["resize_short_side"], pre["centre_crop"], pre["stored"]["resize"]) == (256, 224, 256)
     assert torch.load(tmp_path / "owt/weights.pt", weights_only=True).keys() == weights.keys()

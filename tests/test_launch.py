@@ -71,6 +71,8 @@ def test_sbatch_trains_with_one_rank_on_each_of_two_nodes(tmp_path, synthetic_ro
             "logger=csv",
             f"data.root={synthetic_root}",
             "trainer.max_epochs=1",
+            "trainer.limit_train_batches=10",  # an epoch of 10 steps
+            "trainer.limit_val_batches=2",
         ],
         tmp_path,
         job_env,
@@ -79,7 +81,7 @@ def test_sbatch_trains_with_one_rank_on_each_of_two_nodes(tmp_path, synthetic_ro
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", log[-3000:]
     results = json.loads((tmp_path / "runs/smoke" / job / "results.json").read_text())  # run dir named by job id
-    assert results["world_size"] == 2 and results["run_id"] == job and results["global_step"] == 62
+    assert results["world_size"] == 2 and results["run_id"] == job and results["global_step"] == 10
     assert f"job {job} (restart 0): 2 nodes x 1 tasks" in log
 
 
@@ -95,6 +97,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_wandb_run(
             *SMOKE,
             "logger=wandb",
             f"data.root={synthetic_root}",
+            "trainer.max_epochs=2",  # 124 steps: the warning comes at step 5 or so
         ],
         tmp_path,
         job_env,
@@ -113,12 +116,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_wandb_run(
     assert "Traceback" not in log
     run_dir = tmp_path / "runs/smoke" / job
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["global_step"] == 5 * 62 and results["world_size"] == 2
+    assert results["global_step"] == 2 * 62 and results["world_size"] == 2
     # the second part started from the checkpoint, not from step 0
     second = (run_dir / "logs/version_1/metrics.csv").read_text().splitlines()
     header = second[0].split(",")
     steps = [int(row.split(",")[header.index("step")]) for row in second[1:]]
-    assert 0 < saved < 310 and min(steps) >= saved
+    assert 0 < saved < 2 * 62 and min(steps) >= saved
     # both parts logged to one W&B run
     records = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [p.name for p in records] == [f"run-smoke-{job}.wandb"] * 2
@@ -165,6 +168,7 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env)
         "logger=csv",
         f"data.root={synthetic_root}",
         "trainer.max_epochs=1",
+        "trainer.limit_train_batches=10",  # an epoch of 10 steps; all 500 validation images
     ]
     nodes = [
         subprocess.Popen(
@@ -180,7 +184,7 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path, synthetic_root, cli_env)
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     results = json.loads((tmp_path / "runs/smoke/tr/results.json").read_text())
-    assert results["world_size"] == 2 and results["global_step"] == 62 and results["val_count"] == 500
+    assert results["world_size"] == 2 and results["global_step"] == 10 and results["val_count"] == 500
 
 
 @pytest.mark.slurm
@@ -196,6 +200,7 @@ def test_hydra_submitit_launcher_runs_a_sweep_of_ddp_jobs_each_its_own_wandb_run
         f"data.root={synthetic_root}",
     ]
     cmd += ["trainer.max_epochs=1", "trainer.strategy=ddp", "trainer.devices=1", "trainer.num_nodes=2"]
+    cmd += ["trainer.limit_train_batches=10", "trainer.limit_val_batches=2"]  # epochs of 10 steps
     proc = subprocess.run(
         [*cmd, "optim.lr=0.02,0.05"], cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=400
     )
@@ -215,7 +220,7 @@ def test_hydra_submitit_launcher_runs_a_sweep_of_ddp_jobs_each_its_own_wandb_run
             f"{results['train_images_per_sec']:.1f}",
             f"runs/smoke/{sweep.name}/{job_num}",
         ]
-        assert results["world_size"] == 2 and results["global_step"] == 62
+        assert results["world_size"] == 2 and results["global_step"] == 10
         assert results["run_id"] == f"{sweep.name}-{job_num}"
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
         [record] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
@@ -239,7 +244,7 @@ def test_a_submitit_job_preempted_resumes_in_the_same_run_and_finishes(
 ):
     # W&B's own service process also takes SLURM's TERM and stops: that case logs to CSV only
     extra = [signal_override, "logger=csv"] if signal_override else ["logger=wandb"]
-    cmd = [str(BIN / "alexnet-train"), "-m", "hydra/launcher=slurm", *SMOKE, "run_id=pre"]
+    cmd = [str(BIN / "alexnet-train"), "-m", "hydra/launcher=slurm", *SMOKE, "run_id=pre", "trainer.max_epochs=2"]
     cmd += [f"data.root={synthetic_root}", "trainer.strategy=ddp", "trainer.devices=1", "trainer.num_nodes=2", *extra]
     sweep = subprocess.Popen(cmd, cwd=tmp_path, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "runs/smoke/pre/0"
@@ -261,9 +266,9 @@ def test_a_submitit_job_preempted_resumes_in_the_same_run_and_finishes(
     # submitit's own handlers never acted on the warning (SLURM's SIGCONT at the requeue is logged only)
     assert "Caught signal" not in log and f"Bypassing signal SIG{signal}" not in log
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["global_step"] == 5 * 62 and results["world_size"] == 2 and results["run_id"] == "pre-0"
+    assert results["global_step"] == 2 * 62 and results["world_size"] == 2 and results["run_id"] == "pre-0"
     second = list(csv.DictReader((run_dir / "logs/version_1/metrics.csv").open()))
-    assert 0 < saved < 5 * 62 and min(int(row["step"]) for row in second) >= saved
+    assert 0 < saved < 2 * 62 and min(int(row["step"]) for row in second) >= saved
     if not signal_override:
         records = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
         assert [p.name for p in records] == ["run-smoke-pre-0.wandb"] * 2  # both parts in one W&B run

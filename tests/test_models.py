@@ -153,7 +153,9 @@ def test_channels_last_and_compiled_models_compute_the_same_and_save_the_same_na
     assert fast.state_dict().keys() == plain.state_dict().keys()
     assert fast.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
+    # inductor's scalar C++ kernels when compiling (as the `inductor` fixture below): the same
+    # fused arithmetic, generated in half the time on 2 cores
+    with torch.no_grad(), torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
         assert torch.allclose(plain(x), fast(x), atol=1e-4)
 
 

@@ -25,6 +25,10 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout=120) -> None:
         time.sleep(0.05)
 
 
+def step_files(run_dir: Path) -> list[int]:
+    return [int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.ckpt")]
+
+
 def error_lines(stderr: str) -> list[str]:
     assert "Traceback" not in stderr, stderr[-3000:]
     return [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -45,6 +49,8 @@ def test_a_second_run_on_a_live_run_directory_stops_at_once_on_every_rank(tmp_pa
     run_dir = tmp_path / "runs/smoke/same"
     try:
         wait_for(run_dir / "checkpoints" / "last.ckpt", first)
+        # the first held still (it keeps its lock) while the second starts: the cores go to the second
+        os.killpg(first.pid, signal.SIGSTOP)
         second = run_cli(
             "alexnet-train",
             *SMOKE,
@@ -67,7 +73,14 @@ def test_a_second_run_on_a_live_run_directory_stops_at_once_on_every_rank(tmp_pa
         assert "lr: 0.01" in (run_dir / "config.yaml").read_text()
         # nothing of the refused run beside the live one: no W&B run, no log of its own
         assert not (run_dir / "wandb").exists() and [p.name for p in (run_dir / "logs").iterdir()] == ["version_0"]
-        assert first.poll() is None  # the first goes on
+        assert first.poll() is None
+        # the first goes on: it saves another checkpoint
+        saved = max(step_files(run_dir))
+        os.killpg(first.pid, signal.SIGCONT)
+        deadline = time.time() + 60
+        while max(step_files(run_dir)) <= saved:
+            assert first.poll() is None and time.time() < deadline, f"the first run did not go on from step {saved}"
+            time.sleep(0.05)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -116,6 +129,7 @@ def fill(folder: Path) -> Path:
 
 def test_a_disk_that_fills_during_training_is_one_line_and_the_run_resumes(tmp_path, synthetic_root, cli_env):
     args = [*SMOKE, f"data.root={synthetic_root}", "run_id=full", "trainer.max_epochs=1", "checkpoint.keep=1"]
+    args += ["trainer.limit_train_batches=20", "trainer.limit_val_batches=2"]  # an epoch of 20 steps
     with tmpfs(tmp_path / "disk", "64m") as disk:
         args.append(f"paths.runs={disk}")
         proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
@@ -131,11 +145,11 @@ def test_a_disk_that_fills_during_training_is_one_line_and_the_run_resumes(tmp_p
         filler.unlink()
         out = run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
         assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout and saved > 0
-        assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 62
+        assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 20
 
 
 def test_a_reused_run_directory_says_what_changed_and_a_read_only_one_is_one_line_before_anything_runs(
-    tmp_path, synthetic_root, cli_env
+    tmp_path, synthetic_root, cli_env, train_here
 ):
     args = [*SMOKE, *SHORT, f"data.root={synthetic_root}", "run_id=ro"]
     with tmpfs(tmp_path / "disk", "64m") as disk:
@@ -149,8 +163,8 @@ def test_a_reused_run_directory_says_what_changed_and_a_read_only_one_is_one_lin
         assert "-> 0.5); this run continues it with the new ones" in warning[0]
         before = sorted(p.relative_to(disk) for p in disk.rglob("*"))
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        for extra in ([], ["-m"]):  # a single run, and a sweep
-            proc = run_cli("alexnet-train", *extra, *args, f"paths.runs={disk}", cwd=tmp_path, env=cli_env, check=False)
+        for extra in ([], ["-m"]):  # a single run, and a sweep (in this process: nothing of them runs)
+            proc = train_here(*extra, *args, f"paths.runs={disk}")
             assert proc.returncode == 2
             assert error_lines(proc.stderr) == [
                 f"error: run directory {disk}/smoke/ro: cannot be written ({disk}/smoke/ro: read-only file system); "
