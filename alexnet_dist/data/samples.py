@@ -15,7 +15,8 @@ from ..errors import DataError
 from . import shard_index, store
 from .manifest import Shard
 
-KEEP_OPEN = 64  # tars a reader keeps open: a batch reads from every part of the rank, each within a window of a tar or two
+# Tars a reader keeps open: a batch reads from every part of the rank, each within a window of a tar or two.
+KEEP_OPEN = 64
 
 
 class SampleReader:
