@@ -17,6 +17,7 @@ from .manifest import Shard
 
 # Tars a reader keeps open: a batch reads from every part of the rank, each within a window of a tar or two.
 KEEP_OPEN = 64
+SMALL_BUFFER = 8192  # reads larger than this go to the store as they are, not in buffer-sized pieces
 
 
 class SampleReader:
@@ -27,7 +28,7 @@ class SampleReader:
     at each batch the cache is told the tars that come after it, to fetch them while this one trains."""
 
     def __init__(self, cache=None, uses: list[tuple[int, str]] = ()):
-        self.opener = cache.open if cache is not None else store.open_file
+        self.opener = cache.open if cache is not None else open_for_samples
         self.cache, self.uses = cache, list(uses)
         self.indexes: dict[str, list[str]] = {}
         self.files: OrderedDict = OrderedDict()
@@ -98,6 +99,12 @@ class SampleReader:
     def close(self) -> None:
         while self.files:
             self.files.popitem()[1].close()
+
+
+def open_for_samples(location: str):
+    """A tar opened for reading samples at random places: remote ones with a small buffer, so a
+    sample costs about its own bytes from the store (a 1 MB buffer read a megabyte for each)."""
+    return store.open_file(location, buffer=SMALL_BUFFER)
 
 
 def check_header(block: bytes, shard: Shard, number: int, key: str, name: str, offset: int) -> None:
