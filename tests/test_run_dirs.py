@@ -1,6 +1,7 @@
 """Run directories: one run per directory, default run ids that cannot collide, and storage that
 fills up or turns read-only (a real tmpfs) ending in one line with every checkpoint kept."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, start_cli
+
+from alexnet_dist.training.checkpoint import newest_good_checkpoint
 
 pytestmark = pytest.mark.slow
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false"]
@@ -172,3 +175,55 @@ def test_a_reused_run_directory_says_what_changed_and_a_read_only_one_is_one_lin
                 "(to resume, copy the run directory there)"
             ]
         assert sorted(p.relative_to(disk) for p in disk.rglob("*")) == before
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder`: what it is and when it last changed."""
+    return {p.relative_to(folder): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_a_run_started_from_another_runs_checkpoint_leaves_that_run_as_it_was(tmp_path, synthetic_root, train_here):
+    """Forking: run B from run A's older step file writes nothing into A (whose resume=auto still
+    finds its own newest), works from a read-only copy too, and B's same command run again goes on
+    from B's own newest; going back in B's own folder to an older step file is refused in one line."""
+    base = [*SMOKE, f"data.root={synthetic_root}", "checkpoint.every_n_steps=2", "checkpoint.keep=3"]
+    base += ["trainer.limit_val_batches=2"]
+    with tmpfs(tmp_path / "disk", "64m") as disk:
+        assert train_here(*base, "trainer.max_steps=6", f"paths.runs={disk}", "run_id=A").returncode == 0
+        a_ckpts = disk / "smoke/A/checkpoints"
+        assert sorted(step_files(a_ckpts.parent)) == [2, 4, 6]
+        before = snapshot(disk)
+        fork = [*base, "trainer.max_steps=8", "run_id=B", f"resume={a_ckpts}/step-000000004.ckpt"]
+        b = train_here(*fork)
+        assert b.returncode == 0, b.stderr[-3000:]
+        assert f"resuming from {a_ckpts}/step-000000004.ckpt" in b.stdout
+        assert snapshot(disk) == before  # not a file of A renamed, linked, rewritten or added
+        assert newest_good_checkpoint(a_ckpts).samefile(a_ckpts / "step-000000006.ckpt")
+        b_ckpts = tmp_path / "runs/smoke/B/checkpoints"
+        assert torch.load(b_ckpts / "last.ckpt", weights_only=True)["global_step"] == 8
+        assert min(step_files(b_ckpts.parent)) > 4
+
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        c = train_here(*base, "trainer.max_steps=4", "run_id=C", f"resume={a_ckpts}/step-000000004.ckpt")
+        assert c.returncode == 0, c.stderr[-3000:]
+        assert json.loads((tmp_path / "runs/smoke/C/results.json").read_text())["global_step"] == 4
+
+    # the same command after a crash or a requeue, A's folder gone by now: B no longer needs it
+    again = train_here(*fork)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {b_ckpts}/last.ckpt" in again.stdout
+    assert (
+        f"notice: resume={a_ckpts}/step-000000004.ckpt is where this run started; it has checkpoints of its own "
+        f"since, and continues from its newest, {b_ckpts}/last.ckpt (to start again from step-000000004.ckpt, "
+        "use a new run_id)"
+    ) in again.stderr
+    mine = snapshot(b_ckpts)
+    older = b_ckpts / f"step-{min(step_files(b_ckpts.parent)):09d}.ckpt"
+    back = train_here(*base, "trainer.max_steps=8", "run_id=B", f"resume={older}")
+    assert back.returncode == 2
+    assert error_lines(back.stderr) == [
+        f"error: resume={older}: this run's newest checkpoint is {b_ckpts}/last.ckpt, and continuing from an older "
+        f"one would overwrite the later ones; to go on from {older.name}, start a new run from it: "
+        f"run_id=NEW resume={older}"
+    ]
+    assert snapshot(b_ckpts) == mine

@@ -67,13 +67,18 @@ def point_last_at(target: Path) -> None:
     os.replace(link, target.with_name("last.ckpt"))
 
 
-def set_aside_damaged_last(good: Path) -> None:
-    """After falling back to `good`: keep the damaged last.ckpt as last.ckpt.damaged (nothing a
-    user saved is deleted) and point last.ckpt at the good one."""
-    last = good.with_name("last.ckpt")
-    if good != last and last.exists():
-        os.replace(last, last.with_name("last.ckpt.damaged"))
-        point_last_at(good)
+def set_aside_damaged_last(good: Path, ckpt_dir: Path) -> None:
+    """After resume=auto fell back to `good` because the run's own last.ckpt does not load: keep
+    that file as last.ckpt.damaged (nothing a user saved is deleted) and point last.ckpt at the good
+    one. Only ever in this run's own checkpoint folder, and only when last.ckpt really is damaged: a
+    checkpoint read from elsewhere (another run's, a read-only copy) leaves its folder as it was."""
+    last = ckpt_dir / "last.ckpt"
+    if good.parent.resolve() != ckpt_dir.resolve() or good.name == "last.ckpt" or not last.exists():
+        return
+    if loadable(last) is None:
+        return
+    os.replace(last, last.with_name("last.ckpt.damaged"))
+    point_last_at(good)
 
 
 def save_atomically(trainer: pl.Trainer, final: Path) -> None:
@@ -215,12 +220,30 @@ def newest_good_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def resume_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
-    """resume=auto: the run directory's newest good checkpoint, if any; never: none; else a path."""
+    """The checkpoint this run continues from. resume=auto: the run directory's newest good
+    checkpoint, if any; never: none. resume=PATH is where the run starts: once the run has
+    checkpoints of its own it continues from its newest (so the same command, run again after a
+    crash or a requeue, goes on from there, not from PATH again). A PATH in this run's own folder
+    older than its newest is refused: continuing from it would overwrite the later ones."""
     if resume == "never":
         return None
+    own = newest_good_checkpoint(ckpt_dir)
     if resume == "auto":
-        return newest_good_checkpoint(ckpt_dir)
+        return own
     path = Path(resume)
+    if own is not None and not (path.exists() and os.path.samefile(path, own)):
+        if path.parent.resolve() == ckpt_dir.resolve() and path.exists():
+            raise ConfigError(
+                f"resume={resume}: this run's newest checkpoint is {own}, and continuing from an older one would "
+                f"overwrite the later ones; to go on from {path.name}, start a new run from it: run_id=NEW resume={resume}"
+            )
+        print(
+            f"notice: resume={resume} is where this run started; it has checkpoints of its own since, and continues "
+            f"from its newest, {own} (to start again from {path.name}, use a new run_id)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return own
     if not path.exists():
         raise ConfigError(f"resume={resume}: no such checkpoint; use resume=auto, resume=never or a .ckpt path")
     if problem := loadable(path):

@@ -137,7 +137,7 @@ class Run:
         trainer = build_trainer(self.s, self.run_dir, self.slurm, self.callbacks(claim, module, data), loggers)
         if ckpt_path and trainer.is_global_zero and not claim.refused:
             print(f"resuming from {ckpt_path}", flush=True)
-            set_aside_damaged_last(ckpt_path)
+            set_aside_damaged_last(ckpt_path, self.ckpt_dir)
         try:
             results = self._fit_and_report(trainer, module, data, ckpt_path)
         except BaseException:
