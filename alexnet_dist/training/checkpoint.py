@@ -234,8 +234,9 @@ def resume_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
     if own is not None and not (path.exists() and os.path.samefile(path, own)):
         if path.parent.resolve() == ckpt_dir.resolve() and path.exists():
             raise ConfigError(
-                f"resume={resume}: this run's newest checkpoint is {own}, and continuing from an older one would "
-                f"overwrite the later ones; to go on from {path.name}, start a new run from it: run_id=NEW resume={resume}"
+                f"resume={resume}: this run's newest checkpoint is {own}, and continuing from an older one "
+                f"would overwrite the later ones; to go on from {path.name}, start a new run from it: "
+                f"run_id=NEW resume={resume}"
             )
         print(
             f"notice: resume={resume} is where this run started; it has checkpoints of its own since, and continues "
