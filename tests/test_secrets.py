@@ -7,11 +7,13 @@ import base64
 import functools
 import http.server
 import json
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 from conftest import run_cli, run_here
+from helpers.shards import edit_manifest
 
 from alexnet_dist.bench import cli as bench_cli
 from alexnet_dist.cli import evaluate, predict, prepare
@@ -96,6 +98,23 @@ def test_training_refuses_a_credential_from_a_config_file_or_the_environment(tra
     outcome = train_here("experiment=smoke", "logger=csv", "data.root=${oc.env:DATA_URL}", "run_id=env")
     assert_refused(outcome, f"error: data.root={shown}: {why}", secrets, tmp_path / "runs")
     assert not (tmp_path / "runs/smoke/env/config.yaml").exists()
+
+
+@pytest.mark.parametrize("location, secrets, shown, why", LOCATIONS, ids=IDS)
+def test_a_manifest_naming_a_tar_with_a_credential_is_refused(
+    train_here, tmp_path, synthetic_root, location, secrets, shown, why
+):
+    """A manifest made by other tools (or edited) is held to the same rule as a command line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(synthetic_root / "manifest.json", data)
+    edit_manifest(data, lambda m: m["splits"]["val"]["shards"][1].update(tar=location))
+    outcome = train_here("experiment=smoke", "logger=csv", f"data.root={data}", "run_id=manifest")
+    line = (
+        f"error: {data}/manifest.json: shard 1 of split 'val' is at {shown}: {why}; not as "
+        "alexnet-prepare writes it: re-run alexnet-prepare"
+    )
+    assert_refused(outcome, line, secrets, tmp_path / "runs")
 
 
 @pytest.mark.parametrize("location, secrets, shown, why", LOCATIONS, ids=IDS)
