@@ -134,6 +134,10 @@ def netrc_login(url: str) -> dict[str, str]:
         entry = netrc.netrc().authenticators(urllib.parse.urlsplit(url).hostname or "")
     except FileNotFoundError:
         return {}
+    except OSError as exc:  # there but unreadable: not a failure of the store, so not tried again
+        raise DataError(
+            f"{exc.filename}: cannot be read ({exc.strerror}); make it readable by you (chmod 600)"
+        ) from None
     except netrc.NetrcParseError as exc:  # a line it cannot read, or a file others may read
         where = exc.filename or os.path.expanduser("~/.netrc")
         line = f" (line {exc.lineno})" if exc.lineno else ""
