@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.store import credentials_in, redact
 from .errors import ConfigError
 
 
@@ -373,6 +374,8 @@ def load(cfg: DictConfig) -> Train:
 
 def check(s: Train) -> None:
     """What single settings allow but their combination does not; refused before any work."""
+    if problem := credentials_setting(plain(s)):  # before the run's config record stores it
+        raise ConfigError(problem)
     if s.loader.dtype == DType.bfloat16 and not str(s.trainer["precision"]).startswith("bf16"):
         raise ConfigError(
             f"loader.dtype=bfloat16 needs trainer.precision=bf16-mixed (or bf16-true), not "
@@ -383,6 +386,15 @@ def check(s: Train) -> None:
         for key in ("batch_size", "val_batch_size"):
             per_rank(getattr(s.data, key), devices * nodes, f"data.{key}")
         check_world(s.data.partitions, s.data.batch_size, devices * nodes)
+
+
+def credentials_setting(tree: dict) -> str | None:
+    """One line for the first setting of `tree` (nested, as a config holds it) that names a
+    location carrying a credential, shown as ***; None when none does."""
+    for key, value in flat(tree).items():
+        if value is not None and (why := credentials_in(str(value))):
+            return f"{key}={redact(str(value))}: {why}"
+    return None
 
 
 def check_views(views: int, key: str) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..cli import one_line_errors
+from ..cli import one_line_errors, refuse_credentials
 from ..config import LOADERS, Data, Loader, Optim, make, own_keys
 from ..errors import ConfigError
 from ..models import compiled, complete, create, named_config
@@ -423,6 +423,7 @@ def bench_ddp(args, argv) -> list[dict]:
 
 @one_line_errors
 def main(argv=None):
+    refuse_credentials(sys.argv[1:] if argv is None else argv)  # before anything prints or stores it
     args = parse_args(argv)
     if args.against and args.mode != "loader":
         raise ConfigError(f"--against compares two places of the same shards in loader mode, not in {args.mode} mode")

@@ -7,7 +7,8 @@ import sys
 from functools import wraps
 from pathlib import Path
 
-from ..errors import UserError
+from ..data.store import credentials_in, redact
+from ..errors import ConfigError, UserError
 
 # A disk that filled up, a quota reached, a read-only mount: the user's to fix, not a bug.
 STORAGE_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -34,12 +35,12 @@ def one_line_errors(main):
                 "ConfigError: ",
             ):
                 message = message.removeprefix(prefix)
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {redact(message)}", file=sys.stderr)  # no credential a location carried
             sys.exit(2)
         except OSError as exc:
             if exc.errno not in STORAGE_FULL_OR_READ_ONLY:
                 raise
-            where = f"{exc.filename}: " if exc.filename else ""
+            where = f"{redact(str(exc.filename))}: " if exc.filename else ""
             print(
                 f"error: {where}{exc.strerror}; free space there or point the output elsewhere, then run the same "
                 "command again (what was saved before is kept)",
@@ -53,15 +54,33 @@ def one_line_errors(main):
     return run
 
 
-def misspelt_override(argv: list[str], config_name: str = "train") -> str | None:
-    """One line for a command-line override that sets a key no config has (Hydra's own report is
-    five lines), naming the nearest key that exists; None when every key exists."""
+def credentials_problem(argv: list[str]) -> str | None:
+    """One line for a command-line item naming a location that carries a credential (a user name
+    or password, a presigned query, a token), shown as ***; None when none does. Checked before a
+    command writes anything (Hydra's .hydra/overrides.yaml keeps every override as it was typed)."""
+    for i, item in enumerate(argv):
+        if why := credentials_in(item):
+            option = argv[i - 1] + " " if i and argv[i - 1].startswith("--") and "=" not in argv[i - 1] else ""
+            return f"{option}{redact(item)}: {why}"
+    return None
+
+
+def refuse_credentials(argv: list[str]) -> None:
+    """ConfigError for a command line that names a location with a credential (credentials_problem)."""
+    if problem := credentials_problem(argv):
+        raise ConfigError(problem)
+
+
+def config_problem(argv: list[str], config_name: str = "train") -> str | None:
+    """One line for what Hydra would otherwise take and write into .hydra/: a command-line override
+    that sets a key no config has (Hydra's own report is five lines), naming the nearest key that
+    exists; or a config file's value naming a location with a credential. None when neither."""
     from hydra import compose, initialize_config_module
     from hydra._internal.utils import get_args_parser  # the parser hydra.main itself reads argv with
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from ..config import flat
+    from ..config import credentials_setting, flat
 
     args, _ = get_args_parser().parse_known_args(argv)
     if args.multirun or args.help or args.hydra_help:
@@ -71,8 +90,8 @@ def misspelt_override(argv: list[str], config_name: str = "train") -> str | None
         overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
     try:
         with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
-            compose(args.config_name or config_name, overrides=overrides)
-            return None
+            composed = compose(args.config_name or config_name, overrides=overrides)
+            return credentials_setting(OmegaConf.to_container(composed))
     except HydraException as exc:
         wrong = re.match(r"Could not override '([^']+)'", str(exc))
         if not wrong:
@@ -89,11 +108,12 @@ def misspelt_override(argv: list[str], config_name: str = "train") -> str | None
 
 
 def hydra_command(hydra_main, config_name: str = "train"):
-    """A Hydra entry point that answers a misspelt key in one `error:` line (exit status 2)."""
+    """A Hydra entry point that answers a misspelt key, or a location with a credential, in one
+    `error:` line (exit status 2) before Hydra writes anything."""
 
     @wraps(hydra_main)
     def run():
-        if problem := misspelt_override(sys.argv[1:], config_name):
+        if problem := credentials_problem(sys.argv[1:]) or config_problem(sys.argv[1:], config_name):
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
         return hydra_main()
@@ -109,4 +129,5 @@ def key_values(schema: type, doc: str, argv: list[str]):
     if argv and argv[0] in ("-h", "--help"):
         print(f"{doc}\nThe settings and their defaults:\n{describe(schema)}")
         return None
+    refuse_credentials(argv)
     return from_command_line(schema, argv)

@@ -14,7 +14,7 @@ from ..data.manifest import MANIFEST
 from ..data.members import IMAGES, index_format
 from ..data.shards import write_dataset
 from ..errors import ConfigError, DataError
-from . import one_line_errors
+from . import one_line_errors, refuse_credentials
 
 
 def parse_args(argv=None):
@@ -177,6 +177,7 @@ def check_index_args(args) -> None:
 
 @one_line_errors
 def main(argv=None):
+    refuse_credentials(sys.argv[1:] if argv is None else argv)  # before anything prints or stores it
     args = parse_args(argv)
     check_args(args)
     try:

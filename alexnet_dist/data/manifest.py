@@ -153,6 +153,8 @@ def malformed(data: dict) -> str | None:
                 return f"shard {number} of split '{split}' lacks a tar name or a sample count"
             if not isinstance(shard.get("index"), str):
                 return f"shard {number} of split '{split}' names no index file"
+            if why := store.credentials_in(shard["tar"]) or store.credentials_in(shard["index"]):
+                return f"shard {number} of split '{split}' is at {store.redact(shard['tar'])}: {why}"
     for key, length in (("mean", 3), ("std", 3), ("image_size", 2)):  # what normalisation and crops use
         value = data.get(key)
         if value is not None and not (
