@@ -37,8 +37,9 @@ class Geometry:
     resize, center_crop, quality: alexnet-prepare's --resize (the stored short side; None: each
     image kept at its own size), --center-crop and --quality. quality None means the storage is
     not known (a manifest written before alexnet-prepare recorded it, or other tools' tars
-    indexed where they lie): a photo is then only made upright and 8-bit, as preparation does,
-    not resized or re-encoded; resize is then None and center_crop False.
+    indexed where they lie): a photo is then read as both loaders read such tars (upright, alpha
+    dropped; one they could not read as preparation would store it), not resized or re-encoded;
+    resize is then None and center_crop False.
     crop, val_resize: data.crop and data.val_resize (None: the crop is cut without a resize)."""
 
     resize: int | None
