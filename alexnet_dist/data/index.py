@@ -141,7 +141,8 @@ class TarIndex:
         for ext in sorted(members):
             for _, data in members[ext]:
                 if data is not None:
-                    self.digest.update(b"%s\0%d\0%s" % (ext.encode(), len(data), data))
+                    self.digest.update(b"%s\0%d\0" % (ext.encode(), len(data)))
+                    self.digest.update(data)
         found = self.check(members)
         if isinstance(found, str):
             self.entries.append((key, None, found, None))
