@@ -235,10 +235,8 @@ def sixteen_bit_png() -> bytes:
 
 
 def test_labels_and_images_the_loaders_cannot_take_are_skipped_with_why(tmp_path):
-    rotated = io.BytesIO()
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees to show": DALI does, PIL does not
-    source(0, 0).save(rotated, "JPEG", exif=exif)
+    exif[0x0112] = 6  # "rotate 90 degrees to show"
     png = encode(source(0, 1), "PNG")
     train = [
         {"__key__": "ok0", "png": png, "json": as_json({"y": "owl"})["json"]},
@@ -250,7 +248,11 @@ def test_labels_and_images_the_loaders_cannot_take_are_skipped_with_why(tmp_path
         {"__key__": "a-list", "png": png, "json": as_json({"y": ["owl"]})["json"]},
         {"__key__": "deep", "png": png, "json": as_json({"y": {"z": 1}})["json"]},
         {"__key__": "sixteen", "png": sixteen_bit_png(), "json": as_json({"y": "owl"})["json"]},
-        {"__key__": "rotated", "jpg": rotated.getvalue(), "json": as_json({"y": "owl"})["json"]},
+        {
+            "__key__": "exif-webp",
+            "webp": encode(source(0, 0), "WEBP", exif=exif),
+            "json": as_json({"y": "owl"})["json"],
+        },
         {"__key__": "gif", "png": encode(source(0, 0), "GIF"), "json": as_json({"y": "owl"})["json"]},
     ]
     val = [
@@ -271,7 +273,8 @@ def test_labels_and_images_the_loaders_cannot_take_are_skipped_with_why(tmp_path
         f"{t}:a-list: field 'y' of the .json holds [\"owl\"], neither a class number nor a class name",
         f"{t}:deep: field 'y' of the .json holds {{\"z\": 1}}, neither a class number nor a class name",
         f"{t}:sixteen: the .png is a 16-bit PNG, which the loaders reduce to 8 bits differently; store it as 8-bit",
-        f"{t}:rotated: the .jpg has an EXIF rotation, which DALI applies and PIL does not; store it upright",
+        f"{t}:exif-webp: the .webp is a WebP with EXIF metadata, which DALI cannot decode; store it without EXIF, "
+        "or as JPEG",
         f"{t}:gif: the .png holds a GIF image; both loaders decode JPEG, PNG and WebP only",
     ]
     assert manifest["splits"]["val"]["skipped"] == [f"{v}:v-new: label 'dog' is not one of the train split's 2 classes"]
@@ -291,9 +294,15 @@ def test_txt_labels_that_are_no_class_of_the_list_are_skipped(tmp_path):
         {"__key__": "g", "jpg": jpg, "cls": b"1"},
     ]
     write_tars(tmp_path / "train", samples, 20, "shardwriter")
+    write_tars(tmp_path / "val", [{"__key__": "v", "jpg": jpg, "txt": b"owl"}], 20, "shardwriter")
     tar = f"{tmp_path}/train/shard-000000.tar"
     manifest = index_shards(
-        tar, tar, tmp_path / "out", classes=str(tmp_path / "classes.txt"), fmt=index_format("jpg", "txt"), max_skipped=1
+        tar,
+        f"{tmp_path}/val/",
+        tmp_path / "out",
+        classes=str(tmp_path / "classes.txt"),
+        fmt=index_format("jpg", "txt"),
+        max_skipped=1,
     )
     assert manifest["splits"]["train"]["skipped"] == [
         f"{tar}:b: label 'zebra' is not one of the 2 classes of --classes {tmp_path}/classes.txt",

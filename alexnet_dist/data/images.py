@@ -5,7 +5,7 @@ import io
 import re
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..errors import DataError
 from .sources import Sample
@@ -69,13 +69,53 @@ def to_storage(image: Image.Image, resize: int | None, center_crop: bool) -> Ima
     return image
 
 
-def is_upright(image: Image.Image) -> bool:
-    """Whether the image needs no EXIF rotation. EXIF that cannot be parsed counts as upright:
-    the pixels decoded, and a viewer that cannot read the tag shows them as they are."""
+# How to turn a picture stored with EXIF orientation n (2-8) upright, as a viewer shows it.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation every reader of this project applies (alexnet-prepare, both loaders,
+    evaluation, prediction): the tag of the image's own EXIF block (a JPEG's APP1, a PNG's eXIf
+    chunk), as DALI's decoder reads it. 1 (as stored) where there is none, where the value is not
+    2-8, or where the block cannot be parsed: DALI shows those as stored. PIL's getexif also reads an
+    orientation from XMP or a PNG text chunk, which DALI does not: they are not used, so that both
+    loaders see one picture."""
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
     try:
-        return image.getexif().get(0x0112, 1) == 1  # the EXIF orientation tag
+        tags = Image.Exif()
+        tags.load(raw)
+        value = tags.get(0x0112, 1)  # the EXIF orientation tag
     except Exception:
-        return True
+        return 1
+    return value if value in UPRIGHT else 1
+
+
+def upright(image: Image.Image, turn: int | None = None) -> Image.Image:
+    """The picture as shown, its orientation (`turn`, else read from `image`) applied."""
+    turn = orientation(image) if turn is None else turn
+    return image.transpose(UPRIGHT[turn]) if turn in UPRIGHT else image
+
+
+def shown_rgb(image: Image.Image) -> Image.Image:
+    """The RGB picture both loaders decode from an opened image: upright, then grey, palette,
+    CMYK and alpha (dropped) as PIL converts them, which is what DALI's decoder gives."""
+    return upright(image.convert("RGB"), orientation(image))
+
+
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the picture as shown, from its header alone: 5-8 swap the sides."""
+    w, h = image.size
+    return (h, w) if orientation(image) >= 5 else (w, h)
 
 
 def encode(sample: Sample, resize: int | None, center_crop: bool, quality: int) -> tuple[bytes, Image.Image]:
@@ -104,14 +144,13 @@ def stored_copy(
             # PIL names the stream it read ("<_io.BytesIO object at 0x...>"), which says nothing here
             reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
             raise DataError(f"{where}: cannot decode image ({reason})") from None
-        upright = is_upright(image)
-        if image.format == "JPEG" and image.mode in ("RGB", "L") and upright and not resize:
+        turn = orientation(image)
+        if image.format == "JPEG" and image.mode in ("RGB", "L") and turn == 1 and not resize:
             return item, image  # already a JPEG we can decode as-is: keep the original bytes
     else:
-        image, upright = item, True
+        image, turn = item, 1
     try:
-        if not upright:  # stored upright, without the tag: decoders differ in whether they apply it
-            image = ImageOps.exif_transpose(image)
+        image = upright(image, turn)  # stored upright, without the tag
         image = to_storage(image, resize, center_crop)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=quality)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from . import shard_index, store
+from .images import shown_size
 from .manifest import MANIFEST, MANIFEST_VERSION
 from .members import BadLabel, SampleFormat, class_number, image_problem, index_format, label_value
 from .shards import (
@@ -118,6 +119,8 @@ class TarIndex:
     sums: np.ndarray = field(default_factory=lambda: np.zeros(3))
     squares: np.ndarray = field(default_factory=lambda: np.zeros(3))
     pixels: int = 0
+    # the keys and image and label bytes of its samples, in order: equal for two copies of one tar
+    digest: object = field(default_factory=hashlib.sha256)
 
     @property
     def samples(self) -> int:
@@ -134,6 +137,12 @@ class TarIndex:
 
     def add(self, key: str, members: dict) -> None:
         """A sample's members {ext: [(TarInfo, bytes or None)]}: indexed, or skipped with why."""
+        self.digest.update(f"{key}\0".encode())
+        for ext in sorted(members):
+            for _, data in members[ext]:
+                if data is not None:
+                    self.digest.update(b"%s\0%d\0" % (ext.encode(), len(data)))
+                    self.digest.update(data)
         found = self.check(members)
         if isinstance(found, str):
             self.entries.append((key, None, found, None))
@@ -167,7 +176,7 @@ class TarIndex:
             return str(exc)
         try:
             picture = Image.open(io.BytesIO(image))
-            size = picture.size  # the header only: nothing is decoded
+            size = shown_size(picture)  # the header only: nothing is decoded
         except Exception as exc:
             return f"the .{image_ext} is no image PIL can read ({type(exc).__name__})"
         problem = image_problem(picture, image, image_ext)
@@ -237,6 +246,44 @@ def read_tar(tar: str, found: TarIndex, stop: threading.Event) -> TarIndex:
             raise damaged(found, at, str(exc)) from None
         check_end(f, found, at)
     return found
+
+
+ONE_PLACE = (
+    "a tar belongs to one split, once (validation tars trained on inflate the validation score, and a tar read "
+    "twice counts its samples twice)"
+)
+
+
+def check_named_once(tars: dict[str, list[str]], patterns: dict[str, str]) -> None:
+    """A tar named twice, by the patterns of both splits or twice by one split's pattern (a folder
+    holding the val tars, {a,./a}.tar, a link to it), stops in one line naming it and both places.
+    store.expand gives local tars by their resolved path, so a.tar, ./a.tar and links are one."""
+    seen = {}
+    for split, names in tars.items():
+        for tar in names:
+            place = f"--{split} {patterns[split]}"
+            if tar in seen:
+                where = f"twice by {place}" if seen[tar] == place else f"by {seen[tar]} and by {place}"
+                raise DataError(f"{tar}: named {where}; {ONE_PLACE}: change the patterns so that each tar matches once")
+            seen[tar] = place
+
+
+def check_copies(found: dict[str, list["TarIndex"]], patterns: dict[str, str]) -> None:
+    """Two tars by different names holding the same samples (an s3:// tar and its local copy, a
+    copied file) stop in one line naming both and where each was named."""
+    seen = {}
+    for split, indexes in found.items():
+        for t in indexes:
+            if not t.samples:
+                continue
+            fingerprint = t.digest.digest()
+            if fingerprint in seen:
+                first, place = seen[fingerprint]
+                raise DataError(
+                    f"{t.tar} (--{split} {patterns[split]}) holds the same samples as {first} ({place}), a copy of "
+                    f"it; {ONE_PLACE}: leave one of the two out of the patterns"
+                )
+            seen[fingerprint] = (t.tar, f"--{split} {patterns[split]}")
 
 
 def unpacked(name: str) -> str:
@@ -328,6 +375,7 @@ def index_shards(
     out = dest.folder
     read = ("train", "val") if val is not None else ("train",)  # held out: the train tars, read once
     tars = {split: expand_split(split, patterns[split]) for split in read}
+    check_named_once(tars, patterns)
     known = Classes(None, "")
     if classes:
         names = read_classes(classes)
@@ -339,6 +387,7 @@ def index_shards(
         known = Classes(names, f"the train split's {len(names)} classes")
     if val is not None:
         found["val"] = read_split("val", tars["val"], fmt, known, 0, workers)
+    check_copies(found, patterns)
     for indexes in found.values():
         for t in indexes:
             t.settle(known)

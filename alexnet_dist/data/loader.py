@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from .images import shown_size
 
 
 class Batch(NamedTuple):
@@ -59,10 +60,11 @@ class BadImage(DataError):
 
 
 def image_size(data: bytes, where: str) -> tuple[int, int]:
-    """(width, height) from an image's header alone; BadImage where there is no readable header
-    (both loaders make a training sample's draws from its size before decoding it)."""
+    """(width, height) of the picture as shown (its EXIF orientation applied, as both loaders
+    decode it) from its header alone; BadImage where there is no readable header (both loaders
+    make a training sample's draws from its size before decoding it)."""
     try:
-        return Image.open(io.BytesIO(data)).size
+        return shown_size(Image.open(io.BytesIO(data)))
     except Exception as exc:
         raise BadImage(where, str(exc)) from None
 

@@ -224,6 +224,7 @@ class Manifest:
         if problem := malformed(data):
             raise DataError(f"{path}: {problem}; not as alexnet-prepare writes it: re-run alexnet-prepare")
         manifest = cls(root, data)
+        manifest.check_tars_once()
         for split, info in data["splits"].items():
             if not info["shards"] or not info["count"]:
                 raise DataError(f"{path}: split '{split}' has no samples; re-run alexnet-prepare on a non-empty source")
@@ -234,6 +235,26 @@ class Manifest:
                     f"{sum(s.count for s in shards)}; re-run alexnet-prepare"
                 )
         return manifest
+
+    def check_tars_once(self) -> None:
+        """Each tar is read by one split, once: a tar listed twice would count its samples twice,
+        and a validation tar among the training ones would train on what validation scores. The
+        one exception is a split held out of the train tars (index --val-fraction), whose own index
+        files list other samples of the same tars."""
+        held_out = any(info.get("held_out_from") for info in self.data["splits"].values())
+        seen = {}  # tar: the split that lists it
+        for split in self.data["splits"]:
+            mine = set()
+            for shard in self.shards(split):
+                other = split if shard.tar in mine else None if held_out else seen.get(shard.tar)
+                if other is not None:
+                    where = f"twice in split '{split}'" if other == split else f"in split '{other}' and in '{split}'"
+                    raise DataError(
+                        f"{self.path}: lists {shard.tar} {where}, but a tar belongs to one split, once; re-run "
+                        "alexnet-prepare (index refuses such patterns)"
+                    )
+                mine.add(shard.tar)
+                seen[shard.tar] = split
 
     @property
     def path(self) -> str:

@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError, DataError
-from .images import is_upright
 
 IMAGES = ("jpg", "jpeg", "png", "webp")  # what both loaders decode (the index checks each image's content)
 LABELS = ("cls", "txt", "json:FIELD")
@@ -173,9 +172,11 @@ def parse_label(data: bytes | None, where: str, fmt: SampleFormat, classes: list
         raise DataError(f"{where}: {exc}; fix the shard or the manifest") from None
 
 
-# The content types both loaders decode alike (PIL's convert("RGB"), DALI's decoder with
-# output_type RGB: the same pixels for every mode of these, grey, palette and alpha included, as
-# tests/test_members.py checks), whatever the member's extension says.
+# The content types both loaders decode alike (images.orientation turned upright, then PIL's
+# convert("RGB"); DALI's decoder with output_type RGB: the same pixels for every mode of these,
+# grey, palette, alpha and CMYK included, colour profiles ignored by both, as
+# tests/test_index_layouts.py and tests/test_foreign_images.py check), whatever the member's
+# extension says.
 DECODED_ALIKE = ("JPEG", "PNG", "WEBP")
 
 
@@ -187,6 +188,7 @@ def image_problem(picture, data: bytes, ext: str) -> str | None:
     # 16-bit PNGs: PIL keeps each sample's high byte (or clips grey ones), DALI scales them
     if picture.format == "PNG" and (data[24:25] == b"\x10" or picture.mode.startswith(("I", "F"))):
         return f"the .{ext} is a 16-bit PNG, which the loaders reduce to 8 bits differently; store it as 8-bit"
-    if not is_upright(picture):
-        return f"the .{ext} has an EXIF rotation, which DALI applies and PIL does not; store it upright"
+    # DALI reads WebP's simple format only: the extended one carrying an EXIF chunk does not decode
+    if picture.format == "WEBP" and picture.info.get("exif"):
+        return f"the .{ext} is a WebP with EXIF metadata, which DALI cannot decode; store it without EXIF, or as JPEG"
     return None

@@ -10,15 +10,18 @@ exactly the pixels the webdataset loader gives its stored copy, and gets the sam
 """
 
 import dataclasses
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..config import Data, check_views
 from ..errors import DataError
-from .images import stored_copy
+from .images import shown_rgb, stored_copy
 from .manifest import Manifest, is_count, is_storage
+from .members import DECODED_ALIKE, image_problem
 from .sources import IMAGE_SUFFIXES
 from .transforms import center_crop, ten_views
 from .wds import decode_image, to_tensor
@@ -34,8 +37,9 @@ class Geometry:
     resize, center_crop, quality: alexnet-prepare's --resize (the stored short side; None: each
     image kept at its own size), --center-crop and --quality. quality None means the storage is
     not known (a manifest written before alexnet-prepare recorded it, or other tools' tars
-    indexed where they lie): a photo is then only made upright and 8-bit, as preparation does,
-    not resized or re-encoded; resize is then None and center_crop False.
+    indexed where they lie): a photo is then read as both loaders read such tars (upright, alpha
+    dropped; one they could not read as preparation would store it), not resized or re-encoded;
+    resize is then None and center_crop False.
     crop, val_resize: data.crop and data.val_resize (None: the crop is cut without a resize)."""
 
     resize: int | None
@@ -107,9 +111,10 @@ def read_photo(path: str | Path, geometry: Geometry, views: int = 1) -> torch.Te
         raise DataError(f"{where}: cannot read it ({exc.strerror}); check the path") from None
     try:
         if geometry.quality is None:
-            # Storage unknown: the picture preparation would make (upright, 8-bit), not re-encoded;
-            # the bytes encoded alongside are not used.
-            image = stored_copy(data, where, None, False, 100)[1].convert("RGB")
+            # Storage unknown (other tools' tars indexed where they lie): a photo the index would
+            # take is read as both loaders read it (upright, alpha dropped); any other as
+            # preparation would store it (upright, 8-bit), not re-encoded.
+            image = as_indexed(data) or stored_copy(data, where, None, False, 100)[1].convert("RGB")
         else:
             stored = stored_copy(data, where, geometry.resize, geometry.center_crop, geometry.quality)[0]
             image = decode_image(stored, where)
@@ -120,3 +125,15 @@ def read_photo(path: str | Path, geometry: Geometry, views: int = 1) -> torch.Te
     else:
         crops = [center_crop(image, geometry.crop, geometry.val_resize)]
     return torch.stack([to_tensor(crop) for crop in crops])
+
+
+def as_indexed(data: bytes) -> Image.Image | None:
+    """The RGB picture both loaders decode from `data` where alexnet-prepare index would take it
+    as a sample's image (members.image_problem finds nothing), else None."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in DECODED_ALIKE or image_problem(image, data, image.format.lower()):
+            return None
+        return shown_rgb(image)
+    except Exception:  # what PIL cannot decode is stored_copy's to name
+        return None

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError
 from . import shard_index, store
+from .images import shown_rgb
 from .manifest import Manifest, check_shard, tar_header
 
 STATS = "stats.json"
@@ -38,7 +39,7 @@ def sample_images(manifest: Manifest, count: int):
                         "re-create it with alexnet-prepare"
                     )
                 try:
-                    yield Image.open(io.BytesIO(data)).convert("RGB")
+                    yield shown_rgb(Image.open(io.BytesIO(data)))  # as the loaders see it
                 except Exception as exc:
                     raise DataError(f"{shard.tar}:{key}: cannot decode image ({exc})") from None
 

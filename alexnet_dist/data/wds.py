@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
+from .images import orientation, shown_rgb, shown_size, upright
 from .loader import BadImage, Batch, all_skipped
 from .members import SampleFormat, parse_label
 from .plan import EpochPlan
@@ -34,9 +35,11 @@ from .transforms import Augmentation, Draws, center_crop, colour_shift, cut_wind
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
+    """The picture as both loaders show it: upright by its EXIF orientation (images.orientation),
+    then RGB (grey, palette, CMYK and alpha all come out RGB, as from DALI)."""
     try:
         image = Image.open(io.BytesIO(data))
-        return image.convert("RGB")  # grey, palette, CMYK and alpha all come out RGB, as from DALI
+        return shown_rgb(image)
     except Exception as exc:
         raise BadImage(where, str(exc)) from None
 
@@ -50,16 +53,19 @@ def training_view(data: bytes, augment: Augmentation, rng: random.Random, where:
     # Modern: the region is chosen from the header alone, so the decoder can work at 1/2, 1/4 or
     # 1/8 scale (libjpeg's DCT scaling, PIL's draft mode) whenever the region still covers `crop`
     # pixels at that scale: most regions are large, and this is where most of the speed comes from.
+    # The draws are made on the picture as shown (an orientation of 5-8 swaps its sides).
     size = augment.crop
     try:
         image = Image.open(io.BytesIO(data))
-        w, h = image.size
+        turn = orientation(image)
+        w, h = shown_size(image)
         draws = draw(augment, rng, w, h)
         left, top, cw, ch = draws.box
         if image.format == "JPEG":
-            image.draft("RGB", (-(-w * size // cw), -(-h * size // ch)))  # at least size px of region
+            need = (-(-w * size // cw), -(-h * size // ch))  # at least size px of region
+            image.draft("RGB", need[::-1] if turn >= 5 else need)  # draft sizes are the stored sides
+        image = upright(image.convert("RGB"), turn)
         sx, sy = image.size[0] / w, image.size[1] / h
-        image = image.convert("RGB")
     except Exception as exc:
         raise BadImage(where, str(exc)) from None
     image = image.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
