@@ -1,0 +1,146 @@
+"""Stores that answer but trickle or stall (docs/reliability.md, "Slow stores"): every remote read
+has a deadline and a minimum rate (config.StoreLimits, made short here through ALEXNET_STORE_*),
+`alexnet-prepare index` stops within the bound it prints, and a training run that waits for data
+honours SIGTERM with the checkpoint of its last finished step."""
+
+import http.server
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import start_cli
+from test_index import good, write_tars
+
+from alexnet_dist.config import StoreLimits
+from alexnet_dist.data import store
+from alexnet_dist.data.index import index_shards
+from alexnet_dist.errors import DataError
+
+SHORT = {"ALEXNET_STORE_DEADLINE_S": "1", "ALEXNET_STORE_MIN_RATE_KBS": "64", "ALEXNET_STORE_WAITS": "0.1,0.2"}
+
+
+class SlowStore(http.server.ThreadingHTTPServer):
+    """Serves a folder over HTTP with Range, on a free port of 127.0.0.1. Files whose name
+    matches `slow` (a regex; None: none) are answered with their headers and `head` bytes, then
+    one byte every `gap` seconds ("trickle") or nothing more ("stall"); `served` counts the bytes
+    sent of files that are not slow, so a test can turn it slow once training has begun."""
+
+    daemon_threads = True
+
+    def __init__(self, folder: Path, mode: str = "trickle", gap: float = 0.4, head: int = 100):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.folder, self.mode, self.gap, self.head = folder, mode, gap, head
+        self.slow, self.served, self.closing = None, 0, threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.closing.set()
+        self.shutdown()
+        self.server_close()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server: SlowStore = self.server
+        path = server.folder / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start, end = 0, len(data)
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if ranged:
+            start, end = int(ranged[1]), int(ranged[2]) + 1 if ranged[2] else len(data)
+        self.send_response(206 if ranged else 200)
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.send_header("Content-Length", str(end - start))
+        self.end_headers()
+        body = data[start:end]
+        try:
+            if not (server.slow and re.search(server.slow, path.name)):
+                self.wfile.write(body)
+                server.served += len(body)
+                return
+            self.wfile.write(body[: server.head])
+            self.wfile.flush()
+            for byte in body[server.head :]:
+                if server.closing.wait(server.gap) or server.mode == "stall":
+                    server.closing.wait() if server.mode == "stall" else None
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        except OSError:  # the reader gave up and closed the connection
+            pass
+
+
+@pytest.fixture
+def short_limits(monkeypatch):
+    """This process's store limits as the SHORT variables give them to a command."""
+    for key, value in SHORT.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(store, "_limits", None)
+    assert store.limits() == StoreLimits(deadline_s=1.0, min_rate_kbs=64.0, waits=[0.1, 0.2])
+
+
+@pytest.fixture(scope="module")
+def tars(tmp_path_factory) -> Path:
+    """24 training samples in 4 tars and 6 validation samples in 1."""
+    folder = tmp_path_factory.mktemp("slow")
+    write_tars(folder / "train", [good(f"t{i:03d}", i % 3) for i in range(24)], per_tar=6)
+    write_tars(folder / "val", [good(f"v{i:03d}", i % 3) for i in range(6)], per_tar=6)
+    return folder
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "mode, slow, workers",
+    [
+        ("trickle", r"shard-000001", 1),  # one tar trickles, read alone
+        ("stall", r"shard-000002", 2),  # one tar stalls after its first bytes, read beside another
+        ("trickle", r"shard-00000[0-3]", 3),  # every train tar trickles, three read at once
+    ],
+)
+def test_index_over_a_trickling_or_stalled_store_stops_within_the_bound_it_prints(
+    tars, tmp_path, short_limits, mode, slow, workers
+):
+    server = SlowStore(tars, mode=mode, gap=0.3, head=2000)
+    server.slow = slow
+    started = time.monotonic()
+    try:
+        with pytest.raises(DataError) as caught:
+            index_shards(
+                f"{server.url}/train/shard-{{000000..000003}}.tar",
+                f"{server.url}/val/shard-000000.tar",
+                tmp_path / "out",
+                workers=workers,
+            )
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    message = str(caught.value)
+    found = re.fullmatch(
+        rf"{re.escape(server.url)}/train/shard-00000\d\.tar: cannot be read \((.*)\) after 3 tries over (\d+) s; "
+        r"check that the store is reachable, then run the same command again \(.*\)",
+        message,
+    )
+    assert found, message
+    assert re.search(slow, message)
+    assert found[1].startswith("too slow: ") if mode == "trickle" else "timed out" in found[1], found[1]
+    # the tries: 3 reads of at most 1 s + 1 MiB / 64 kB/s, waits of 0.3 s; then the other threads stop
+    # within one socket timeout (1 s), so the command ends when its line says, not a tar later
+    assert int(found[2]) <= StoreLimits(1.0, 64.0, [0.1, 0.2]).bound(1 << 20)
+    assert took <= int(found[2]) + 1 + 2.5, (took, message)
+    assert not (tmp_path / "out" / "manifest.json").exists()
