@@ -4,16 +4,12 @@ has a deadline and a minimum rate (config.StoreLimits, made short here through A
 honours SIGTERM with the checkpoint of its last finished step."""
 
 import http.server
-import os
 import re
-import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import start_cli
 from test_index import good, write_tars
 
 from alexnet_dist.config import StoreLimits

@@ -278,9 +278,10 @@ def read_within(body, n: int, stop: threading.Event | None = None) -> bytes:
         got += len(part)
         took = time.monotonic() - started
         if got < n and took > allowed:
+            lim = limits()
             raise TooSlow(
                 f"too slow: {got} of {n} bytes in {took:.1f} s, under the minimum rate "
-                f"(ALEXNET_STORE_DEADLINE_S={limits().deadline_s:g}, ALEXNET_STORE_MIN_RATE_KBS={limits().min_rate_kbs:g})"
+                f"(ALEXNET_STORE_DEADLINE_S={lim.deadline_s:g}, ALEXNET_STORE_MIN_RATE_KBS={lim.min_rate_kbs:g})"
             )
     return b"".join(parts)
 
