@@ -4,17 +4,22 @@ has a deadline and a minimum rate (config.StoreLimits, made short here through A
 honours SIGTERM with the checkpoint of its last finished step."""
 
 import http.server
+import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import start_cli
 from test_index import good, write_tars
 
 from alexnet_dist.config import StoreLimits
-from alexnet_dist.data import store
+from alexnet_dist.data import sources, store
 from alexnet_dist.data.index import index_shards
+from alexnet_dist.data.shards import write_dataset
 from alexnet_dist.errors import DataError
 
 SHORT = {"ALEXNET_STORE_DEADLINE_S": "1", "ALEXNET_STORE_MIN_RATE_KBS": "64", "ALEXNET_STORE_WAITS": "0.1,0.2"}
@@ -140,3 +145,70 @@ def test_index_over_a_trickling_or_stalled_store_stops_within_the_bound_it_print
     assert int(found[2]) <= StoreLimits(1.0, 64.0, [0.1, 0.2]).bound(1 << 20)
     assert took <= int(found[2]) + 1 + 2.5, (took, message)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+ARGS = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
+STEPS = 15  # 480 images, batch 32
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small")
+    write_dataset(sources.synthetic(10, 480, 64, 32), root, source_name="synthetic", progress=False)
+    return root
+
+
+def saved_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+def steps_saved(ckpt_dir: Path) -> list[int]:
+    return sorted(int(p.name[5:14]) for p in ckpt_dir.glob("step-*.ckpt")) if ckpt_dir.exists() else []
+
+
+def start_training(tmp_path, root_url, loader, env, *extra):
+    args = [*ARGS, f"loader={loader}", f"data.root={root_url}", "run_id=slow", *extra]
+    return start_cli("alexnet-train", *args, cwd=tmp_path, env=env)
+
+
+def slow_once_trained(server: SlowStore, proc, ckpt_dir: Path, slow: str) -> None:
+    """Once the run has saved step 5, every file matching `slow` is answered slowly."""
+    deadline = time.time() + 120
+    while not steps_saved(ckpt_dir) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert steps_saved(ckpt_dir), "no checkpoint appeared"
+    server.slow = slow
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("loader, mode", [("wds", "stall"), ("dali", "trickle"), ("dali", "stall")])
+def test_sigterm_while_training_waits_for_a_slow_store_saves_the_last_step_and_exits_143(
+    tmp_path, small_root, cli_env, loader, mode
+):
+    """The store's limits stay the defaults (a stalled read waits 20 s a try, minutes in all): the
+    signal, not the store's failure, must end the wait."""
+    server = SlowStore(small_root, mode=mode, gap=1.0, head=0)
+    try:
+        proc = start_training(tmp_path, server.url, loader, cli_env)
+        ckpt_dir = tmp_path / "runs/smoke/slow/checkpoints"
+        slow_once_trained(server, proc, ckpt_dir, r"\.tar$")
+        time.sleep(4)  # the batches read ahead are trained on; then the run waits for the store
+        assert proc.poll() is None, proc.communicate()
+        os.kill(proc.pid, signal.SIGTERM)  # the training process only, as `kill PID`
+        sent = time.time()
+        out, err = proc.communicate(timeout=60)
+        took = time.time() - sent
+    finally:
+        server.close()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert took < 15, took
+    step = int(re.search(r"^stopped by SIGTERM: checkpoint saved at step (\d+)$", out, re.M)[1])
+    assert 5 <= step < STEPS
+    assert saved_step(ckpt_dir.parent) == step == max(steps_saved(ckpt_dir))
+    assert err.strip().splitlines()[-1] == (
+        f"error: stopped by SIGTERM at step {step}, before the end; the checkpoint is saved: run the same "
+        "command again to resume"
+    )
