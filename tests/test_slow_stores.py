@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_cli
+from conftest import run_cli, start_cli
 from test_index import good, write_tars
 
 from alexnet_dist.config import StoreLimits
@@ -181,11 +181,32 @@ def slow_once_trained(server: SlowStore, proc, ckpt_dir: Path, slow: str) -> Non
     server.slow = slow
 
 
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_root) -> dict:
+    """The weights of a run from the local shards, never stopped: what a resumed run must equal."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    run_cli("alexnet-train", *ARGS, "loader=wds", f"data.root={small_root}", "run_id=local", cwd=cwd, env=env)
+    return final_weights(cwd / "runs/smoke/local")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("loader, mode", [("wds", "stall"), ("dali", "trickle"), ("dali", "stall")])
-def test_sigterm_while_training_waits_for_a_slow_store_saves_the_last_step_and_exits_143(
-    tmp_path, small_root, cli_env, loader, mode
+@pytest.mark.parametrize(
+    "loader, mode, signals",
+    [
+        ("wds", "stall", ["SIGTERM"]),
+        ("dali", "trickle", ["SIGTERM"]),
+        ("dali", "stall", ["SIGTERM", "SIGTERM"]),  # sent twice, as in the issue: the same end
+        ("wds", "trickle", ["SIGINT", "SIGINT"]),  # Ctrl-C twice: at once, one line, no traceback
+    ],
+)
+def test_a_stop_signal_while_training_waits_for_a_slow_store_saves_the_last_step_and_exits(
+    tmp_path, small_root, cli_env, loader, mode, signals, request
 ):
     """The store's limits stay the defaults (a stalled read waits 20 s a try, minutes in all): the
     signal, not the store's failure, must end the wait."""
@@ -196,19 +217,74 @@ def test_sigterm_while_training_waits_for_a_slow_store_saves_the_last_step_and_e
         slow_once_trained(server, proc, ckpt_dir, r"\.tar$")
         time.sleep(4)  # the batches read ahead are trained on; then the run waits for the store
         assert proc.poll() is None, proc.communicate()
-        os.kill(proc.pid, signal.SIGTERM)  # the training process only, as `kill PID`
+        for name in signals:
+            os.kill(proc.pid, getattr(signal, name))  # the training process only, as `kill PID`
+            time.sleep(0.1)
         sent = time.time()
         out, err = proc.communicate(timeout=60)
         took = time.time() - sent
     finally:
         server.close()
-    assert proc.returncode == 143, err[-3000:]
+    code = 128 + getattr(signal, signals[0])
+    assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
     assert took < 15, took
-    step = int(re.search(r"^stopped by SIGTERM: checkpoint saved at step (\d+)$", out, re.M)[1])
+    last = err.strip().splitlines()[-1]
+    if last.startswith(f"error: stopped by {signals[0]} at once"):  # the second Ctrl-C came during the save
+        assert signals == ["SIGINT", "SIGINT"] and last.endswith("without a new checkpoint; the last saved one is kept")
+        return
+    step = int(re.search(rf"^stopped by {signals[0]}: checkpoint saved at step (\d+)$", out, re.M)[1])
     assert 5 <= step < STEPS
     assert saved_step(ckpt_dir.parent) == step == max(steps_saved(ckpt_dir))
-    assert err.strip().splitlines()[-1] == (
-        f"error: stopped by SIGTERM at step {step}, before the end; the checkpoint is saved: run the same "
+    assert last == (
+        f"error: stopped by {signals[0]} at step {step}, before the end; the checkpoint is saved: run the same "
         "command again to resume"
     )
+    if loader == "wds" and mode == "stall":  # the checkpoint is whole: resumed, the run ends as one never stopped
+        server = SlowStore(small_root)
+        try:
+            out = run_cli(
+                "alexnet-train",
+                *ARGS,
+                "loader=wds",
+                f"data.root={server.url}",
+                "run_id=slow",
+                cwd=tmp_path,
+                env=cli_env,
+            )
+        finally:
+            server.close()
+        assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout
+        assert saved_step(ckpt_dir.parent) == STEPS
+        for name, tensor in request.getfixturevalue("uninterrupted").items():
+            assert torch.equal(final_weights(ckpt_dir.parent)[name], tensor), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("loader, mode", [("wds", "trickle"), ("dali", "stall")])
+def test_training_over_a_store_that_slows_to_a_trickle_stops_in_one_line_within_its_limits(
+    tmp_path, small_root, cli_env, loader, mode
+):
+    server = SlowStore(small_root, mode=mode, gap=0.3, head=0)
+    try:
+        proc = start_training(tmp_path, server.url, loader, {**cli_env, **SHORT})
+        ckpt_dir = tmp_path / "runs/smoke/slow/checkpoints"
+        slow_once_trained(server, proc, ckpt_dir, r"^0000\d\d\.tar$")
+        slowed = time.time()
+        out, err = proc.communicate(timeout=120)
+        took = time.time() - slowed
+    finally:
+        server.close()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    why = "too slow: " if mode == "trickle" else "timed out"
+    assert re.fullmatch(
+        rf"error: {re.escape(server.url)}/train/0000\d\d\.tar: cannot be read \({why}.*\) after 3 tries over \d+ s; "
+        r"check that the store is reachable, then run the same command again \(a training run resumes from its "
+        r"last checkpoint\)",
+        last,
+    ), last
+    assert "Traceback" not in err, err[-3000:]
+    assert took < StoreLimits(1.0, 64.0, [0.1, 0.2]).bound(8192) + 10, took
+    assert saved_step(ckpt_dir.parent) >= 5  # the last checkpoint is kept
