@@ -94,8 +94,8 @@ class StoreLimits:
     def __post_init__(self):
         if not (self.deadline_s > 0 and self.min_rate_kbs > 0 and all(w >= 0 for w in self.waits)):
             raise ConfigError(
-                f"store limits deadline_s={self.deadline_s}, min_rate_kbs={self.min_rate_kbs}, waits={self.waits}: "
-                "give a deadline and a rate above 0 and waits of 0 or more (ALEXNET_STORE_*)"
+                f"deadline_s={self.deadline_s:g}, min_rate_kbs={self.min_rate_kbs:g}, waits={self.waits}: the deadline "
+                "and the rate must be above 0, the waits 0 or more"
             )
 
     def read_time(self, n: int) -> float:

@@ -20,7 +20,7 @@ from alexnet_dist.config import StoreLimits
 from alexnet_dist.data import sources, store
 from alexnet_dist.data.index import index_shards
 from alexnet_dist.data.shards import write_dataset
-from alexnet_dist.errors import DataError
+from alexnet_dist.errors import ConfigError, DataError
 
 SHORT = {"ALEXNET_STORE_DEADLINE_S": "1", "ALEXNET_STORE_MIN_RATE_KBS": "64", "ALEXNET_STORE_WAITS": "0.1,0.2"}
 
@@ -94,6 +94,25 @@ def short_limits(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(store, "_limits", None)
     assert store.limits() == StoreLimits(deadline_s=1.0, min_rate_kbs=64.0, waits=[0.1, 0.2])
+
+
+@pytest.mark.parametrize(
+    "variable, value, expected",
+    [
+        ("DEADLINE_S", "abc", "deadline_s: Value 'abc' of type 'str' could not be converted to Float"),
+        ("WAITS", "1,x", "waits[1]: Value 'x' of type 'str' could not be converted to Float"),
+        ("MIN_RATE_KBS", "0", "the deadline and the rate must be above 0, the waits 0 or more"),
+    ],
+)
+def test_a_bad_store_limit_is_one_line_naming_the_variable(monkeypatch, variable, value, expected):
+    monkeypatch.setenv(f"ALEXNET_STORE_{variable}", value)
+    monkeypatch.setattr(store, "_limits", None)
+    with pytest.raises(ConfigError) as caught:
+        store.size("http://127.0.0.1:9/x.tar")
+    message = str(caught.value)
+    assert message.startswith(f"ALEXNET_STORE_{variable}={value}: ") and expected in message, message
+    assert message.endswith("; give numbers: seconds (the waits comma-separated), a rate in kB/s")
+    monkeypatch.setattr(store, "_limits", None)  # the next test reads its own
 
 
 @pytest.fixture(scope="module")

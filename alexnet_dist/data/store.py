@@ -10,8 +10,9 @@ ALEXNET_STORE_MIN_RATE_KBS and ALEXNET_STORE_WAITS): connecting, and each wait f
 within deadline_s (20 s), and a read of n bytes (at most one buffer, 1 MiB) within deadline_s +
 n / min_rate (64 kB/s): a store that stalls or trickles fails the read like one that resets it.
 So a store that goes away or slows to a trickle stops a run within seconds when it refuses
-connections, within StoreLimits.bound (about 6 x 56 + 15.5 s for a 1 MiB read at the defaults)
-when it stalls, never hangs it, and a short outage costs nothing.
+connections, within StoreLimits.bound when it stalls or trickles (at most about 8 minutes for a
+1 MiB read at the defaults; 6 x 20 + 15.5 s for a store that stalls outright), never hangs it, and
+a short outage costs nothing.
 
 S3 credentials, region and endpoint come from the standard AWS environment variables and files
 (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/config, AWS_ENDPOINT_URL for an S3-compatible store),
@@ -42,7 +43,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from ..config import StoreLimits, make
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 SCHEMES = ("s3://", "http://", "https://")
 _limits: StoreLimits | None = None
@@ -58,7 +59,13 @@ def limits() -> StoreLimits:
             value = os.environ.get(f"ALEXNET_STORE_{key.upper()}")
             if value is not None:
                 given[key] = [w for w in value.split(",") if w.strip()] if key == "waits" else value
-        _limits = make(StoreLimits, given)
+        try:
+            _limits = make(StoreLimits, given)
+        except ConfigError as exc:  # its line names the field; the user set variables
+            named = ", ".join(f"ALEXNET_STORE_{k.upper()}={os.environ[f'ALEXNET_STORE_{k.upper()}']}" for k in given)
+            raise ConfigError(
+                f"{named}: {str(exc).split('; ')[0]}; give numbers: seconds (the waits comma-separated), a rate in kB/s"
+            ) from None
     return _limits
 
 
