@@ -80,6 +80,36 @@ class Data:
             raise ConfigError(f"data.prefetch_shards={self.prefetch_shards}: give 0 (no prefetching) or more")
 
 
+@dataclass
+class StoreLimits:
+    """How long a remote store (s3://, http(s)://) may take (data/store.py): a read of n bytes
+    (at most one buffer) is given up after deadline_s + n / min_rate_kbs / 1000 seconds, a
+    connection or a stalled socket after deadline_s, and tried again after each of `waits`.
+    Read from ALEXNET_STORE_DEADLINE_S, ALEXNET_STORE_MIN_RATE_KBS and ALEXNET_STORE_WAITS
+    (seconds, comma-separated), so that every command and every loader process takes them."""
+
+    deadline_s: float = 20.0
+    min_rate_kbs: float = 64.0  # 10^3 bytes a second: a store trickling slower fails the read
+    waits: list[float] = field(default_factory=lambda: [0.5, 1, 2, 4, 8])  # before each new try
+
+    def __post_init__(self):
+        if not (self.deadline_s > 0 and self.min_rate_kbs > 0 and all(w >= 0 for w in self.waits)):
+            raise ConfigError(
+                f"deadline_s={self.deadline_s:g}, min_rate_kbs={self.min_rate_kbs:g}, waits={self.waits}: the deadline "
+                "and the rate must be above 0, the waits 0 or more"
+            )
+
+    def read_time(self, n: int) -> float:
+        """The longest a read of n bytes may take."""
+        return self.deadline_s + n / (self.min_rate_kbs * 1000)
+
+    def bound(self, n: int) -> float:
+        """The longest a read of n bytes takes through every try: what a run waits for a store at most."""
+        # each try: opening (a connection, the first bytes of the answer) within deadline_s, the read,
+        # and its last piece may wait one socket timeout (deadline_s) before the time is looked at
+        return (len(self.waits) + 1) * (self.read_time(n) + 2 * self.deadline_s) + sum(self.waits)
+
+
 def needs_package(package: str, title: str, extra: str) -> Callable[[], str | None]:
     """A loader's `missing`: why `package` does not import here, or None when it does."""
 

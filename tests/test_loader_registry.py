@@ -8,7 +8,7 @@ import pytest
 from helpers.shards import data_module
 
 from alexnet_dist.bench import cli as bench
-from alexnet_dist.config import LOADERS, Loader, LoaderEntry, WdsSettings, make, own_keys
+from alexnet_dist.config import LOADERS, Loader, LoaderEntry, StoreLimits, WdsSettings, make, own_keys
 from alexnet_dist.data import shard_index, store, wds
 from alexnet_dist.data.manifest import Shard
 from alexnet_dist.errors import ConfigError, DataError
@@ -128,7 +128,7 @@ def test_a_bad_index_file_is_one_line_naming_it(tmp_path, text, count, message):
 
 @pytest.fixture
 def quick(monkeypatch):
-    monkeypatch.setattr(store, "WAITS", (0.01, 0.02))
+    monkeypatch.setattr(store, "_limits", StoreLimits(waits=[0.01, 0.02]))
 
 
 def attempts(*outcomes):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import ObjectStore, run_cli, start_cli
 
+from alexnet_dist.config import StoreLimits
 from alexnet_dist.data import store
 from alexnet_dist.errors import DataError
 
@@ -138,7 +139,7 @@ def test_a_store_gone_mid_epoch_stops_the_run_in_one_line_and_keeps_its_checkpoi
     last = err.strip().splitlines()[-1]
     assert proc.returncode == 2, err[-3000:]
     assert last.startswith("error: ") and "s3://gone/synthetic/" in last and "Traceback" not in err, err[-3000:]
-    assert took < sum(store.WAITS) + 60, took  # the retries' waits, plus the requests' own time-outs
+    assert took < sum(store.limits().waits) + 60, took  # the retries' waits, plus the requests' own time-outs
     assert final_weights(ckpt_dir.parent)["global_step"] >= step  # the last checkpoint is kept, whole
 
 
@@ -171,7 +172,7 @@ def test_remote_files_read_as_local_ones_from_any_position(object_store, s3_shar
 
 
 def test_a_refused_connection_is_tried_again_then_named_in_one_line(monkeypatch):
-    monkeypatch.setattr(store, "WAITS", (0.01, 0.02))
+    monkeypatch.setattr(store, "_limits", StoreLimits(waits=[0.01, 0.02]))
     with pytest.raises(DataError) as caught:
         store.size("http://127.0.0.1:9/x.tar")  # the discard port: nothing listens
     message = str(caught.value)

@@ -27,7 +27,9 @@ def one_line_errors(main):
         except UserError as exc:
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
             message = lines[-1] if lines else type(exc).__name__
+            kind = type(exc)
             for prefix in (
+                f"{kind.__module__}.{kind.__qualname__}: ",  # a subclass (store.Unreachable) from a worker
                 "alexnet_dist.errors.DataError: ",
                 "alexnet_dist.errors.ConfigError: ",
                 "alexnet_dist.errors.UserError: ",

@@ -29,7 +29,7 @@ import sys
 import tarfile
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -215,7 +215,7 @@ def read_tar(tar: str, found: TarIndex, stop: threading.Event) -> TarIndex:
     """One streaming pass over `tar` (mode "r|": a remote tar is fetched once, front to back) into
     `found`, reading only the bytes of image and label members. Given up, part-way, once `stop` is set."""
     at = 0
-    with store.open_file(tar) as f:  # a brace pattern names files whether or not they exist: Missing
+    with store.open_file(tar, stop=stop) as f:  # a brace pattern names files whether or not they exist: Missing
         if f.read(len(GZIP)) == GZIP:  # known by its bytes: a gzip file may be named .tar
             raise gzipped(tar)
         f.seek(0)
@@ -337,11 +337,15 @@ def read_split(
     stop = threading.Event()
     with ThreadPoolExecutor(max(1, workers)) as pool:
         try:
-            jobs = pool.map(lambda tar: read_tar(tar, TarIndex(tar, fmt, classes, decode), stop), tars)
-            return list(tqdm(jobs, total=len(tars), desc=f"{split} tars", unit="tar", disable=None))
+            jobs = [pool.submit(read_tar, tar, TarIndex(tar, fmt, classes, decode), stop) for tar in tars]
+            # as they finish, not in order: the first tar that fails for good, whichever, is the answer
+            for job in tqdm(as_completed(jobs), total=len(tars), desc=f"{split} tars", unit="tar", disable=None):
+                job.result()
+            return [job.result() for job in jobs]
         except BaseException:
-            # The first error (or Ctrl-C) is the answer: no more tars, and the ones being read are
-            # given up at their next member rather than read to the end (threads cannot be killed).
+            # No more tars, and the ones being read are given up (threads cannot be killed): at their
+            # next member, or in the store's read or retry wait (store.Stopped), within one socket
+            # timeout, so the command ends within the bound its line prints.
             stop.set()
             pool.shutdown(cancel_futures=True)
             raise

@@ -4,9 +4,15 @@ files opens them through `open_file`, so each reader works the same from every p
 
 A remote file is read with ranged GET requests. A read that fails (a reset connection, a timeout,
 a server that is gone or answers 5xx) is tried again from the byte it stopped at, after 0.5, 1, 2,
-4 and 8 seconds; then one line names the file and what went wrong. So a store that goes away
-stops a run within seconds when it refuses connections, within a few minutes when it times them
-out (TIMEOUT_S each), never hangs it, and a short outage costs nothing.
+4 and 8 seconds; then one line names the file and what went wrong. Every request has a deadline
+and a minimum rate (config.StoreLimits, set through ALEXNET_STORE_DEADLINE_S,
+ALEXNET_STORE_MIN_RATE_KBS and ALEXNET_STORE_WAITS): connecting, and each wait for the next bytes,
+within deadline_s (20 s), and a read of n bytes (at most one buffer, 1 MiB) within deadline_s +
+n / min_rate (64 kB/s): a store that stalls or trickles fails the read like one that resets it.
+So a store that goes away or slows to a trickle stops a run within seconds when it refuses
+connections, within StoreLimits.bound when it stalls or trickles (at most about 8 minutes for a
+1 MiB read at the defaults; 6 x 20 + 15.5 s for a store that stalls outright), never hangs it, and
+a short outage costs nothing.
 
 S3 credentials, region and endpoint come from the standard AWS environment variables and files
 (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/config, AWS_ENDPOINT_URL for an S3-compatible store),
@@ -42,11 +48,39 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from ..errors import DataError
+from ..config import StoreLimits, make
+from ..errors import ConfigError, DataError
 
 SCHEMES = ("s3://", "http://", "https://")
-WAITS = (0.5, 1, 2, 4, 8)  # seconds before each new try of a failed request
-TIMEOUT_S = 20  # connecting, and waiting for the next bytes of an answer
+_limits: StoreLimits | None = None
+
+
+def limits() -> StoreLimits:
+    """This process's StoreLimits: the defaults, or what the ALEXNET_STORE_* variables say (read
+    once; loader workers inherit them); a bad value is one ConfigError line naming the variable."""
+    global _limits
+    if _limits is None:
+        given = {}
+        for key in ("deadline_s", "min_rate_kbs", "waits"):
+            value = os.environ.get(f"ALEXNET_STORE_{key.upper()}")
+            if value is not None:
+                given[key] = [w for w in value.split(",") if w.strip()] if key == "waits" else value
+        try:
+            _limits = make(StoreLimits, given)
+        except ConfigError as exc:  # its line names the field; the user set variables
+            named = ", ".join(f"ALEXNET_STORE_{k.upper()}={os.environ[f'ALEXNET_STORE_{k.upper()}']}" for k in given)
+            raise ConfigError(
+                f"{named}: {str(exc).split('; ')[0]}; give numbers: seconds (the waits comma-separated), a rate in kB/s"
+            ) from None
+    return _limits
+
+
+class Stopped(DataError):
+    """Reading was given up because `stop` was set: another reader failed, the result is not wanted."""
+
+
+class TooSlow(TimeoutError):
+    """A read that took longer than its limit (a stalled or trickling store): a timeout, tried again."""
 
 
 # Bytes received from remote stores (tars, index files, manifests; RemoteFile's reads and the bytes
@@ -183,7 +217,8 @@ def s3_client():
                 raise DataError(
                     "s3:// locations need boto3, which is not installed; pip install 'alexnet_dist[s3]'"
                 ) from None
-            config = Config(retries={"max_attempts": 1}, connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S)
+            wait = limits().deadline_s
+            config = Config(retries={"max_attempts": 1}, connect_timeout=wait, read_timeout=wait)
             _clients = {os.getpid(): boto3.session.Session().client("s3", config=config)}
         return _clients[os.getpid()]
 
@@ -205,22 +240,27 @@ class Transient(DataError):
         self.why = why
 
 
-def retry(location: str, attempt, failed: Transient | None = None, writing: bool = False):
+def retry(
+    location: str, attempt, failed: Transient | None = None, writing: bool = False, stop: threading.Event | None = None
+):
     """The one retry policy for a store: attempt() until it returns; after a Transient failure
-    again after each of WAITS, any other error at once. `failed`: a first try, already made, that
-    failed. When every try failed, Unreachable names `location` and the last failure's why."""
-    started, tries = time.monotonic(), 0
+    again after each of StoreLimits.waits, any other error at once. `failed`: a first try, already
+    made, that failed. When every try failed, Unreachable names `location` and the last failure's
+    why. `stop`, once set, ends the tries (Stopped)."""
+    started, tries, waits = time.monotonic(), 0, limits().waits
+    stop = stop or threading.Event()
     while True:
         if failed is not None:
             tries += 1
-            if tries > len(WAITS):
+            if tries > len(waits):
                 again = "what was uploaded is kept" if writing else "a training run resumes from its last checkpoint"
                 raise Unreachable(
                     f"{location}: cannot be {'written' if writing else 'read'} ({failed.why}) after {tries} tries "
                     f"over {time.monotonic() - started:.0f} s; check that the store is reachable, then run the same "
                     f"command again ({again})"
                 )
-            time.sleep(WAITS[tries - 1])
+            if stop.wait(waits[tries - 1]):
+                raise Stopped(f"{location}: reading given up")
         try:
             return attempt()
         except Transient as exc:
@@ -264,7 +304,7 @@ def is_urllib3(exc: Exception) -> bool:
     return type(exc).__module__.startswith("urllib3")
 
 
-def retrying(location: str, request, writing: bool = False):
+def retrying(location: str, request, writing: bool = False, stop: threading.Event | None = None):
     """request() (one request to the store) under the retry policy, its errors told apart by their
     type (`failure`): a missing file, a refusal or bad settings stop at once, in one line naming
     the location; what may pass is tried again. `writing`: the request writes (or deletes), and a
@@ -274,6 +314,8 @@ def retrying(location: str, request, writing: bool = False):
     def attempt():
         try:
             return request()
+        except Stopped:
+            raise
         except Exception as exc:
             why, again = failure(exc)
             why = " ".join(why.split())  # one line, whatever the library's message
@@ -283,7 +325,7 @@ def retrying(location: str, request, writing: bool = False):
                 raise DataError(f"{location}: cannot be {verb} ({why}); check the location and the settings") from None
             raise Transient(f"{location}: cannot be {verb} ({why})", why) from None
 
-    return retry(location, attempt, writing=writing)
+    return retry(location, attempt, writing=writing, stop=stop)
 
 
 def is_missing(exc: Exception) -> bool:
@@ -304,11 +346,11 @@ def http_get(url: str, start: int, end: int | None = None):
     request = urllib.request.Request(quoted, headers=headers)
     for name, value in netrc_login(url).items():  # not sent on to another host a redirect names
         request.add_unredirected_header(name, value)
-    response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    response = urllib.request.urlopen(request, timeout=limits().deadline_s)
     if start and response.status != 206:
         skip = start
         while skip:
-            got = len(response.read(min(skip, 1 << 20)))
+            got = len(read_within(response, min(skip, 1 << 20)))
             if not got:
                 break
             count_fetched(got)
@@ -316,15 +358,43 @@ def http_get(url: str, start: int, end: int | None = None):
     return response
 
 
+def read_within(body, n: int, stop: threading.Event | None = None) -> bytes:
+    """Up to n bytes of an answer (fewer only at its end) within StoreLimits.read_time(n): read
+    as they arrive (read1), so that a trickle is noticed, not waited out byte by byte. TooSlow
+    when the time is up first; Stopped once `stop` is set."""
+    allowed = limits().read_time(n)
+    read = getattr(body, "read1", None) or body.read
+    started, parts, got = time.monotonic(), [], 0
+    while got < n:
+        if stop is not None and stop.is_set():
+            raise Stopped("reading given up")
+        part = read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+        took = time.monotonic() - started
+        if got < n and took > allowed:
+            lim = limits()
+            raise TooSlow(
+                f"too slow: {got} of {n} bytes in {took:.1f} s, under the minimum rate "
+                f"(ALEXNET_STORE_DEADLINE_S={lim.deadline_s:g}, ALEXNET_STORE_MIN_RATE_KBS={lim.min_rate_kbs:g})"
+            )
+    return b"".join(parts)
+
+
 def open_range(location: str, start: int):
     """A readable stream of `location` from byte `start` (one request)."""
     if location.startswith("s3://"):
         bucket, key = split_s3(location)
-        return s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")["Body"]
+        body = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")["Body"]
+        # botocore's StreamingBody reads until n bytes are there; its urllib3 answer has read1, which
+        # gives what has arrived (read_within needs that), and RemoteFile notices an answer cut short
+        return getattr(body, "_raw_stream", body)
     return http_get(location, start)
 
 
-def size(location: str) -> int:
+def size(location: str, stop: threading.Event | None = None) -> int:
     """The file's size in bytes; Missing when there is none."""
     if not is_remote(location):
         try:
@@ -333,7 +403,7 @@ def size(location: str) -> int:
             raise Missing(f"{location}: no such file") from None
     if location.startswith("s3://"):
         bucket, key = split_s3(location)
-        return retrying(location, lambda: s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        return retrying(location, lambda: s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"], stop=stop)
 
     def head():  # the first byte: its answer tells the size, where HEAD may be refused
         with http_get(location, 0, 1) as response:
@@ -343,7 +413,7 @@ def size(location: str) -> int:
                 raise DataError(f"{location}: the server tells no size (no Content-Length); serve it with one")
             return int(response.headers["Content-Length"])
 
-    return retrying(location, head)
+    return retrying(location, head, stop=stop)
 
 
 def exists(location: str) -> bool:
@@ -359,9 +429,10 @@ class RemoteFile(io.RawIOBase):
     opens one ranged request and reads on from it. A request that fails mid-way is opened again at
     the byte it stopped at (see `retrying`)."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, stop: threading.Event | None = None):
         self.location, self.position, self.body, self.body_at = location, 0, None, None
-        self.size = size(location)  # one request: a missing file is one line at once, not at the first read
+        self.stop = stop  # once set, reading ends (Stopped) rather than waiting on the store
+        self.size = size(location, stop)  # one request: a missing file is one line at once, not at the first read
 
     def readable(self) -> bool:
         return True
@@ -386,7 +457,8 @@ class RemoteFile(io.RawIOBase):
                 self.drop()
                 self.body, self.body_at = open_range(self.location, self.position), self.position
             try:
-                data = self.body.read(len(buffer))
+                # what is left of the file at most: the read's time limit is that of the bytes it can get
+                data = read_within(self.body, min(len(buffer), self.size - self.position), self.stop)
                 if not data:  # the answer ended before the file did: the connection was cut
                     raise EOFError(f"the answer ended at byte {self.position} of {self.size}")
                 count_fetched(len(data))
@@ -396,7 +468,7 @@ class RemoteFile(io.RawIOBase):
             buffer[: len(data)] = data
             return len(data)
 
-        n = retrying(self.location, read)
+        n = retrying(self.location, read, stop=self.stop)
         self.position += n
         self.body_at = self.position
         return n
@@ -414,14 +486,15 @@ class RemoteFile(io.RawIOBase):
         super().close()
 
 
-def open_file(location: str, buffer: int = 1 << 20):
-    """`location` opened for reading in binary mode, local or remote, seekable either way."""
+def open_file(location: str, buffer: int = 1 << 20, stop: threading.Event | None = None):
+    """`location` opened for reading in binary mode, local or remote, seekable either way. `stop`:
+    once set, a remote file's reads end (Stopped) instead of waiting on the store."""
     if not is_remote(location):
         try:
             return open(location, "rb")
         except FileNotFoundError:
             raise Missing(f"{location}: no such file") from None
-    return io.BufferedReader(RemoteFile(location), buffer_size=buffer)
+    return io.BufferedReader(RemoteFile(location, stop), buffer_size=buffer)
 
 
 def read_bytes(location: str) -> bytes:

@@ -31,3 +31,20 @@ def training_batches(trainer: pl.Trainer) -> float:
     if not math.isfinite(trainer.num_training_batches):
         trainer.fit_loop.setup_data()
     return trainer.num_training_batches
+
+
+def waiting_for_training_batch(frame) -> bool:
+    """Whether the main thread, stopped at `frame` (a signal handler's), waits for the next training
+    batch: inside Lightning's data fetcher (loops/fetchers.py) called by the training loops (2.6:
+    training_epoch_loop.advance's next(data_fetcher), fit_loop's iter), not by a validation, and not in
+    an object's __del__ (where an exception would be lost). There the last step is finished, its
+    state whole: a checkpoint taken then is that of the last finished step."""
+    fetching = training = False
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if frame.f_code.co_name == "__del__" or name.endswith("/loops/evaluation_loop.py"):
+            return False
+        fetching = fetching or name.endswith("/loops/fetchers.py")
+        training = training or name.endswith(("/loops/training_epoch_loop.py", "/loops/fit_loop.py"))
+        frame = frame.f_back
+    return fetching and training

@@ -7,6 +7,7 @@ asked SLURM for, so that submitit's handler never acts on its own. The requeued 
 id, hence its run directory and W&B run, and resumes from the checkpoint saved here.
 """
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import torch
 
 from .agreement import StepAgreement
 from .checkpoint import LastCheckpoint
-from .lightning_seams import silence_sigterm_broadcast, stop_without_validating
+from .lightning_seams import silence_sigterm_broadcast, stop_without_validating, waiting_for_training_batch
 
 
 def submitit_signal() -> int | None:
@@ -32,10 +33,25 @@ def submitit_signal() -> int | None:
 
 def stop_now(signum, frame):
     """Ends the process at once with 128 + the signal and one line (Lightning would turn a
-    KeyboardInterrupt into its own message and status 1)."""
+    KeyboardInterrupt into its own message and status 1). os._exit, not SystemExit: the signal may
+    come while an object's __del__ runs (a loader iterator shutting its workers down), where an
+    exception is printed as a traceback and lost."""
     name = signal.Signals(signum).name
     print(f"error: stopped by {name} at once, without a new checkpoint; the last saved one is kept", file=sys.stderr)
-    raise SystemExit(128 + signum)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+class StopWhileWaiting(BaseException):
+    """A stop signal that came while the rank waited for its next training batch (a slow or stalled
+    store): raised from the handler to end that wait, caught by Preemption.on_exception, which saves
+    the checkpoint of the last finished step. A BaseException, so that no reader's `except
+    Exception` (the store's retries) takes it for a failed read."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def signal_number(name: str) -> int:
@@ -49,6 +65,12 @@ class Preemption(pl.Callback):
     boundary, stop, and exit with status 128 + the signal (143, 130) so that whatever started the
     run sees it did not finish; a second Ctrl-C stops at once, without a checkpoint. A signal may
     reach some ranks only: all act on it if any got it, through the step's agreement.
+
+    A stop signal while a run of one process waits for its next training batch (a store that
+    stalls or trickles, whose reads may take minutes to fail) does not wait for that batch: the
+    wait ends there (StopWhileWaiting), the last finished step is saved, and the run exits as above.
+    (With several ranks the others may be inside a collective of the step, so each waits for its
+    batch, bounded by the store's limits, and all stop at the next step boundary together.)
     """
 
     def __init__(self, saver: LastCheckpoint, signal_name: str, requeue: bool, agreement: StepAgreement):
@@ -60,6 +82,7 @@ class Preemption(pl.Callback):
         self.preempted_at = None  # the global step saved before stopping
         self.terminated_at = None  # the same, after a stop signal
         self.terminated_by = None  # that signal's name (SIGTERM, SIGINT)
+        self.single = False  # one process: a stop signal may end a wait for data (setup knows)
         agreement.ask("preempt", lambda: self.requested)
         agreement.ask("terminate", lambda: self.terminated)
 
@@ -73,6 +96,7 @@ class Preemption(pl.Callback):
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":
             return  # the final validation: a signal there stops at once (on_train_end)
+        self.single = trainer.world_size == 1
         self._listen()
         silence_sigterm_broadcast(trainer)  # SIGTERM is handled here and travels in the step's agreement
 
@@ -94,6 +118,19 @@ class Preemption(pl.Callback):
         if signum == signal.SIGINT and self.terminated:
             stop_now(signum, frame)  # Ctrl-C twice: the user will not wait for the checkpoint
         self.terminated = int(signum)
+        if self.single and waiting_for_training_batch(frame):
+            raise StopWhileWaiting(signum)
+
+    def on_exception(self, trainer, pl_module, exception):
+        """The stop signal ended a wait for data: the checkpoint of the last finished step, and the
+        loader's worker processes (which ignore the signal, and may wait on the store) ended."""
+        if not isinstance(exception, StopWhileWaiting):
+            return
+        self.saver.save(trainer)
+        for worker in multiprocessing.active_children():  # this process's own loader workers
+            worker.kill()
+        self.terminated_at, self.terminated_by = trainer.global_step, signal.Signals(exception.signum)
+        print(f"stopped by {self.terminated_by.name}: checkpoint saved at step {trainer.global_step}", flush=True)
 
     def leaving(self) -> None:
         """The run is stopping and its checkpoint is saved: a further Ctrl-C or SIGTERM while it

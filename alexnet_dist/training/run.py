@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .ckpt_format import CheckpointParts
 from .pictures import Pictures, steps_per_epoch
-from .preemption import Preemption
+from .preemption import Preemption, StopWhileWaiting
 from .run_dir import RunDirectory, first_process
 from .trainer import build_trainer, check_launch, check_trainer_keys, slurm_tasks
 
@@ -151,6 +151,8 @@ class Run:
     def _fit_and_report(self, trainer: pl.Trainer, module, data, ckpt_path: Path | None) -> dict:
         try:
             trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        except StopWhileWaiting:  # a stop signal while waiting for data: the checkpoint is saved
+            self._leave_stopped(trainer)
         except RuntimeError as exc:  # torch.distributed's errors included
             if any(sign in str(exc) for sign in PEER_LOST):
                 raise TrainingError(
