@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .data.store import credentials_in, redact
+from .credentials import credentials_in, redact
 from .errors import ConfigError
 
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli, run_here
 from helpers.shards import edit_manifest
 
+from alexnet_dist import credentials
 from alexnet_dist.bench import cli as bench_cli
 from alexnet_dist.cli import evaluate, predict, prepare
 from alexnet_dist.data import store
@@ -171,14 +172,14 @@ def test_redact_hides_every_credential_of_every_url_in_a_line():
         "http://bob:hunter2@host/a.tar: cannot be read; s3://K:S@bucket/b and "
         "https://h/c?X-Amz-Credential=AK%2Fx&X-Amz-Date=1&X-Amz-Signature=ff&v=2 and http://h/d?api_key=k1&access_token=t1"
     )
-    assert store.redact(line) == (
+    assert credentials.redact(line) == (
         "http://***@host/a.tar: cannot be read; s3://***@bucket/b and "
         "https://h/c?X-Amz-Credential=***&X-Amz-Date=1&X-Amz-Signature=***&v=2 and http://h/d?api_key=***&access_token=***"
     )
     # what carries none is left as it is, and says so
     for plain in ("http://host:8080/shards/{000000..000009}.tar?v=3", "s3://bucket/prefix/", "/data/x@y/shards"):
-        assert store.redact(plain) == plain
-        assert store.credentials_in(plain) is None
+        assert credentials.redact(plain) == plain
+        assert credentials.credentials_in(plain) is None
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import sys
 from functools import wraps
 from pathlib import Path
 
-from ..data.store import credentials_in, redact
+from ..credentials import credentials_in, redact
 from ..errors import ConfigError, UserError
 
 # A disk that filled up, a quota reached, a read-only mount: the user's to fix, not a bug.

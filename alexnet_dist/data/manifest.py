@@ -17,6 +17,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..credentials import credentials_in, redact
 from ..errors import DataError
 from . import shard_index, store
 from .members import SampleFormat, is_format
@@ -153,8 +154,8 @@ def malformed(data: dict) -> str | None:
                 return f"shard {number} of split '{split}' lacks a tar name or a sample count"
             if not isinstance(shard.get("index"), str):
                 return f"shard {number} of split '{split}' names no index file"
-            if why := store.credentials_in(shard["tar"]) or store.credentials_in(shard["index"]):
-                return f"shard {number} of split '{split}' is at {store.redact(shard['tar'])}: {why}"
+            if why := credentials_in(shard["tar"]) or credentials_in(shard["index"]):
+                return f"shard {number} of split '{split}' is at {redact(shard['tar'])}: {why}"
     for key, length in (("mean", 3), ("std", 3), ("image_size", 2)):  # what normalisation and crops use
         value = data.get(key)
         if value is not None and not (
