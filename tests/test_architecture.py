@@ -20,13 +20,13 @@ LAYERS = [
 # Imports within a layer: normalisation uses the geometry; the manifest check, the writer and the
 # statistics read and write DALI index files through shard_index; the image conversion takes the
 # sources' samples; the writer uses both, reads the manifest and clears stale statistics; the
-# statistics read the manifest and see each picture as the loaders do (images.py); the indexer of other tools' tars writes with the writer's helpers and reads
-# sample keys off index lines through shard_index and sizes as shown through images.py; members.py (which member is the image and the
+# statistics read the manifest and see each picture as the loaders do (images.py); the indexer of
+# other tools' tars writes with the writer's helpers, reads sample keys off index lines through
+# shard_index and sizes as shown through images.py; members.py (which member is the image and the
 # label) asks images.py which pictures both decoders read alike, and the manifest, the writer and
-# the indexer record or read its format; the loaders
-# share the contract in loader.py and never import each other; the shard cache reads through the
-# store; the plan's layer holds the order of samples, the reading of one sample and the trace of
-# what was read, none importing another.
+# the indexer record or read its format; the loaders share the contract in loader.py and never
+# import each other; the shard cache reads through the store; the plan's layer holds the order of
+# samples, the reading of one sample and the trace of what was read, none importing another.
 WITHIN = {
     "shard_cache": {"store"},
     "normalize": {"transforms"},
