@@ -26,8 +26,7 @@ from alexnet_dist import locks
 from alexnet_dist.cli import prepare
 from alexnet_dist.data import sources
 from alexnet_dist.data.shards import write_dataset
-from alexnet_dist.data.watch import DataChanged
-from alexnet_dist.errors import DataError
+from alexnet_dist.errors import DataChanged, DataError
 from alexnet_dist.training.run import Run
 
 SMALL = ["--train-count", "64", "--val-count", "32", "--classes", "4", "--min-shards", "4", "--workers", "1"]

@@ -12,7 +12,7 @@ training started with and that has changed since is found as it is opened (watch
 import tarfile
 from collections import OrderedDict
 
-from ..errors import DataError
+from ..errors import DataChanged, DataError
 from . import shard_index, store, watch
 from .manifest import Shard
 
@@ -59,7 +59,7 @@ class SampleReader:
             if shard.started:  # replaced since the training started: it is not what the manifest counted
                 try:
                     watch.check(tar, shard.started[0], watch.stamp_of(f))
-                except watch.DataChanged:
+                except DataChanged:
                     f.close()
                     raise
             while len(self.files) >= KEEP_OPEN:

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import replace
 
-from ..errors import DataError
+from ..errors import DataChanged
 from . import store
 from .manifest import text_digest
 
@@ -23,10 +23,6 @@ HOW_TO_GO_ON = (
     "the run stops rather than mix data (its last checkpoint is kept): train the new data as a new run "
     "(another run_id=NAME), or put back the data this run started with and run the same command to resume"
 )
-
-
-class DataChanged(DataError):
-    """The data a training started with changed under it."""
 
 
 def stamp(location: str) -> tuple[int, int, int] | None:

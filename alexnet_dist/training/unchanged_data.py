@@ -1,4 +1,4 @@
-"""A run stops when its data changes under it (data/watch.py says what is watched), with the
+"""A run stops when its data changes under it (the data module says what it watches: data/watch.py), with the
 checkpoint of its last finished step and one line naming the file.
 
 The whole set is looked at when each training or validation pass starts: rank zero looks, and
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import lightning.pytorch as pl
 
-from ..data.watch import DataChanged
+from ..errors import DataChanged
 
 
 class UnchangedData(pl.Callback):
