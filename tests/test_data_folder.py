@@ -100,6 +100,16 @@ def test_a_second_writer_is_refused_in_one_line_and_changes_nothing(data, shards
     run_here(prepare.main, *[a.format(src=shards) for a in argv], "--out", data, capsys=capsys)
 
 
+def test_an_out_that_cannot_hold_a_data_set_is_one_line(tmp_path, capsys):
+    """The lock is the first thing made in --out: a file there is one line, not a traceback."""
+    (tmp_path / "afile").write_text("")
+    outcome = run_here(prepare.main, "synthetic", *SMALL, "--out", tmp_path / "afile", capsys=capsys, check=False)
+    assert outcome.returncode == 2
+    assert outcome.stderr == (
+        f"error: {tmp_path / 'afile'}: cannot hold the data set (File exists); give --out a folder you can write\n"
+    )
+
+
 def frozen_once_locked(proc, folder: Path, timeout: float = 60) -> dict:
     """Waits until `proc` holds `folder`'s lock, then stops it there (SIGSTOP): it holds the lock,
     mid-way, for as long as the test needs. Returns what it wrote about itself."""

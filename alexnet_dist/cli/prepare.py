@@ -182,11 +182,16 @@ def hold_out_folder(args, argv: list[str]):
     subcommand writes there (shards, index files, manifest.json, stats), so every one takes it."""
     folder = store.Destination(args.out, args.staging).folder
     command = " ".join(["alexnet-prepare", *argv])
-    claim = locks.take(
-        folder / locks.DATA_FOLDER,
-        {"command": command if len(command) <= 200 else command[:197] + "..."},
-        "nothing stops a second alexnet-prepare from writing there at the same time",
-    )
+    try:
+        claim = locks.take(
+            folder / locks.DATA_FOLDER,
+            {"command": command if len(command) <= 200 else command[:197] + "..."},
+            "nothing stops a second alexnet-prepare from writing there at the same time",
+        )
+    except OSError as exc:  # not a folder, no permission, a read-only disk: before anything is made
+        raise ConfigError(
+            f"{exc.filename or folder}: cannot hold the data set ({exc.strerror}); give --out a folder you can write"
+        ) from None
     if isinstance(claim, dict):
         staged = f" (staged in {folder})" if args.out.startswith("s3://") else ""
         raise ConfigError(
