@@ -6,6 +6,7 @@ Each case is made deterministic: the lock is held by the test process, or the fi
 frozen (SIGSTOP) once it holds the lock, or the data is changed after a known training step."""
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -276,8 +277,10 @@ class ChangeAt(pl.Callback):
 
     def __init__(self, step: int, change):
         self.step, self.change, self.done = step, change, False
+        self.trained = 0  # the global step after the last finished training step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.trained = trainer.global_step
         if trainer.global_step == self.step and not self.done:
             self.done = True
             self.change()
@@ -323,7 +326,7 @@ CHANGED = {
 @pytest.mark.parametrize("loader", ["wds", "dali"])
 @pytest.mark.parametrize("change", list(CHANGED))
 def test_a_training_whose_data_changes_under_it_stops_with_its_checkpoint(
-    data, tmp_path, monkeypatch, train_here, cli_env, loader, change
+    shards, data, tmp_path, monkeypatch, train_here, cli_env, loader, change
 ):
     """After step 3 of 8 of the first epoch the data changes; the run must not train on (the
     first epoch's validation, the next epochs) with it: one line, exit 2, the checkpoint of the step
@@ -334,8 +337,9 @@ def test_a_training_whose_data_changes_under_it_stops_with_its_checkpoint(
         "manifest": manifest_only(data),
     }
     own = Run.callbacks
-    monkeypatch.setattr(Run, "callbacks", lambda self, *a, **kw: [*own(self, *a, **kw), ChangeAt(3, make[change])])
-    outcome = train_here(
+    changer = ChangeAt(3, make[change])
+    monkeypatch.setattr(Run, "callbacks", lambda self, *a, **kw: [*own(self, *a, **kw), changer])
+    args = (
         "experiment=smoke",
         "logger=csv",
         "+trainer.enable_progress_bar=false",
@@ -346,6 +350,7 @@ def test_a_training_whose_data_changes_under_it_stops_with_its_checkpoint(
         "checkpoint.every_n_steps=100",
         "run_id=r",
     )
+    outcome = train_here(*args)
     assert outcome.returncode == 2, outcome.stderr
     last = outcome.stderr.strip().splitlines()[-1]
     assert "Traceback" not in outcome.stderr
@@ -358,4 +363,18 @@ def test_a_training_whose_data_changes_under_it_stops_with_its_checkpoint(
     run = tmp_path / "runs" / "smoke" / "r"
     assert not (run / "results.json").exists()
     step = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
-    assert 3 <= step <= 8, step  # saved where it stopped: within the first epoch (8 steps), after the change
+    # the checkpoint of the last finished step, within the first epoch (8 steps), after the change
+    assert step == changer.trained and 3 <= step <= 8, (step, changer.trained)
+    # as the line says: the data put back, the same command resumes from that checkpoint and finishes
+    monkeypatch.setattr(Run, "callbacks", own)
+    shutil.rmtree(data)
+    shutil.copytree(shards, data)
+    # A stopped command's process ends, and its loader workers with it; this one goes on, so end
+    # them as that exit would (forked from it, they share the run directory's lock)
+    for worker in multiprocessing.active_children():
+        worker.kill()  # (they ignore SIGTERM: the run's stop signal is the training process's)
+        worker.join()
+    outcome = train_here(*args)
+    assert outcome.returncode == 0, outcome.stderr
+    assert f"resuming from {run / 'checkpoints'}/" in outcome.stdout
+    assert json.loads((run / "results.json").read_text())["global_step"] == 24
