@@ -181,6 +181,7 @@ def hold_out_folder(args, argv: list[str]):
     this command writes there; one line naming the holder when another command holds it. Every
     subcommand writes there (shards, index files, manifest.json, stats), so every one takes it."""
     folder = store.Destination(args.out, args.staging).folder
+    made = not folder.exists()
     command = " ".join(["alexnet-prepare", *argv])
     try:
         claim = locks.take(
@@ -198,7 +199,16 @@ def hold_out_folder(args, argv: list[str]):
             f"{args.out}{staged}: being written by another alexnet-prepare ({locks.describe(claim)}); one writer "
             "per data folder: wait for it to end, or stop it, then run this command again"
         )
-    return claim
+    return claim, folder if made else None
+
+
+def let_go(lock, made: Path | None) -> None:
+    """Drops the lock; a folder this command made and left empty (it failed before writing) is
+    removed with its lock file, as if never made (while still held, so no other took it)."""
+    if made is not None and made.is_dir() and [p.name for p in made.iterdir()] == [locks.DATA_FOLDER]:
+        (made / locks.DATA_FOLDER).unlink()
+        made.rmdir()
+    lock.close()
 
 
 @one_line_errors
@@ -206,14 +216,14 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     check_args(args)
-    lock = hold_out_folder(args, argv)
+    lock, made = hold_out_folder(args, argv)
     try:
         prepare(args)
     except KeyboardInterrupt:  # Ctrl-C: write_dataset has stopped its workers and dropped their half shards
         print("error: interrupted; finished shards are kept, run the same command again to continue", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT, as a shell reports it
     finally:
-        lock.close()  # lets the next writer in
+        let_go(lock, made)  # lets the next writer in
 
 
 def prepare(args) -> None:
