@@ -9,6 +9,10 @@ class DataError(UserError):
     """A data directory, shard, sample or label that cannot be used."""
 
 
+class DataChanged(DataError):
+    """The data a training started with changed under it (data/watch.py): the run stops."""
+
+
 class ConfigError(UserError):
     """A configuration that cannot work."""
 

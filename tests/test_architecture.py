@@ -12,7 +12,7 @@ PACKAGE = Path(alexnet_dist.__file__).parent
 LAYERS = [
     {"store", "shard_cache"},
     {"transforms", "normalize"},
-    {"shard_index", "manifest", "sources", "images", "members", "shards", "stats", "index"},
+    {"shard_index", "manifest", "sources", "images", "members", "shards", "stats", "index", "watch"},
     {"plan", "samples", "trace"},
     {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
     {"datamodule", "photos"},
@@ -24,9 +24,10 @@ LAYERS = [
 # other tools' tars writes with the writer's helpers, reads sample keys off index lines through
 # shard_index and sizes as shown through images.py; members.py (which member is the image and the
 # label) asks images.py which pictures both decoders read alike, and the manifest, the writer and
-# the indexer record or read its format; the loaders share the contract in loader.py and never
-# import each other; the shard cache reads through the store; the plan's layer holds the order of
-# samples, the reading of one sample and the trace of what was read, none importing another.
+# the indexer record or read its format; what a training started with is the manifest's digest
+# (watch.py); the loaders share the contract in loader.py and never import each other; the shard
+# cache reads through the store; the plan's layer holds the order of samples, the reading of one
+# sample and the trace of what was read, none importing another.
 WITHIN = {
     "shard_cache": {"store"},
     "normalize": {"transforms"},
@@ -36,6 +37,7 @@ WITHIN = {
     "shards": {"manifest", "sources", "images", "stats", "shard_index", "members"},
     "stats": {"manifest", "shard_index", "images"},
     "index": {"manifest", "shards", "shard_index", "members", "images"},
+    "watch": {"manifest"},
     "wds": {"loader"},
     "dali": {"loader", "dali_pipeline"},
 }

@@ -134,7 +134,7 @@ def test_the_manifest_counts_what_the_tars_hold_and_the_index_points_at_their_by
                     assert got == members[name]  # the bytes the index points at are the member's
                 assert data[int(fields[1]) :][: int(fields[2])] == written[key]["jpg"]
                 assert data[int(fields[5]) :][: int(fields[6])] == str(written[key]["cls"]).encode()
-    # no copies: the output holds the manifest and the index files only
+    # no copies: the output holds the manifest and the index files only (and the writers' lock)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "index/train/000000.idx",
         "index/train/000001.idx",
@@ -142,6 +142,7 @@ def test_the_manifest_counts_what_the_tars_hold_and_the_index_points_at_their_by
         "index/val/000000.idx",
         "index/val/000001.idx",
         "manifest.json",
+        "prepare.lock",
     ]
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .. import locks
 from ..data import sources, store
 from ..data.index import MAX_SKIPPED
 from ..data.manifest import MANIFEST
@@ -175,16 +176,55 @@ def check_index_args(args) -> None:
     args.sample_format = index_format(args.image, args.label)
 
 
+def hold_out_folder(args, argv: list[str]):
+    """The lock on the folder --out is made in (for s3://, its staging folder), held open while
+    this command writes there; one line naming the holder when another command holds it. Every
+    subcommand writes there (shards, index files, manifest.json, stats), so every one takes it."""
+    folder = store.Destination(args.out, args.staging).folder
+    made = not folder.exists()
+    command = " ".join(["alexnet-prepare", *argv])
+    try:
+        claim = locks.take(
+            folder / locks.DATA_FOLDER,
+            {"command": command if len(command) <= 200 else command[:197] + "..."},
+            "nothing stops a second alexnet-prepare from writing there at the same time",
+        )
+    except OSError as exc:  # not a folder, no permission, a read-only disk: before anything is made
+        raise ConfigError(
+            f"{exc.filename or folder}: cannot hold the data set ({exc.strerror}); give --out a folder you can write"
+        ) from None
+    if isinstance(claim, dict):
+        staged = f" (staged in {folder})" if args.out.startswith("s3://") else ""
+        raise ConfigError(
+            f"{args.out}{staged}: being written by another alexnet-prepare ({locks.describe(claim)}); one writer "
+            "per data folder: wait for it to end, or stop it, then run this command again"
+        )
+    return claim, folder if made else None
+
+
+def let_go(lock, made: Path | None) -> None:
+    """Drops the lock; a folder this command made and left empty (it failed before writing) is
+    removed with its lock file, as if never made (while still held, so no other took it)."""
+    if made is not None and made.is_dir() and [p.name for p in made.iterdir()] == [locks.DATA_FOLDER]:
+        (made / locks.DATA_FOLDER).unlink()
+        made.rmdir()
+    lock.close()
+
+
 @one_line_errors
 def main(argv=None):
-    refuse_credentials(sys.argv[1:] if argv is None else argv)  # before anything prints or stores it
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_credentials(argv)  # before anything prints or stores it
     args = parse_args(argv)
     check_args(args)
+    lock, made = hold_out_folder(args, argv)
     try:
         prepare(args)
     except KeyboardInterrupt:  # Ctrl-C: write_dataset has stopped its workers and dropped their half shards
         print("error: interrupted; finished shards are kept, run the same command again to continue", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT, as a shell reports it
+    finally:
+        let_go(lock, made)  # lets the next writer in
 
 
 def prepare(args) -> None:

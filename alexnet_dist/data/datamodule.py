@@ -2,9 +2,12 @@
 rank, builds the configured loader from it (through config.LOADERS), normalises the loader's uint8
 batches on the training device, and writes the trace (data.trace)."""
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 
+from .. import locks
 from ..config import Data, DType, plain
 from ..config import Loader as LoaderSettings
 from ..errors import ConfigError, DataError
@@ -17,8 +20,22 @@ from .shard_cache import ShardCache
 from .stats import read_mean_image, read_stats
 from .trace import Trace
 from .transforms import Augmentation
+from .watch import Watch
 
 CPU = torch.device("cpu")
+
+
+def refuse_folder_being_written(root) -> None:
+    """A local data folder that an alexnet-prepare is writing right now (it holds the folder's
+    lock) is no data set yet: one line naming that command, before anything is read."""
+    if store.is_remote(str(root)):
+        return  # a bucket's writer holds the lock of its own staging folder (see docs/reliability.md)
+    writer = locks.held_by(Path(root).expanduser() / locks.DATA_FOLDER)
+    if writer is not None:
+        raise DataError(
+            f"data.root={root}: being written by alexnet-prepare ({locks.describe(writer)}); wait for it "
+            "to end, then start the training"
+        )
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -39,7 +56,9 @@ class ShardDataModule(pl.LightningDataModule):
         super().__init__()
         self.settings, self.loader_settings, self.seed = data, loader, seed
         self.device, self.worker_signals, self.place = device, worker_signals, (rank, world)
+        refuse_folder_being_written(data.root)
         self.manifest = Manifest.read(data.root)  # fails early, before any model is built
+        self.watch = Watch(self.manifest)  # what this run starts with: a change under it stops it
         if not (self.manifest.has("train") and self.manifest.has("val")):
             raise DataError(f"{self.manifest.path}: needs both a train and a val split")
         tars = [s.tar for split in self.manifest.data["splits"] for s in self.manifest.shards(split)]
@@ -104,7 +123,7 @@ class ShardDataModule(pl.LightningDataModule):
             self.settings.batch_size if mode == "train" else self.settings.val_batch_size or self.settings.batch_size
         )
         return make_plan(
-            self.manifest.shards(split),
+            self.watch.stamped(self.manifest.shards(split)),
             mode,
             batch,
             rank,
@@ -114,6 +133,10 @@ class ShardDataModule(pl.LightningDataModule):
             partitions=self.settings.partitions,
             window=self.settings.shuffle_window,
         )
+
+    def check_unchanged(self) -> None:
+        """Stops (watch.DataChanged, one line) when the data is not as this run started with it."""
+        self.watch.check()
 
     def steps_per_epoch(self) -> int:
         return self.plan("train").steps

@@ -10,6 +10,7 @@ is then a URL, and a shard's tar and index are named relative to it. Shards inde
 lie (alexnet-prepare index) are named by their full location instead.
 """
 
+import hashlib
 import json
 import os
 import stat
@@ -76,6 +77,9 @@ class Shard:
     # alexnet-prepare's own shards hold exactly what their index lists; shards made by another
     # tool may also hold samples the index leaves out (alexnet-prepare index skipped them)
     exact: bool = True
+    # (tar, index) as a training started with them (watch.py): a reader that opens either and
+    # finds it otherwise stops; None where not watched
+    started: tuple | None = None
 
 
 def check_tar(shard: Shard, manifest=MANIFEST) -> int:
@@ -184,6 +188,11 @@ def is_storage(value) -> bool:
     )
 
 
+def text_digest(text: str) -> str:
+    """A manifest's digest: equal only for the same text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -196,6 +205,7 @@ def is_number(value) -> bool:
 class Manifest:
     root: str  # a local folder (absolute) or a URL
     data: dict  # the file as written (class_counts, skipped, source ...)
+    digest: str = ""  # of the text read (watch.py: has it changed since?)
 
     @classmethod
     def read(cls, root) -> "Manifest":
@@ -212,7 +222,8 @@ class Manifest:
                 f"(run `alexnet-prepare SOURCE --out DIR` or `alexnet-prepare index ... --out DIR`)"
             )
         try:
-            data = json.loads(store.read_text(path))
+            text = store.read_text(path)
+            data = json.loads(text)
         except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
             raise DataError(
                 f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); re-run alexnet-prepare"
@@ -224,7 +235,7 @@ class Manifest:
         data = upgrade_manifest(data, path)
         if problem := malformed(data):
             raise DataError(f"{path}: {problem}; not as alexnet-prepare writes it: re-run alexnet-prepare")
-        manifest = cls(root, data)
+        manifest = cls(root, data, text_digest(text))
         manifest.check_tars_once()
         for split, info in data["splits"].items():
             if not info["shards"] or not info["count"]:

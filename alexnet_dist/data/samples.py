@@ -5,14 +5,15 @@ order (plan.py) in that order. Both loaders read through a SampleReader.
 Each read checks what it can see on the way: a tar header stands where the index says a sample's
 first member begins (its name the index's, for alexnet-prepare's own shards), the tar holds every
 byte the index lists, and after the last sample of an alexnet-prepare shard comes the tar's end,
-not another sample. Whatever is wrong is one line naming the tar.
+not another sample. Whatever is wrong is one line naming the tar. A tar or index file that a
+training started with and that has changed since is found as it is opened (watch.py).
 """
 
 import tarfile
 from collections import OrderedDict
 
-from ..errors import DataError
-from . import shard_index, store
+from ..errors import DataChanged, DataError
+from . import shard_index, store, watch
 from .manifest import Shard
 
 # Tars a reader keeps open: a batch reads from every part of the rank, each within a window of a tar or two.
@@ -40,16 +41,27 @@ class SampleReader:
 
     def lines(self, shard: Shard) -> list[str]:
         if shard.index not in self.indexes:
+            if shard.started:  # rewritten since the training started: its lines may be another tar's
+                watch.check(shard.index, shard.started[1])
             self.indexes[shard.index] = shard_index.read(shard, self.opener)
         return self.indexes[shard.index]
 
-    def file(self, tar: str):
+    def file(self, shard: Shard):
+        tar = shard.tar
         f = self.files.pop(tar, None)
         if f is None:
             try:
                 f = self.opener(tar)
             except store.Missing:  # removed since the start-up check
+                if shard.started:
+                    watch.check(tar, shard.started[0])  # the line that says the data changed under the run
                 raise DataError(f"{tar}: listed in manifest.json but missing; re-run alexnet-prepare") from None
+            if shard.started:  # replaced since the training started: it is not what the manifest counted
+                try:
+                    watch.check(tar, shard.started[0], watch.stamp_of(f))
+                except DataChanged:
+                    f.close()
+                    raise
             while len(self.files) >= KEEP_OPEN:
                 self.files.popitem(last=False)[1].close()
         self.files[tar] = f
@@ -64,7 +76,7 @@ class SampleReader:
             (fields[i].lstrip("."), int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
             for i in range(0, len(fields), 4)
         ]
-        f = self.file(shard.tar)
+        f = self.file(shard)
         start = first - tarfile.BLOCKSIZE  # the first member's header
         try:
             f.seek(start)

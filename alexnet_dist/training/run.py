@@ -34,6 +34,7 @@ from .pictures import Pictures, steps_per_epoch
 from .preemption import Preemption, StopWhileWaiting
 from .run_dir import RunDirectory, first_process
 from .trainer import build_trainer, check_launch, check_trainer_keys, slurm_tasks
+from .unchanged_data import UnchangedData
 
 # What a collective reports when a peer process died (gloo) or never answered (a timeout).
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out", "Timeout")
@@ -99,9 +100,12 @@ class Run:
             parts.register("loader", data.checkpointed_order, data.restore_order)
         if hasattr(data, "description"):  # read by alexnet-eval, -export and -predict; nothing to restore
             parts.register("data", data.description, lambda state: None)
+        # a data module that can tell whether its data changed under the run (ShardDataModule) is asked
+        watching = [UnchangedData(data.check_unchanged, self.saver.save)] if hasattr(data, "check_unchanged") else []
         return [
             claim,
             parts,
+            *watching,
             Pictures(
                 self.run_dir / "pictures",
                 augmented=getattr(data, "augmented_batch", lambda: None),

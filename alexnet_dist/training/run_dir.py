@@ -2,17 +2,12 @@
 
 Hydra writes its own files there (.hydra/, the log) before alexnet-train's code runs, so the first
 check is a Hydra callback (conf/train.yaml's hydra.callbacks). Then the run's first process holds
-an exclusive lock on RUN_DIR/run.lock while it lives, so that a second run given the same
-directory (the same run_id, or a sweep started twice) stops at once instead of training into it
-beside the first. The lock is the kernel's (flock): it goes with the process, however that ends
-(kill -9 included), so a stale run.lock file never blocks anything; the file only tells who holds
-it.
+an exclusive lock on RUN_DIR/run.lock while it lives (locks.py), so that a second run given the
+same directory (the same run_id, or a sweep started twice) stops at once instead of training into
+it beside the first.
 """
 
-import fcntl
-import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,62 +16,35 @@ import lightning.pytorch as pl
 import yaml
 from hydra.experimental.callback import Callback as HydraCallback
 
+from .. import locks
 from ..config import flat
 from ..errors import ConfigError
 
 LOCK = "run.lock"
 
 
-def _holder(file) -> dict:
-    file.seek(0)
-    try:
-        return json.loads(file.read() or "{}")
-    except json.JSONDecodeError:
-        return {}
-
-
-def _describe(holder: dict) -> str:
-    if not holder:
-        return "another process"
-    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-    return f"pid {holder.get('pid')} on {holder.get('host')}{job}, since {holder.get('since')}"
-
-
 def take_lock(run_dir: Path, requeue_wait_s: float):
     """The open, locked RUN_DIR/run.lock (keep it open to hold the lock), or a one-line refusal
     naming the holder. A requeued SLURM job (the same job id) waits up to `requeue_wait_s` for its
     previous incarnation to finish exiting."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     job = os.environ.get("SLURM_JOB_ID")
-    file = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held open for the run's life
     deadline = time.monotonic() + requeue_wait_s
-    while True:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            holder = _holder(file)
-            if job and holder.get("slurm_job") == job and time.monotonic() < deadline:
-                time.sleep(0.5)  # our own job before its requeue, still exiting
-                continue
-            file.close()
-            return (
-                f"{run_dir}: in use by another run ({_describe(holder)}); one run per run directory: give "
-                "this one its own run_id=NAME, or wait for that one to end and run again to resume it"
-            )
-        except OSError as exc:  # a file system without locks: say so, and go on unguarded
-            print(
-                f"warning: {run_dir / LOCK}: cannot be locked ({exc.strerror}); nothing stops a second "
-                "run from using this run directory at the same time",
-                file=sys.stderr,
-            )
-            break
-    file.seek(0)
-    file.truncate()
-    since = time.strftime("%Y-%m-%d %H:%M:%S")
-    file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": job, "since": since}))
-    file.flush()
-    return file
+
+    def our_requeued_job(holder: dict) -> bool:  # our own job before its requeue, still exiting
+        return bool(job) and holder.get("slurm_job") == job and time.monotonic() < deadline
+
+    claim = locks.take(
+        run_dir / LOCK,
+        {"slurm_job": job},
+        "nothing stops a second run from using this run directory at the same time",
+        wait=our_requeued_job,
+    )
+    if isinstance(claim, dict):
+        return (
+            f"{run_dir}: in use by another run ({locks.describe(claim)}); one run per run directory: give "
+            "this one its own run_id=NAME, or wait for that one to end and run again to resume it"
+        )
+    return claim
 
 
 # Settings that say where a run lives or how it starts, not what it does: a run directory copied or
