@@ -33,7 +33,7 @@ ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("elastic")
     write_dataset(sources.synthetic(8, 192, 32, 32), root, source_name="synthetic", min_shards=6, progress=False)
@@ -56,7 +56,7 @@ def batches(trace: Path) -> dict[int, list[str]]:
     return dict(steps)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(small, tmp_path_factory) -> dict[int, list[str]]:
     """One process, never stopped."""
     cwd = tmp_path_factory.mktemp("ref")

@@ -19,7 +19,8 @@ from alexnet_dist.data.normalize import DeviceNormalize
 from alexnet_dist.training import ckpt_format
 from alexnet_dist.training.module import Classifier
 
-# One worker holds the trained run the tests share (a module fixture runs once per xdist worker).
+# One worker holds the trained run the tests share: a session fixture, made once per xdist worker even
+# where other modules' tests run between these (a module fixture would be made again after each).
 pytestmark = pytest.mark.xdist_group("export")
 
 SMOKE = ["experiment=smoke", "logger=csv", "+trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
@@ -41,7 +42,7 @@ torch.save(program(torch.load(sys.argv[2])), sys.argv[3])
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smoke_ckpt(tmp_path_factory, synthetic_root) -> Path:
     """A few steps of the smoke experiment: alexnet_small's shape at 28 px."""
     cwd = tmp_path_factory.mktemp("smoke")

@@ -29,7 +29,7 @@ def jpeg(image: Image.Image, fmt="JPEG") -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def imagenet_src(tmp_path_factory):
     src = tmp_path_factory.mktemp("ilsvrc")
     for c, wnid in enumerate(WNIDS[:2]):  # synset folders
@@ -54,7 +54,7 @@ def imagenet_src(tmp_path_factory):
     return src
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def imagenet_256(tmp_path_factory, imagenet_src):
     """The paper's storage format (256x256 centre squares) with its statistics (alexnet-prepare
     stats), prepared once for the tests that train and evaluate on it, as docs/reproducing-2012.md

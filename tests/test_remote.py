@@ -38,8 +38,10 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a["state_dict"][name], tensor), name
 
 
-@pytest.fixture(scope="module")
-def local_runs(tmp_path_factory, synthetic_root, cli_env_module):
+# Session-scoped: tests of other modules run between these on the same worker, and a module-scoped
+# fixture would be made again after each such interleaving (two trainings each time).
+@pytest.fixture(scope="session")
+def local_runs(tmp_path_factory, synthetic_root, store_env):
     """Uninterrupted runs from the local shards, one per loader: what every remote run must equal."""
     cwd = tmp_path_factory.mktemp("local")
     for loader in ("wds", "dali"):
@@ -50,13 +52,13 @@ def local_runs(tmp_path_factory, synthetic_root, cli_env_module):
             f"data.root={synthetic_root}",
             f"run_id={loader}",
             cwd=cwd,
-            env=cli_env_module,
+            env=store_env,
         )
     return {loader: final_weights(cwd / "runs/smoke" / loader) for loader in ("wds", "dali")}
 
 
-@pytest.fixture(scope="module")
-def cli_env_module(object_store) -> dict:
+@pytest.fixture(scope="session")
+def store_env(object_store) -> dict:
     """The test process's environment (the S3 server's AWS_* variables included), no SLURM job."""
     return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 
@@ -80,13 +82,13 @@ def wait_for_checkpoint(ckpt_dir: Path, proc, min_step: int, timeout: float = 18
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["wds", "dali"])
 def test_training_from_s3_killed_and_resumed_equals_training_from_local_disk(
-    tmp_path, s3_shards, local_runs, cli_env_module, loader
+    tmp_path, s3_shards, local_runs, store_env, loader
 ):
     """The DALI run reads through a shard cache (data.cache_dir), the webdataset run streams."""
     cache = tmp_path / "cache"
     args = [*ARGS, f"loader={loader}", f"data.root={s3_shards}", "run_id=s3"]
     args += [f"data.cache_dir={cache}"] if loader == "dali" else []
-    proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env_module)
+    proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=store_env)
     ckpt_dir = tmp_path / "runs/smoke/s3/checkpoints"
     wait_for_checkpoint(ckpt_dir, proc, min_step=20)  # mid-epoch (62 steps), saved every 5
     time.sleep(0.3)
@@ -94,7 +96,7 @@ def test_training_from_s3_killed_and_resumed_equals_training_from_local_disk(
     proc.communicate()
     saved = final_weights(ckpt_dir.parent)["global_step"]
     assert 20 <= saved < STEPS
-    out = run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env_module)
+    out = run_cli("alexnet-train", *args, cwd=tmp_path, env=store_env)
     assert f"resuming from {ckpt_dir}/last.ckpt" in out.stdout
     assert_same_weights(final_weights(ckpt_dir.parent), local_runs[loader])
     if loader == "dali":  # the 8 + 8 tars were read from the cache
@@ -105,14 +107,12 @@ def test_training_from_s3_killed_and_resumed_equals_training_from_local_disk(
 
 
 @pytest.mark.slow
-def test_dali_trains_over_http_as_from_local_disk(tmp_path, http_server, synthetic_root, local_runs, cli_env_module):
+def test_dali_trains_over_http_as_from_local_disk(tmp_path, http_server, synthetic_root, local_runs, store_env):
     """Both loaders read samples through the same Python reader, so DALI takes http(s):// too."""
     folder, base = http_server
     shutil.copytree(synthetic_root, folder / "synthetic")
     url = f"{base}/synthetic"
-    out = run_cli(
-        "alexnet-train", *ARGS, "loader=dali", f"data.root={url}", "run_id=http", cwd=tmp_path, env=cli_env_module
-    )
+    out = run_cli("alexnet-train", *ARGS, "loader=dali", f"data.root={url}", "run_id=http", cwd=tmp_path, env=store_env)
     assert "notice: the shards are remote" in out.stderr and "data.cache_dir=" in out.stderr
     assert_same_weights(final_weights(tmp_path / "runs/smoke/http"), local_runs["dali"])
 
@@ -120,12 +120,12 @@ def test_dali_trains_over_http_as_from_local_disk(tmp_path, http_server, synthet
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["wds", "dali"])
 def test_a_store_gone_mid_epoch_stops_the_run_in_one_line_and_keeps_its_checkpoint(
-    tmp_path, synthetic_root, cli_env_module, loader
+    tmp_path, synthetic_root, store_env, loader
 ):
     server = ObjectStore(tmp_path)  # its own server: this test stops it
     try:
         url = server.upload(synthetic_root, "s3://gone/synthetic")
-        env = {**cli_env_module, **server.env}
+        env = {**store_env, **server.env}
         args = [*ARGS, f"loader={loader}", f"data.root={url}", "run_id=gone"]
         proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=env)
         ckpt_dir = tmp_path / "runs/smoke/gone/checkpoints"
@@ -189,7 +189,7 @@ def test_expand_names_brace_patterns_prefixes_and_folders(object_store, s3_shard
 
 
 def test_the_loader_benchmark_gives_the_remote_to_local_ratio_in_one_run(
-    tmp_path, s3_shards, synthetic_root, cli_env_module
+    tmp_path, s3_shards, synthetic_root, store_env
 ):
     out = run_cli(
         "alexnet-bench",
@@ -213,7 +213,7 @@ def test_the_loader_benchmark_gives_the_remote_to_local_ratio_in_one_run(
         "--workers",
         "1",
         cwd=tmp_path,
-        env=cli_env_module,
+        env=store_env,
     )
     remote, local, ratio = (json.loads(line) for line in out.stdout.strip().splitlines())
     assert (remote["data"], local["data"]) == (s3_shards, str(synthetic_root))

@@ -26,7 +26,7 @@ def weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, synthetic_root):
     """One uninterrupted run, shared by the tests below."""
     cwd = tmp_path_factory.mktemp("reference")
@@ -108,28 +108,28 @@ def test_a_stop_signal_saves_a_checkpoint_exits_non_zero_and_the_run_resumes(
     same command then finishes the run, and best.ckpt is still the best model of the whole run."""
     name = sig.name
     args = [*ARGS, f"data.root={synthetic_root}", f"run_id={name}", "checkpoint.every_n_steps=null"]
-    args += ["loader=wds", "loader.workers=2", "data.batch_size=64"]  # 31 steps an epoch
+    args += ["loader=wds", "loader.workers=2", "data.batch_size=64", "trainer.limit_train_batches=16"]  # 16 an epoch
     proc = start_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
     run_dir = tmp_path / f"runs/smoke/{name}"
-    wait_for_step_file(run_dir / "checkpoints", 31, proc)  # epoch 0's checkpoint: epoch 1 is under way
+    wait_for_step_file(run_dir / "checkpoints", 16, proc)  # epoch 0's checkpoint: epoch 1 is under way
     os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-3000:]
     saved = weights(run_dir)["global_step"]
-    assert 31 < saved < 62 and f"stopped by {name}: checkpoint saved at step {saved}" in out
+    assert 16 < saved < 32 and f"stopped by {name}: checkpoint saved at step {saved}" in out
     assert (
         f"error: stopped by {name} at step {saved}, before the end; the checkpoint is saved: run the same "
         "command again to resume" in err
     )
     assert not (run_dir / "results.json").exists()
     run_cli("alexnet-train", *args, cwd=tmp_path, env=cli_env)
-    assert weights(run_dir)["global_step"] == 62 and (run_dir / "results.json").exists()
+    assert weights(run_dir)["global_step"] == 32 and (run_dir / "results.json").exists()
     # best.ckpt: one file, holding the model of the best validation before and after the resume
-    scores = logged_val_top1(run_dir)  # no validation of the cut epoch; 62: the final one, after fit
-    assert sorted(scores) == [30, 61, 62], scores
-    top = max(scores[step] for step in (30, 61))
+    scores = logged_val_top1(run_dir)  # no validation of the cut epoch; 32: the final one, after fit
+    assert sorted(scores) == [15, 31, 32], scores
+    top = max(scores[step] for step in (15, 31))
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
-    assert best["global_step"] == 1 + min(step for step in (30, 61) if scores[step] == top)
+    assert best["global_step"] == 1 + min(step for step in (15, 31) if scores[step] == top)
     assert best["callbacks"]["BestCheckpoint"]["best"] == top
     assert [p.name for p in (run_dir / "checkpoints").glob("best*")] == ["best.ckpt"]
 
