@@ -97,7 +97,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_wandb_run(
             *SMOKE,
             "logger=wandb",
             f"data.root={synthetic_root}",
-            "trainer.max_epochs=2",  # 124 steps: the warning comes at step 5 or so
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=20",  # 40 steps: the warning comes at step 5 or so
         ],
         tmp_path,
         job_env,
@@ -116,12 +117,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_wandb_run(
     assert "Traceback" not in log
     run_dir = tmp_path / "runs/smoke" / job
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["global_step"] == 2 * 62 and results["world_size"] == 2
+    assert results["global_step"] == 2 * 20 and results["world_size"] == 2
     # the second part started from the checkpoint, not from step 0
     second = (run_dir / "logs/version_1/metrics.csv").read_text().splitlines()
     header = second[0].split(",")
     steps = [int(row.split(",")[header.index("step")]) for row in second[1:]]
-    assert 0 < saved < 2 * 62 and min(steps) >= saved
+    assert 0 < saved < 2 * 20 and min(steps) >= saved
     # both parts logged to one W&B run
     records = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [p.name for p in records] == [f"run-smoke-{job}.wandb"] * 2
@@ -245,6 +246,7 @@ def test_a_submitit_job_preempted_resumes_in_the_same_run_and_finishes(
     # W&B's own service process also takes SLURM's TERM and stops: that case logs to CSV only
     extra = [signal_override, "logger=csv"] if signal_override else ["logger=wandb"]
     cmd = [str(BIN / "alexnet-train"), "-m", "hydra/launcher=slurm", *SMOKE, "run_id=pre", "trainer.max_epochs=2"]
+    cmd += ["trainer.limit_train_batches=20"]  # 40 steps
     cmd += [f"data.root={synthetic_root}", "trainer.strategy=ddp", "trainer.devices=1", "trainer.num_nodes=2", *extra]
     sweep = subprocess.Popen(cmd, cwd=tmp_path, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "runs/smoke/pre/0"
@@ -266,9 +268,9 @@ def test_a_submitit_job_preempted_resumes_in_the_same_run_and_finishes(
     # submitit's own handlers never acted on the warning (SLURM's SIGCONT at the requeue is logged only)
     assert "Caught signal" not in log and f"Bypassing signal SIG{signal}" not in log
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["global_step"] == 2 * 62 and results["world_size"] == 2 and results["run_id"] == "pre-0"
+    assert results["global_step"] == 2 * 20 and results["world_size"] == 2 and results["run_id"] == "pre-0"
     second = list(csv.DictReader((run_dir / "logs/version_1/metrics.csv").open()))
-    assert 0 < saved < 2 * 62 and min(int(row["step"]) for row in second) >= saved
+    assert 0 < saved < 2 * 20 and min(int(row["step"]) for row in second) >= saved
     if not signal_override:
         records = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
         assert [p.name for p in records] == ["run-smoke-pre-0.wandb"] * 2  # both parts in one W&B run
