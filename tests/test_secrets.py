@@ -277,6 +277,13 @@ def test_an_http_login_comes_from_netrc_and_is_stored_nowhere(
         "; fix it: one line per server, machine HOST login USER password PASSWORD, readable by you alone "
         "(chmod 600)"
     ]
+    # the same file with a line for another server only: a host it holds no login for is read as without it
+    netrc.write_text("machine other.example.org login alice password netrc-Pa55\n")
+    assert run_here(prepare.main, *args, capsys=capsys, check=False).stderr.strip().splitlines() == [
+        f"error: {login_server}/train/000000.tar: cannot be read (HTTP 401 Unauthorized); check the location and "
+        "the settings"
+    ]
+    netrc.write_text("machine 127.0.0.1 login alice password netrc-Pa55\n")
     netrc.chmod(0o600)
     assert store.read_bytes(location) == (synthetic_root / shard).read_bytes()
     outcome = run_here(prepare.main, *args, capsys=capsys)

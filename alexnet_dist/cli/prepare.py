@@ -4,6 +4,7 @@ made elsewhere.
 --out may be s3://BUCKET/PREFIX: the files are made in a local staging folder and uploaded as they are finished."""
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -206,8 +207,11 @@ def let_go(lock, made: Path | None) -> None:
     """Drops the lock; a folder this command made and left empty (it failed before writing) is
     removed with its lock file, as if never made (while still held, so no other took it)."""
     if made is not None and made.is_dir() and [p.name for p in made.iterdir()] == [locks.DATA_FOLDER]:
-        (made / locks.DATA_FOLDER).unlink()
-        made.rmdir()
+        # best effort: on NFS the open lock file becomes .nfsXXXX and the folder stays; the command's
+        # own error line must not give way to a traceback for that
+        with contextlib.suppress(OSError):
+            (made / locks.DATA_FOLDER).unlink()
+            made.rmdir()
     lock.close()
 
 

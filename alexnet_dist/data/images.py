@@ -109,7 +109,8 @@ def upright(image: Image.Image, turn: int | None = None) -> Image.Image:
 def shown_rgb(image: Image.Image) -> Image.Image:
     """The RGB picture both loaders decode from an opened image: upright, then grey, palette,
     CMYK and alpha (dropped) as PIL converts them, which is what DALI's decoder gives."""
-    return upright(image.convert("RGB"), orientation(image))
+    turn = orientation(image)  # before convert: loading may add a PNG's late eXIf, which the header reads miss
+    return upright(image.convert("RGB"), turn)
 
 
 def shown_size(image: Image.Image) -> tuple[int, int]:

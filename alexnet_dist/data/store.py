@@ -105,24 +105,30 @@ def is_remote(location: str) -> bool:
 
 def netrc_login(url: str) -> dict[str, str]:
     """The Authorization header ~/.netrc gives `url`'s host (its `machine` line, else its
-    `default` line), as curl and wget read it; {} when the file or a line for the host is absent."""
+    `default` line), as curl and wget read it; {} when the file or a line for the host is absent.
+    A file others may read is refused only where it holds a login for this host: a public server
+    needs nothing from it, whatever its permissions."""
+    path = os.path.expanduser("~/.netrc")
+    fix = "fix it: one line per server, machine HOST login USER password PASSWORD, readable by you alone (chmod 600)"
     try:
-        entry = netrc.netrc().authenticators(urllib.parse.urlsplit(url).hostname or "")
+        # the path given: Python then skips its own owner and permission check, made below for this host only
+        entry = netrc.netrc(path).authenticators(urllib.parse.urlsplit(url).hostname or "")
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         return {}
     except OSError as exc:  # there but unreadable: not a failure of the store, so not tried again
         raise DataError(
             f"{exc.filename}: cannot be read ({exc.strerror}); make it readable by you (chmod 600)"
         ) from None
-    except netrc.NetrcParseError as exc:  # a line it cannot read, or a file others may read
-        where = exc.filename or os.path.expanduser("~/.netrc")
+    except netrc.NetrcParseError as exc:  # a line it cannot read
         line = f" (line {exc.lineno})" if exc.lineno else ""
-        raise DataError(
-            f"{where}: {exc.msg}{line}; fix it: one line per server, "
-            "machine HOST login USER password PASSWORD, readable by you alone (chmod 600)"
-        ) from None
+        raise DataError(f"{exc.filename or path}: {exc.msg}{line}; {fix}") from None
     if entry is None:
         return {}
+    if mode & 0o077:
+        raise DataError(
+            f"{path}: ~/.netrc access too permissive: access permissions must restrict access to only the owner; {fix}"
+        )
     login, _, password = entry
     return {"Authorization": "Basic " + b64encode(f"{login}:{password or ''}".encode()).decode()}
 

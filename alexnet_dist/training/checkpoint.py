@@ -222,9 +222,9 @@ def newest_good_checkpoint(ckpt_dir: Path) -> Path | None:
 def resume_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
     """The checkpoint this run continues from. resume=auto: the run directory's newest good
     checkpoint, if any; never: none. resume=PATH is where the run starts: once the run has
-    checkpoints of its own it continues from its newest (so the same command, run again after a
-    crash or a requeue, goes on from there, not from PATH again). A PATH in this run's own folder
-    older than its newest is refused: continuing from it would overwrite the later ones."""
+    checkpoints of its own it continues from its newest, with a notice, whatever PATH names (so the
+    same command, run again after a crash or a SLURM requeue, goes on from there; going back to an
+    older checkpoint would overwrite the later ones: that is a new run, forked from it)."""
     if resume == "never":
         return None
     own = newest_good_checkpoint(ckpt_dir)
@@ -232,15 +232,9 @@ def resume_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
         return own
     path = Path(resume)
     if own is not None and not (path.exists() and os.path.samefile(path, own)):
-        if path.parent.resolve() == ckpt_dir.resolve() and path.exists():
-            raise ConfigError(
-                f"resume={resume}: this run's newest checkpoint is {own}, and continuing from an older one "
-                f"would overwrite the later ones; to go on from {path.name}, start a new run from it: "
-                f"run_id=NEW resume={resume}"
-            )
         print(
-            f"notice: resume={resume} is where this run started; it has checkpoints of its own since, and continues "
-            f"from its newest, {own} (to start again from {path.name}, use a new run_id)",
+            f"notice: resume={resume}: this run has checkpoints of its own and continues from its newest, {own} "
+            f"(to go on from {path.name} instead, start a new run from it: run_id=NEW resume={resume})",
             file=sys.stderr,
             flush=True,
         )

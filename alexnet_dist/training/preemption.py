@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import lightning.pytorch as pl
 import torch
@@ -40,7 +41,18 @@ def stop_now(signum, frame):
     print(f"error: stopped by {name} at once, without a new checkpoint; the last saved one is kept", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    end_loader_workers()  # os._exit runs no atexit handler: they would outlive it, holding run.lock
     os._exit(128 + signum)
+
+
+def end_loader_workers() -> None:
+    """Kills this process's loader worker processes (they ignore stop signals, and may be waiting on
+    a slow store), its SIGCHLD handler first set aside: the DataLoader's would take their deaths for a
+    worker failure and raise in the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        child.kill()
 
 
 class StopWhileWaiting(BaseException):
@@ -127,8 +139,7 @@ class Preemption(pl.Callback):
         if not isinstance(exception, StopWhileWaiting):
             return
         self.saver.save(trainer)
-        for worker in multiprocessing.active_children():  # this process's own loader workers
-            worker.kill()
+        end_loader_workers()
         self.terminated_at, self.terminated_by = trainer.global_step, signal.Signals(exception.signum)
         print(f"stopped by {self.terminated_by.name}: checkpoint saved at step {trainer.global_step}", flush=True)
 

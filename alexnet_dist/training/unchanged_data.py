@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import lightning.pytorch as pl
 
-from ..errors import DataChanged
+from ..errors import DataChanged, DataError, UserError
 
 
 class UnchangedData(pl.Callback):
@@ -29,11 +29,16 @@ class UnchangedData(pl.Callback):
             try:
                 self.check()
             except DataChanged as exc:
-                problem = str(exc)
+                problem = ("changed", str(exc))
+            except UserError as exc:  # the manifest could not be read (a store gone): every rank stops
+                problem = ("failed", str(exc))
         problem = trainer.strategy.broadcast(problem, src=0)
         if problem:
+            kind, message = problem
+            if kind == "failed":
+                raise DataError(message)
             self.agreed = True
-            raise DataChanged(problem)
+            raise DataChanged(message)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._look(trainer)
