@@ -183,17 +183,23 @@ def test_both_loaders_show_every_accepted_picture_alike_in_evaluation(indexed, m
             assert error(wds[3], corner) <= JPEG_ERROR and error(wds[8], corner[:, ::-1]) <= JPEG_ERROR, name
 
 
+def training_crops(root, made, augment: str) -> dict:
+    """{(loader, picture name): the HWC training crop} of epoch 0, from both loaders."""
+    names = {f"train-{name}": name for name in made}
+    got = {}
+    for loader, settings in LOADERS.items():
+        dm = data_module(root / "out", settings, batch_size=1, crop=CROP, augment=augment, epoch=0)
+        for batch in dm.train_dataloader():
+            for image, (_, key) in zip(batch.images, batch.keys, strict=True):
+                got[loader, names[key]] = image.permute(1, 2, 0).numpy()
+    return got
+
+
 def test_both_loaders_cut_training_windows_from_the_picture_as_shown(indexed):
     """The paper's windows are drawn on the sides as shown (an orientation of 5-8 swaps them) and
     cut from the picture as shown, by both loaders alike."""
     root, made, _ = indexed
-    names = {f"train-{name}": name for name in made}
-    got = {}
-    for loader, settings in LOADERS.items():
-        dm = data_module(root / "out", settings, batch_size=1, crop=CROP, augment="paper", epoch=0)
-        for batch in dm.train_dataloader():
-            for image, (_, key) in zip(batch.images, batch.keys, strict=True):
-                got[loader, names[key]] = image.permute(1, 2, 0).numpy()
+    got = training_crops(root, made, "paper")
     assert len(got) == 2 * len(made)
     for name, (ext, _, picture, _) in made.items():
         assert error(got["wds", name], got["dali", name]) <= LOADERS_APART, name
@@ -203,13 +209,7 @@ def test_both_loaders_cut_training_windows_from_the_picture_as_shown(indexed):
 def test_modern_crops_of_turned_pictures_agree_between_the_loaders(indexed):
     """Random-resized crops: PIL's resize and DALI's differ by a few levels, not by a turn."""
     root, made, _ = indexed
-    names = {f"train-{name}": name for name in made}
-    got = {}
-    for loader, settings in LOADERS.items():
-        dm = data_module(root / "out", settings, batch_size=1, crop=CROP, augment="modern", epoch=0)
-        for batch in dm.train_dataloader():
-            for image, (_, key) in zip(batch.images, batch.keys, strict=True):
-                got[loader, names[key]] = image.permute(1, 2, 0).numpy().astype(int)
+    got = {key: crop.astype(int) for key, crop in training_crops(root, made, "modern").items()}
     for name in made:
         assert np.abs(got["wds", name] - got["dali", name]).mean() < 6, name
 

@@ -121,32 +121,11 @@ def test_a_manifest_naming_a_tar_with_a_credential_is_refused(
 @pytest.mark.parametrize("location, secrets, shown, why", LOCATIONS, ids=IDS)
 def test_prepare_index_refuses_a_location_with_a_credential(capsys, tmp_path, location, secrets, shown, why):
     out = tmp_path / "out"
-    outcome = run_here(
-        prepare.main,
-        "index",
-        "--train",
-        location,
-        "--val-fraction",
-        "0.1",
-        "--out",
-        out,
-        capsys=capsys,
-        check=False,
-    )
-    assert_refused(outcome, f"error: --train {shown}: {why}", secrets, tmp_path)
-    assert not out.exists()
-    outcome = run_here(
-        prepare.main,
-        "index",
-        f"--train={location}",
-        "--val-fraction",
-        "0.1",
-        "--out",
-        out,
-        capsys=capsys,
-        check=False,
-    )
-    assert_refused(outcome, f"error: --train={shown}: {why}", secrets, tmp_path)
+    for train, named in ((["--train", location], f"--train {shown}"), ([f"--train={location}"], f"--train={shown}")):
+        args = ["index", *train, "--val-fraction", "0.1", "--out", out]
+        outcome = run_here(prepare.main, *args, capsys=capsys, check=False)
+        assert_refused(outcome, f"error: {named}: {why}", secrets, tmp_path)
+        assert not out.exists()
 
 
 def test_prepare_refuses_an_s3_out_with_keys_in_it(capsys, tmp_path, synthetic_root):
