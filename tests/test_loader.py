@@ -215,8 +215,8 @@ def test_modern_crops_cover_their_region_and_reduced_decoding_changes_little():
         out, _ = training_view(data.getvalue(), modern, random.Random(seed), "x")
         left, top, w, h = crop_box(400, 300, random.Random(seed))
         exact = full.resize((64, 64), Image.BILINEAR, box=(left, top, left + w, top + h))
-        assert out.size == (64, 64)
-        assert np.abs(np.asarray(out, float) - np.asarray(exact, float)).mean() < 2.0
+        assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
+        assert np.abs(out.permute(1, 2, 0).numpy().astype(float) - np.asarray(exact, float)).mean() < 2.0
 
 
 def test_a_rank_starting_inside_a_shard_seeks_there_by_the_index_and_a_stale_index_is_named(tmp_path):

@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
-from .images import orientation, shown_rgb, shown_size, upright
+from .images import shown_rgb
 from .loader import BadImage, Batch, all_skipped
 from .members import SampleFormat, parse_label
 from .plan import EpochPlan
+from .resized_crop import resized_crop
 from .samples import SampleReader
 from .transforms import Augmentation, Draws, center_crop, colour_shift, cut_window, draw, enlarged, ten_views
 
@@ -45,34 +46,22 @@ def decode_image(data: bytes, where: str) -> Image.Image:
 
 
 def training_view(data: bytes, augment: Augmentation, rng: random.Random, where: str) -> tuple[Image.Image, Draws]:
-    """The augmented training image of one sample's bytes, and the draws that made it."""
+    """The augmented training image of one sample's bytes (a PIL image in paper mode, a (3, crop,
+    crop) uint8 tensor in modern mode), and the draws that made it."""
     if augment.style == "paper":
         image = enlarged(decode_image(data, where), augment.crop)
         draws = draw(augment, rng, *image.size)
         return cut_window(image, draws), draws
-    # Modern: the region is chosen from the header alone, so the decoder can work at 1/2, 1/4 or
-    # 1/8 scale (libjpeg's DCT scaling, PIL's draft mode) whenever the region still covers `crop`
-    # pixels at that scale: most regions are large, and this is where most of the speed comes from.
-    # The draws are made on the picture as shown (an orientation of 5-8 swaps its sides).
-    size = augment.crop
-    try:
-        image = Image.open(io.BytesIO(data))
-        turn = orientation(image)
-        w, h = shown_size(image)
-        draws = draw(augment, rng, w, h)
-        left, top, cw, ch = draws.box
-        if image.format == "JPEG":
-            need = (-(-w * size // cw), -(-h * size // ch))  # at least size px of region
-            image.draft("RGB", need[::-1] if turn >= 5 else need)  # draft sizes are the stored sides
-        image = upright(image.convert("RGB"), turn)
-        sx, sy = image.size[0] / w, image.size[1] / h
+    try:  # modern: the random-resized crop, decoded at the scale its region needs (resized_crop.py)
+        view, draws = resized_crop(data, augment.crop, lambda w, h: draw(augment, rng, w, h))
     except Exception as exc:
         raise BadImage(where, str(exc)) from None
-    image = image.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
-    return (image.transpose(Image.FLIP_LEFT_RIGHT) if draws.mirror else image), draws
+    return (view.flip(-1) if draws.mirror else view), draws
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
+def to_tensor(image) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):  # already (3, H, W) uint8
+        return image
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
