@@ -13,7 +13,7 @@ LAYERS = [
     {"store", "shard_cache"},
     {"transforms", "normalize"},
     {"shard_index", "manifest", "sources", "images", "members", "shards", "stats", "index", "watch"},
-    {"plan", "samples", "trace"},
+    {"plan", "samples", "trace", "resized_crop"},
     {"loader", "loader_choice", "dali_pipeline", "wds", "dali"},
     {"datamodule", "photos"},
 ]
@@ -27,7 +27,8 @@ LAYERS = [
 # the indexer record or read its format; what a training started with is the manifest's digest
 # (watch.py); the loaders share the contract in loader.py and never import each other; the shard
 # cache reads through the store; the plan's layer holds the order of samples, the reading of one
-# sample and the trace of what was read, none importing another.
+# sample, the trace of what was read and the decoding of one random-resized crop, none importing
+# another.
 WITHIN = {
     "shard_cache": {"store"},
     "normalize": {"transforms"},
