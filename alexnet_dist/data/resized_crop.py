@@ -33,18 +33,29 @@ def reduction(region: tuple[int, int], size: int) -> int:
     return next(s for s in SCALES if min(region) >= s * size or s == 1)
 
 
+def turbo_rgb(data: bytes, image: Image.Image, turn: int, scale: int = 1) -> np.ndarray | None:
+    """An RGB JPEG shown as stored (no EXIF turn), decoded by libjpeg-turbo at 1/`scale`:
+    (H, W, 3) uint8; None for any other picture, and for a damaged one, which PIL decides on (what
+    it decodes, both loaders deliver). `image` is PIL's opened (header-only) view of `data`."""
+    if image.format != "JPEG" or image.mode != "RGB" or turn != 1:
+        return None
+    w, h = image.size
+    try:
+        return simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_factor=scale, min_width=-(-w // scale), min_height=-(-h // scale)
+        )
+    except ValueError:
+        return None
+
+
 def decoded(data: bytes, image: Image.Image, turn: int, scale: int) -> np.ndarray:
     """The picture as shown, (H, W, 3) uint8, decoded at 1/`scale` where the format allows.
     `image` is PIL's opened (header-only) view of `data`, `turn` its EXIF orientation."""
-    w, h = image.size
+    pixels = turbo_rgb(data, image, turn, scale)
+    if pixels is not None:
+        return pixels
     if image.format == "JPEG":
-        if image.mode == "RGB" and turn == 1:
-            try:
-                return simplejpeg.decode_jpeg(
-                    data, colorspace="RGB", min_factor=scale, min_width=-(-w // scale), min_height=-(-h // scale)
-                )
-            except ValueError:
-                pass  # PIL has the last word on a damaged file: what it decodes, both loaders deliver
+        w, h = image.size
         image.draft("RGB", (w // scale, h // scale))  # sides as stored; PIL's DCT scaling
     return np.array(upright(image.convert("RGB"), turn))  # a writable copy: torch wraps it
 

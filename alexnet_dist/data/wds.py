@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Loader as LoaderSettings
 from ..errors import DataError
-from .images import orientation
+from .images import orientation, shown_rgb
 from .loader import BadImage, Batch, all_skipped
 from .members import SampleFormat, parse_label
 from .plan import EpochPlan
-from .resized_crop import decoded, resized_crop
+from .resized_crop import resized_crop, turbo_rgb
 from .samples import SampleReader
 from .transforms import Augmentation, Draws, center_crop, colour_shift, cut_window, draw, enlarged, ten_views
 
@@ -38,10 +38,11 @@ from .transforms import Augmentation, Draws, center_crop, colour_shift, cut_wind
 def decode_image(data: bytes, where: str) -> Image.Image:
     """The picture as both loaders show it: upright by its EXIF orientation (images.orientation),
     then RGB (grey, palette, CMYK and alpha all come out RGB, as from DALI). An RGB JPEG is
-    decoded by libjpeg-turbo directly (resized_crop.decoded: the same pixels as PIL's, faster)."""
+    decoded by libjpeg-turbo directly (resized_crop.turbo_rgb: the same pixels as PIL's, faster)."""
     try:
         image = Image.open(io.BytesIO(data))
-        return Image.fromarray(decoded(data, image, orientation(image), 1))
+        pixels = turbo_rgb(data, image, orientation(image))
+        return shown_rgb(image) if pixels is None else Image.fromarray(pixels)
     except Exception as exc:
         raise BadImage(where, str(exc)) from None
 
