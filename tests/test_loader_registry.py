@@ -10,7 +10,6 @@ from helpers.shards import data_module
 from alexnet_dist.bench import cli as bench
 from alexnet_dist.config import LOADERS, Loader, LoaderEntry, StoreLimits, WdsSettings, make, own_keys
 from alexnet_dist.data import shard_index, store, wds
-from alexnet_dist.data.loader_choice import auto_order
 from alexnet_dist.data.manifest import Shard
 from alexnet_dist.errors import ConfigError, DataError
 
@@ -169,15 +168,3 @@ def test_the_tries_are_bounded_and_the_last_line_names_the_place_and_why(quick):
     with pytest.raises(store.Unreachable, match=r"after 3 tries"):
         store.retry("x", attempt, failed=store.Transient("x: refused", "refused"))
     assert len(tries) == 2
-
-
-def test_auto_takes_the_webdataset_loader_for_the_random_resized_crop_on_a_cpu(synthetic_root, capsys):
-    """With no GPU to decode on, the webdataset loader's random-resized crop is the faster one
-    (docs/performance.md); the paper's crop and a GPU keep DALI first."""
-    assert auto_order("modern", gpu=False)[0] == "wds" and auto_order("paper", gpu=False)[0] == "dali"
-    assert auto_order("modern", gpu=True)[0] == "dali"
-    dm = data_module(synthetic_root, {"name": "auto", "workers": 0}, batch_size=8, augment="modern")
-    assert dm.loader_name == "wds"
-    err = capsys.readouterr().err
-    if LOADERS["dali"].missing() is None:
-        assert "notice: loader=auto uses the webdataset loader: the faster loader here for data.augment=modern" in err

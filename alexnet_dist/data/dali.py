@@ -24,6 +24,7 @@ from .dali_pipeline import PipelineSpec, blank_jpeg, build_pipeline
 from .loader import BadImage, Batch, all_skipped, image_size
 from .members import SampleFormat, parse_label
 from .plan import EpochPlan
+from .resized_crop import resized
 from .samples import SampleReader
 from .transforms import Augmentation, colour_shift, draw
 
@@ -217,11 +218,14 @@ class DaliLoader:
 
     def batch(self, images, p: Pending) -> Batch:
         """The images of one run with what goes with them; blanks left out."""
-        images = to_torch(images, self.device)
-        if self.spec.layout == "HWC":  # channels-last memory, NCHW shape
-            images = images.movedim(-1, -3)
-        if not all(p.keep):
-            images = images[torch.from_numpy(np.flatnonzero(p.keep)).to(images.device)]
+        if self.plan.train and self.spec.augment != "paper" and self.spec.device == "cpu":
+            images = self.resize_regions(images, p)
+        else:
+            images = to_torch(images, self.device)
+            if self.spec.layout == "HWC":  # channels-last memory, NCHW shape
+                images = images.movedim(-1, -3)
+            if not all(p.keep):
+                images = images[torch.from_numpy(np.flatnonzero(p.keep)).to(images.device)]
         self.skipped.extend(p.skipped)
         labels = torch.tensor(p.labels, dtype=torch.int64, device=self.device)
         if not self.plan.train:
@@ -229,6 +233,26 @@ class DaliLoader:
         shifts = torch.from_numpy(np.stack(p.shifts)).to(self.device)
         windows = torch.tensor(p.windows, device=self.device) if self.augment.windows else None
         return Batch(images, labels, shifts, windows, tuple(p.skipped), tuple(p.keys))
+
+    def resize_regions(self, regions, p: Pending) -> torch.Tensor:
+        """The random-resized crops of DALI's CPU mode: the decoded regions (HWC, each its own size;
+        valid until the pipeline runs again) resized to the crop and mirrored by torch, blanks left
+        out, stacked in the layout asked for. On one torch thread: an image is too little to share,
+        and idle helper threads would spin beside DALI's (measured: 1.5x slower with two)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            kept, size = np.flatnonzero(p.keep), self.spec.crop
+            if self.spec.layout == "HWC":  # channels-last memory, NCHW shape
+                images = torch.empty((len(kept), size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+            else:
+                images = torch.empty((len(kept), 3, size, size), dtype=torch.uint8)
+            for out, i in zip(images, kept, strict=True):
+                crop = resized(np.asarray(regions[int(i)]), size)
+                out.copy_(crop.flip(-1) if p.regions[i][4] else crop)  # one copy, mirrored and laid out
+        finally:
+            torch.set_num_threads(threads)
+        return images.to(self.device)
 
 
 def gpu_index(device: torch.device) -> int:

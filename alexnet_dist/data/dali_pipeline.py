@@ -77,6 +77,11 @@ def build_pipeline(spec: PipelineSpec, source):
                 normalized_shape=False,
             )
             if spec.augment != "paper":
+                if not gpu:
+                    # DALI's CPU resize is the slowest step of the random-resized crop on a CPU
+                    # (docs/performance.md): the regions go out as they are, each its own size,
+                    # and dali.py resizes and mirrors them with torch's SIMD filter.
+                    return images
                 images = fn.resize(images, size=[spec.crop, spec.crop])
             return fn.crop_mirror_normalize(images, mirror=mirror, **layout)
         encoded = fn.external_source(

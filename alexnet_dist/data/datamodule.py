@@ -63,10 +63,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataError(f"{self.manifest.path}: needs both a train and a val split")
         tars = [s.tar for split in self.manifest.data["splits"] for s in self.manifest.shards(split)]
         over_http = any(tar.startswith(("http://", "https://")) for tar in tars)
-        # a GPU decodes when batches go to one, or when a Trainer may put them there (DALI's device=auto)
-        gpu = self.device.type == "cuda" or (torch.cuda.is_available() and str(loader.device) != "cpu")
-        # a LOADERS name from here on
-        self.loader_name = loader_choice.choose_loader(loader.name, over_http, str(data.augment), gpu)
+        self.loader_name = loader_choice.choose_loader(loader.name, over_http)  # a LOADERS name from here on
         # The colour noise's axes: from `alexnet-prepare stats` when it was run, else the paper's.
         stats = read_stats(self.manifest)
         self.augment = Augmentation.of(data, (stats["pca_std"], stats["pca_vectors"]) if stats else None)

@@ -79,10 +79,17 @@ def cut_and_resize(pixels: np.ndarray, box: tuple[int, int, int, int], shown: tu
     """The region `box` of `pixels` (the picture as shown, at the scale it was decoded) resized to
     size x size: (3, size, size) uint8, its memory channels-last."""
     x0, y0, x1, y1 = edges(box, shown, (pixels.shape[1], pixels.shape[0]))
-    region = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1)[None]
-    if region.shape[-2:] == (size, size):
-        return region[0]
-    return torch.nn.functional.interpolate(region, size=(size, size), mode="bilinear", antialias=True)[0]
+    return resized(pixels[y0:y1, x0:x1], size)
+
+
+def resized(region: np.ndarray, size: int) -> torch.Tensor:
+    """A decoded region (H, W, 3) uint8 resized to size x size by torch's antialiased bilinear
+    filter (PIL's, in SIMD): (3, size, size) uint8, its memory channels-last. A region already of
+    that size comes back as a view of `region`."""
+    x = torch.from_numpy(region).permute(2, 0, 1)[None]
+    if x.shape[-2:] == (size, size):
+        return x[0]
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)[0]
 
 
 def resized_crop(data: bytes, size: int, draw_on) -> tuple[torch.Tensor, Draws]:
