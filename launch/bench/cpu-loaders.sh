@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU loader comparison in docs/performance.md: DALI's CPU mode and webdataset + PIL read the
+# The CPU loader comparison in docs/performance.md: DALI's CPU mode and the webdataset loader read the
 # same shards of real photos (random-resized crop 224 + flip, and the paper's random 224 crop +
 # flip), batch 64, 2 threads / 2 worker processes; then FFCV on the same image folder if FFCV_PY
 # names a python that has ffcv (its own venv: see docs/performance.md). Two rounds, so the spread
