@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The LARS paper's claim at small scale (docs/performance.md, "Large batches at small scale"):
+# alexnet_small on Fashion-MNIST, the same number of epochs for three rows:
+#   sgd-128    global batch 128, torch SGD at the demo's rate 0.05 (experiment=fashion_mnist)
+#   sgd-4096   global batch 4096 (512 x 8 accumulated), SGD at 0.05 x 4096/128 = 1.6 (linear scaling)
+#   lars-4096  global batch 4096 (512 x 8), optim=lars: the published rule, poly power 2 and a
+#              linear warm-up from 1/8 of the rate, global rate 8 (2 at 1K in the LARS authors'
+#              AlexNet-BN solvers, scaled linearly to 4K; their 8K rate is 10)
+# Usage: bash launch/bench/large-batch.sh [DATA] [EPOCHS]   (defaults: data/fashion-mnist-wds 5)
+# Prints one row per run (test top-1 on the 10,000 test images, the peak global rate) and the
+# minutes each took. Extra settings for every row: ARGS="loader=wds ..." in the environment.
+set -euo pipefail
+BIN=${BIN:-.venv/bin}
+DATA=${1:-data/fashion-mnist-wds}
+EPOCHS=${2:-5}
+stamp=$(date +%Y%m%d-%H%M%S)
+common=(experiment=fashion_mnist "data.root=$DATA" experiment_name=large_batch logger=csv
+    "trainer.max_epochs=$EPOCHS" optim.reference_batch=null ${ARGS:-})
+large=(data.batch_size=512 trainer.accumulate_grad_batches=8)
+
+run() {  # NAME LR SETTINGS...: one training, then its row
+    local name=$1 lr=$2 start
+    shift 2
+    start=$(date +%s)
+    "$BIN/alexnet-train" "${common[@]}" run_id="$stamp-$name" "optim.lr=$lr" "$@" >"runs-$stamp-$name.log" 2>&1 ||
+        { echo "error: $name failed; its output: runs-$stamp-$name.log" >&2; exit 1; }
+    "$BIN/python" launch/bench/large_batch_row.py "runs/large_batch/$stamp-$name/results.json" "$name" "$lr" \
+        "$(($(date +%s) - start))"
+    rm -f "runs-$stamp-$name.log"
+}
+
+echo "| row | global batch | optimiser, schedule | peak global rate | test top-1 | minutes |"
+echo "|---|---|---|---|---|---|"
+run sgd-128 0.05 data.batch_size=128
+run sgd-4096 1.6 "${large[@]}"
+run lars-4096 8 "${large[@]}" optim=lars optim.schedule.name=poly optim.schedule.power=2 \
+    optim.schedule.warmup_epochs=1 optim.schedule.warmup_from=0.125
