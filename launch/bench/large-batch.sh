@@ -8,16 +8,17 @@
 #   lars-4096  global batch 4096 (512 x 8), optim=lars: the published rule, poly power 2 and a
 #              linear warm-up from 1/8 of the rate, global rate 8 (2 at 1K in the LARS authors'
 #              AlexNet-BN solvers, scaled linearly to 4K; their 8K rate is 10)
-# Usage: bash launch/bench/large-batch.sh [DATA] [EPOCHS]   (defaults: data/fashion-mnist-wds 6)
-# Prints one row per run (test top-1 on the 10,000 test images, the peak global rate) and the
-# minutes each took. Extra settings for every row: ARGS="loader=wds ..." in the environment.
+# Usage: bash launch/bench/large-batch.sh [DATA] [EPOCHS]   (defaults: data/fashion-mnist-wds 4)
+# Validates once, after the last epoch. Prints one row per run (test top-1 on the 10,000 test
+# images, the peak global rate, the minutes it took). Extra settings for every row:
+# ARGS="loader=wds ..." in the environment.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 DATA=${1:-data/fashion-mnist-wds}
-EPOCHS=${2:-6}
+EPOCHS=${2:-4}
 stamp=$(date +%Y%m%d-%H%M%S)
 common=(experiment=fashion_mnist model=alexnet_tiny "data.root=$DATA" experiment_name=large_batch logger=csv
-    "trainer.max_epochs=$EPOCHS" optim.reference_batch=null ${ARGS:-})
+    "trainer.max_epochs=$EPOCHS" "trainer.check_val_every_n_epoch=$EPOCHS" optim.reference_batch=null ${ARGS:-})
 large=(data.batch_size=512 trainer.accumulate_grad_batches=8)
 
 run() {  # NAME LR SETTINGS...: one training, then its row
