@@ -101,7 +101,9 @@ def test_small_model_takes_28_to_64_px(size):
 
 
 def test_unknown_model_name_is_a_config_error():
-    with pytest.raises(ConfigError, match="model=resnet: no such model config; choose one of alexnet2012, alexnet_bn, alexnet_owt"):
+    with pytest.raises(
+        ConfigError, match="model=resnet: no such model config; choose one of alexnet2012, alexnet_bn, alexnet_owt"
+    ):
         create("resnet", 10)
 
 

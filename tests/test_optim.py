@@ -27,7 +27,11 @@ def test_lars_matches_nvcaffe_by_hand_with_the_8k_solver_values():
     opt = LARS([{"params": [w, b, z], "weight_decay": 5e-4}], lr=10.0, momentum=0.9, weight_decay=5e-4, trust=0.001)
 
     opt.param_groups[0]["lr"] = rates[0]
-    w.grad, b.grad, z.grad = torch.tensor([[0.6, 0.8]], dtype=f64), torch.tensor([0.5], dtype=f64), torch.tensor([1.0, 1.0], dtype=f64)
+    w.grad, b.grad, z.grad = (
+        torch.tensor([[0.6, 0.8]], dtype=f64),
+        torch.tensor([0.5], dtype=f64),
+        torch.tensor([1.0, 1.0], dtype=f64),
+    )
     opt.step()
     # w: local = 0.001 * 5 / (1 + 0.0005 * 5) = 0.0049875312
     #    v = 6.5236686 * 0.0049875312 * (0.6 + 0.0015, 0.8 + 0.002) = (0.0195710059, 0.0260946746)

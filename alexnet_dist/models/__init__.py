@@ -1,6 +1,6 @@
 """Networks as plain nn.Modules. The package's own (the 2012 two-tower network, the 2014 single
-tower, AlexNet-BN of the large-batch papers, a small AlexNet shape for small images) are built like any user's: a config names the class
-with Hydra's `_target_` (build.py)."""
+tower, AlexNet-BN of the large-batch papers, a small AlexNet shape for small images) are built like
+any user's: a config names the class with Hydra's `_target_` (build.py)."""
 
 import torch
 from torch import nn
