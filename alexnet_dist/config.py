@@ -35,7 +35,7 @@ def choice(name: str, values: str) -> type[Choice]:
 
 
 OptimName = choice("OptimName", "krizhevsky sgd lars")
-ScheduleName = choice("ScheduleName", "step plateau cosine constant")
+ScheduleName = choice("ScheduleName", "step plateau cosine constant poly")
 NonFinite = choice("NonFinite", "stop skip")
 LoaderDevice = choice("LoaderDevice", "auto cpu gpu")
 Layout = choice("Layout", "NCHW NHWC")
@@ -214,7 +214,9 @@ class Schedule:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    warmup_from: float = 0.0  # the factor of the rate the warm-up starts at (nvcaffe's rampup_lr / base_lr)
     min_factor: float = 0.0
+    power: float = 2.0  # poly: (1 - epoch / max_epochs) ** power (nvcaffe's lr_policy "poly")
     patience: int = 2
     threshold: float = 1e-3
     max_drops: int = 3
@@ -236,6 +238,7 @@ class Optim:
     weight_decay: float = 5e-4
     on_nonfinite: NonFinite = NonFinite.stop
     bias_lr_mult: float = 1.0
+    bias_weight_decay: bool = False  # true: biases are decayed too (Caffe's default decay_mult 1, nvcaffe's LARS runs)
     impl: OptimImpl = OptimImpl.foreach
     trust: float = 0.001  # lars: the trust coefficient of each layer's rate (You et al. 2017)
     layer_rates: list[LayerRate] = field(default_factory=list)

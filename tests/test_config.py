@@ -25,7 +25,7 @@ def test_every_experiment_composes_and_builds_its_model(experiment):
         cfg = compose("train", overrides=[f"experiment={experiment}", "data.root=/data/x"])
     assert cfg.experiment_name == experiment
     assert set(cfg) >= {"model", "data", "loader", "optim", "trainer", "logger", "run_id", "resume"}
-    assert cfg.data.batch_size > 0 and cfg.optim.schedule.name in {"step", "plateau", "cosine", "constant"}
+    assert cfg.data.batch_size > 0 and cfg.optim.schedule.name in {"step", "plateau", "cosine", "constant", "poly"}
     load(cfg)  # every key known and of the right type, the settings consistent
     model = build(complete(OmegaConf.to_container(cfg.model), num_classes=10, image_size=cfg.data.crop))
     assert sum(p.numel() for p in model.parameters()) > 0

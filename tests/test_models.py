@@ -101,7 +101,9 @@ def test_small_model_takes_28_to_64_px(size):
 
 
 def test_unknown_model_name_is_a_config_error():
-    with pytest.raises(ConfigError, match="model=resnet: no such model config; choose one of alexnet2012, alexnet_owt"):
+    with pytest.raises(
+        ConfigError, match="model=resnet: no such model config; choose one of alexnet2012, alexnet_bn, alexnet_owt"
+    ):
         create("resnet", 10)
 
 
@@ -244,3 +246,62 @@ def test_avg_pool_to_takes_the_means_of_adaptive_pooling_at_any_size(side):
     for size in (3, 6):
         expected = torch.nn.functional.adaptive_avg_pool2d(x, size)
         assert torch.allclose(AvgPoolTo(size)(x), expected, atol=1e-6)
+
+
+def test_alexnet_bn_has_the_layer_order_and_parameter_count_of_nvcaffes_train_val2():
+    model = create("alexnet_bn", 1000)
+    # conv1 96*3*11*11 + 96 = 34,944;  conv2 256*48*5*5 + 256 = 307,456;  conv3 384*256*3*3 + 384
+    # = 885,120;  conv4 384*192*3*3 + 384 = 663,936;  conv5 256*192*3*3 + 256 = 442,624;
+    # fc6 9216*4096 + 4096 = 37,752,832;  fc7 4096*4096 + 4096 = 16,781,312;  fc8 4096*1000 + 1000
+    # = 4,097,000; BN without scale or shift adds none: 60,965,224 in all
+    assert n_params(model) == 60_965_224
+    kinds = [type(m).__name__ for m in model.features]
+    assert kinds == [
+        *["Conv2d", "ReLU", "MaxPool2d", "BatchNorm2d"],
+        *["Conv2d", "ReLU", "MaxPool2d", "BatchNorm2d"],
+        *["Conv2d", "ReLU", "BatchNorm2d"],
+        *["Conv2d", "ReLU", "BatchNorm2d"],
+        *["Conv2d", "ReLU", "MaxPool2d"],
+    ]
+    assert [m.groups for m in model.features if isinstance(m, torch.nn.Conv2d)] == [1, 2, 1, 2, 2]
+    assert [m.num_features for m in model.features if isinstance(m, torch.nn.BatchNorm2d)] == [96, 256, 384, 384]
+    assert [type(m).__name__ for m in model.classifier].count("Dropout") == 2
+    fc6, fc7 = model.classifier[0], model.classifier[3]
+    assert (fc6.bias[0].item(), fc7.bias[0].item(), model.features[0].bias[0].item()) == pytest.approx((0.1, 0.1, 0.01))
+    assert fc6.weight.std().item() == pytest.approx(0.005, rel=0.01)
+
+
+@pytest.mark.parametrize("size", [224, 227])
+def test_alexnet_bn_takes_224_and_227_px_with_the_class_count_of_the_data(size):
+    assert create("alexnet_bn", 7)(torch.randn(2, 3, size, size)).shape == (2, 7)
+
+
+@pytest.mark.slow
+def test_alexnet_bn_learns_a_batch_and_evaluates_each_image_alone_with_its_running_statistics():
+    from alexnet_dist.trained.export import Program, export_program
+    from alexnet_dist.training.optim import LARS, param_groups
+
+    torch.manual_seed(0)
+    model = create("alexnet_bn", 3, dropout=0.0)
+    images, labels = torch.randn(6, 3, 227, 227), torch.tensor([0, 1, 2, 0, 1, 2])
+    # the published rule at its 1K rate: base_lr 2, local_gw_ratio 0.001, weight decay 5e-4 on everything
+    opt = LARS(param_groups(model, 2.0, 5e-4, 1.0, bias_weight_decay=True), lr=2.0, weight_decay=5e-4, trust=0.001)
+    losses = []
+    for _ in range(6):
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]  # ln 3 = 1.10 at the start
+    model.eval()  # the BN layers now use the running averages gathered above, not the batch's
+    with torch.no_grad():
+        together = model(images)
+        alone = torch.cat([model(images[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-5)
+    assert model.features[3].running_mean.abs().min() > 0  # gathered in training, from 0
+    # the exported program (alexnet-export's) computes the same logits, at another batch size
+    prog = Program(model, torch.zeros(3), torch.ones(3)).eval()
+    pixels = torch.randint(0, 256, (3, 3, 227, 227), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(export_program(prog, 227).module()(pixels), prog(pixels), rtol=1e-4, atol=1e-4)

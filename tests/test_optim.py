@@ -6,39 +6,119 @@ from hydra import compose, initialize_config_module
 from torch import nn
 
 from alexnet_dist.config import load, plain
+from alexnet_dist.errors import ConfigError
 from alexnet_dist.training.optim import LARS, KrizhevskySGD, param_groups, scaled_lr
 from alexnet_dist.training.schedules import lr_factor
 
 
-def test_lars_scales_each_weight_tensors_step_by_its_trust_ratio_and_leaves_biases_plain():
-    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
-    b = nn.Parameter(torch.tensor([1.0]))
-    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=2.0, trust=0.01)
-    g = [0.6, 0.8]  # |g| = 1
-    ref, v = [3.0, 4.0], [0.0, 0.0]
-    for _ in range(2):
-        w.grad, b.grad = torch.tensor([g]), torch.tensor([0.5])
-        opt.step()
-        norm = math.hypot(*ref)
-        local = 0.01 * norm / (1.0 + 0.1 * norm)
-        v = [0.9 * v[i] + 2.0 * local * (g[i] + 0.1 * ref[i]) for i in range(2)]
-        ref = [ref[i] - v[i] for i in range(2)]
-    # first step by hand: local = 0.05 / 1.5, v = 2 * local * (0.9, 1.2) = (0.06, 0.08)
-    assert w.tolist()[0] == pytest.approx(ref, rel=1e-6) and ref[0] < 2.94
-    assert b.item() == pytest.approx(1.0 - 1.0 - (0.9 * 1.0 + 1.0))  # plain: v = 1, then 1.9
+def test_lars_matches_nvcaffe_by_hand_with_the_8k_solver_values():
+    """solver_8K.prototxt: base_lr 10, lr_policy poly, power 2, max_iter 15600, rampup 600
+    iterations; local_gw_ratio 0.001, weight_decay 5e-4, momentum 0.9. Two steps past the
+    warm-up, iterations 3000 and 3001, worked out by hand from nvcaffe's GetLocalRate and
+    SGDRegUpdateAllAndClear."""
+    f64 = torch.float64  # the hand figures carry 10 digits
+    kw = dict(max_epochs=15600 / 156, warmup_epochs=600 / 156, warmup_from=0.1, power=2.0)
+    rates = [10 * lr_factor("poly", it / 156, **kw) for it in (3000, 3001)]
+    # 10 * (1 - 3000/15600)^2 = 10 * (21/26)^2 = 2205/338;  10 * (12599/15600)^2
+    assert rates == pytest.approx([6.5236686391, 6.5226331772], rel=1e-9)
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=f64))  # |w| = 5
+    b = nn.Parameter(torch.tensor([2.0], dtype=f64))  # a bias: LARS scales it too, and decays it (decay_mult 1)
+    z = nn.Parameter(torch.zeros(2, dtype=f64))  # |w| = 0: the global rate alone
+    opt = LARS([{"params": [w, b, z], "weight_decay": 5e-4}], lr=10.0, momentum=0.9, weight_decay=5e-4, trust=0.001)
+
+    opt.param_groups[0]["lr"] = rates[0]
+    w.grad, b.grad, z.grad = (
+        torch.tensor([[0.6, 0.8]], dtype=f64),
+        torch.tensor([0.5], dtype=f64),
+        torch.tensor([1.0, 1.0], dtype=f64),
+    )
+    opt.step()
+    # w: local = 0.001 * 5 / (1 + 0.0005 * 5) = 0.0049875312
+    #    v = 6.5236686 * 0.0049875312 * (0.6 + 0.0015, 0.8 + 0.002) = (0.0195710059, 0.0260946746)
+    assert w.detach().tolist()[0] == pytest.approx([2.9804289941, 3.9739053254], abs=1e-9)
+    # b: local = 0.001 * 2 / (0.5 + 0.0005 * 2) = 0.0039920160;  v = 6.5236686 * 0.0039920160 * 0.501
+    assert b.item() == pytest.approx(1.9869526627, abs=1e-9)
+    # z: v = 6.5236686 * (1, 1): no trust ratio for a zero tensor, as in nvcaffe
+    assert z.detach().tolist() == pytest.approx([-6.5236686391] * 2, abs=1e-8)
+
+    opt.param_groups[0]["lr"] = rates[1]
+    w.grad, b.grad, z.grad = torch.tensor([[-0.3, 0.4]], dtype=f64), None, None  # |g| = 0.5
+    opt.step()
+    # |w| = 4.9673816568;  local = 0.001 * 4.9673816568 / (0.5 + 0.0005 * 4.9673816568) = 0.0098856575
+    # v = 0.9 * v1 + 6.5226332 * 0.0098856575 * (g + 0.0005 * w) = (-0.0016341601, 0.0494055338)
+    assert w.detach().tolist()[0] == pytest.approx([2.9820631542, 3.9244997916], abs=1e-9)
+    assert b.item() == pytest.approx(1.9869526627, abs=1e-9)  # no gradient: left alone
 
 
-def test_optim_lars_composes_with_warm_up_and_refuses_a_fused_update():
-    from alexnet_dist.errors import ConfigError
+def test_the_ratio_takes_the_solvers_weight_decay_even_where_a_tensor_is_not_decayed():
+    """nvcaffe's ratio reads the solver's weight_decay; decay_mult 0 only drops the decay term
+    of the step (optim.bias_weight_decay=false here)."""
+    b = nn.Parameter(torch.tensor([2.0]))
+    opt = LARS([{"params": [b], "weight_decay": 0.0}], lr=1.0, momentum=0.9, weight_decay=0.25, trust=0.1)
+    b.grad = torch.tensor([1.5])
+    opt.step()
+    # local = 0.1 * 2 / (1.5 + 0.25 * 2) = 0.1;  v = 1 * 0.1 * 1.5 (no decay term) = 0.15
+    assert b.item() == pytest.approx(1.85)
+
+
+def test_poly_schedule_warms_up_then_decays_from_iteration_zero_like_nvcaffe():
+    """solver_8K's schedule at 156 iterations an epoch: the rate climbs linearly from rampup_lr 1
+    to base_lr 10 over 600 iterations, then is 10 * (1 - iter/15600)^2 (iterations from 0)."""
+    kw = dict(max_epochs=100, warmup_epochs=600 / 156, warmup_from=0.1, power=2.0)
+    rate = [10 * lr_factor("poly", it / 156, **kw) for it in (0, 300, 599, 600, 7800, 15600)]
+    # 1;  1 + 9 * 300/600 = 5.5;  1 + 9 * 599/600 = 9.985;  10 * (25/26)^2;  10 * (1/2)^2;  0
+    assert rate == pytest.approx([1.0, 5.5, 9.985, 9.2455621302, 2.5, 0.0], abs=1e-9)
+    with pytest.raises(ConfigError, match="choose step, plateau, cosine, constant or poly"):
+        lr_factor("polynomial", 1.0, max_epochs=10)
+
+
+@pytest.mark.parametrize(
+    "experiment, batch, rates",
+    [
+        # solver_8K: base_lr 10 from rampup_lr 1 over 3.84 epochs (1 + 9/2 at half), then 10 * (1 - e/100)^2
+        ("alexnet_bn_lars", 8192, {0.0: 1.0, 1.92: 5.5, 50.0: 2.5, 90.0: 0.1}),
+        # solver_32k: base_lr 32 from 1 over 10.23 epochs (1 + 31/2 at half), then 32 * (1 - e/100)^2
+        ("alexnet_bn_lars_32k", 32768, {0.0: 1.0, 5.115: 16.5, 50.0: 8.0, 90.0: 0.32}),
+    ],
+)
+def test_the_alexnet_bn_lars_experiment_applies_the_published_values_per_global_batch(experiment, batch, rates):
+    from alexnet_dist.training.module import Classifier
+
+    with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["data.root=/data/x", "run_id=r", f"experiment={experiment}"])
+    s = load(cfg)
+    o = s.optim
+    assert (s.model["_target_"], s.data.batch_size, s.data.crop, cfg.trainer.max_epochs) == (
+        "alexnet_dist.models.AlexNetBN",
+        batch,
+        227,
+        100,
+    )
+    assert (str(o.name), o.momentum, o.weight_decay, o.trust, o.bias_weight_decay, o.bias_lr_mult) == (
+        "lars",
+        0.9,
+        5e-4,
+        0.001,
+        True,
+        1.0,
+    )
+    assert (str(o.schedule.name), o.schedule.power) == ("poly", 2.0)
+    # the rate the run applies, step by step: no linear scaling on top of the published rate
+    module = Classifier({"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10}, o, global_batch=batch)
+    per_epoch = 1000  # the schedule reads epochs (step / per_epoch): 1000 puts every epoch above on a step
+    opt = module.optimizer_and_schedule(steps_per_epoch=per_epoch, total_steps=100 * per_epoch)["optimizer"]
+    assert isinstance(opt, LARS) and opt.ratio_decay == 5e-4
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups} == {"weights": 5e-4, "biases": 5e-4}
+    applied = {e: opt.param_groups[0]["initial_lr"] * module.lr_multiplier(round(e * per_epoch)) for e in rates}
+    assert applied == pytest.approx(rates, rel=1e-9)
+
+
+def test_optim_lars_refuses_a_fused_update():
     from alexnet_dist.training.module import Classifier
 
     with initialize_config_module("alexnet_dist.conf", version_base="1.3"):
         cfg = compose("train", overrides=["data.root=/data/x", "run_id=r", "optim=lars"])
     optim = load(cfg).optim
-    assert (str(optim.name), str(optim.impl), optim.trust, optim.schedule.warmup_epochs) == ("lars", "loop", 0.001, 5)
-    module = Classifier({"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10}, optim, global_batch=1024)
-    opt = module.optimizer_and_schedule(steps_per_epoch=10, total_steps=100)["optimizer"]
-    assert isinstance(opt, LARS) and opt.param_groups[0]["initial_lr"] == pytest.approx(0.01 * 1024 / 128)
     with pytest.raises(ConfigError, match="optim.impl=fused: LARS updates one tensor at a time; use optim.impl=loop"):
         Classifier(
             {"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10}, {**plain(optim), "impl": "fused"}, 1024

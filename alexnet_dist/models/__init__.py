@@ -1,11 +1,12 @@
 """Networks as plain nn.Modules. The package's own (the 2012 two-tower network, the 2014 single
-tower, a small AlexNet shape for small images) are built like any user's: a config names the class
-with Hydra's `_target_` (build.py)."""
+tower, AlexNet-BN of the large-batch papers, a small AlexNet shape for small images) are built like
+any user's: a config names the class with Hydra's `_target_` (build.py)."""
 
 import torch
 from torch import nn
 
 from .alexnet2012 import AlexNet2012
+from .alexnet_bn import AlexNetBN
 from .build import build, complete, create, named_config, resolve
 from .layers import fuse_norms
 from .owt import AlexNetOWT
@@ -32,6 +33,7 @@ __all__ = [
     "compiled",
     "fuse_norms",
     "AlexNet2012",
+    "AlexNetBN",
     "AlexNetOWT",
     "AlexNetSmall",
 ]

@@ -193,7 +193,9 @@ class Classifier(pl.LightningModule):
             milestones=s.milestones,
             gamma=s.gamma,
             warmup_epochs=s.warmup_epochs,
+            warmup_from=s.warmup_from,
             min_factor=s.min_factor,
+            power=s.power,
         )
         return factor * s.gamma ** self.plateau["drops"]
 
@@ -225,8 +227,8 @@ class Classifier(pl.LightningModule):
         o = self.optim
         lr = scaled_lr(o.lr, self.global_batch, o.reference_batch)
         layers = tuple(dict.fromkeys(r.layer for r in o.layer_rates))
-        groups = param_groups(self.model, lr, o.weight_decay, o.bias_lr_mult, layers)
-        optimizer = build_optimizer(str(o.name), groups, lr, o.momentum, str(o.impl), o.trust)
+        groups = param_groups(self.model, lr, o.weight_decay, o.bias_lr_mult, layers, o.bias_weight_decay)
+        optimizer = build_optimizer(str(o.name), groups, lr, o.momentum, str(o.impl), o.trust, o.weight_decay)
         rules = [partial(self.layer_multiplier, g["layer"]) if g["layer"] else self.lr_multiplier for g in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -50,19 +50,28 @@ class KrizhevskySGD(torch.optim.Optimizer):
 
 
 class LARS(torch.optim.Optimizer):
-    """Layer-wise adaptive rate scaling (You, Gitman and Ginsburg 2017), the rule behind the
-    large-batch AlexNet records (Jia et al. 2018, global batch 64K). Each weight tensor's step is
-    scaled by its own trust ratio, so no layer's update outgrows its weights at the large rates
-    such batches need:
+    """Layer-wise adaptive rate scaling (You, Gitman and Ginsburg 2017, arXiv:1708.03888) as the
+    authors ran it for their AlexNet-BN records: nvcaffe (github.com/borisgin/nvcaffe, branch
+    caffe-0.16_lars, src/caffe/solvers/sgd_solver.cpp, SGDSolver::GetLocalRate and
+    ComputeUpdateValue with local_lr_auto: true, and the GPU update SGDRegUpdateAllAndClear in
+    sgd_solver.cu; the code of September 2017, when models/alexnet_bn/solver_8K/16k/32k.prototxt
+    were committed). For every parameter tensor, biases included:
 
-        local = trust * |w| / (|g| + weight_decay * |w|)
-        v <- momentum * v + lr * local * (g + weight_decay * w);   w <- w - v
+        local = trust * |w| / (|g| + weight_decay * |w|)     (1 where |w| or |g| is 0)
+        v <- momentum * v + lr * local * (g + decay * w);   w <- w - v
 
-    Biases and other 1-d parameters take the plain step (local = 1), as in the LARS papers.
+    `lr` is the global rate of the schedule (base_lr, warm-up, poly decay), which multiplies
+    the local one; |g| is the norm of the loss gradient alone, averaged over the global batch;
+    `weight_decay` in the ratio is the solver's (optim.weight_decay) for every tensor, while
+    `decay` in the step is the tensor's own (its group's weight_decay: 0 for biases unless
+    optim.bias_weight_decay, as Caffe's decay_mult). `trust` is the solver's local_gw_ratio.
+    Caffe's lr_mult only switches a tensor on or off here (the local rate replaces it), so use
+    optim.bias_lr_mult=1 with LARS.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust: float = 0.001):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust))
+        self.ratio_decay = weight_decay  # the solver's, in every tensor's ratio
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,28 +80,33 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, wd, trust = group["lr"], group["momentum"], group["weight_decay"], group["trust"]
+            lr, momentum, decay, trust = group["lr"], group["momentum"], group["weight_decay"], group["trust"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                step = p.grad.add(p, alpha=wd) if wd else p.grad.clone()
-                if p.ndim > 1:
-                    w, g = p.norm(), p.grad.norm()
-                    ratio = trust * w / (g + wd * w)
-                    # a fresh (zero) or gradient-free tensor keeps the plain rate
-                    step.mul_(torch.where((w > 0) & (g > 0), ratio, torch.ones_like(ratio)))
+                w, g = p.norm(), p.grad.norm()
+                ratio = trust * w / (g + self.ratio_decay * w)
+                # a fresh (zero) or gradient-free tensor takes the global rate alone, as in nvcaffe
+                local = torch.where((w > 0) & (g > 0), ratio, torch.ones_like(ratio))
+                step = p.grad.add(p, alpha=decay) if decay else p.grad.clone()
                 state = self.state[p]
                 if "velocity" not in state:
                     state["velocity"] = torch.zeros_like(p)
-                velocity = state["velocity"].mul_(momentum).add_(step, alpha=lr)
+                velocity = state["velocity"].mul_(momentum).add_(step.mul_(local), alpha=lr)
                 p.sub_(velocity)
         return loss
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float, layers: tuple = ()
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    bias_lr_mult: float,
+    layers: tuple = (),
+    bias_weight_decay: bool = False,
 ) -> list[dict]:
-    """Weights get the weight decay; biases (and any other 1-d parameter) get none and a
+    """Weights get the weight decay; biases (and any other 1-d parameter) get none (unless
+    `bias_weight_decay`: Caffe's default decay_mult 1, as in nvcaffe's LARS runs) and a
     learning rate bias_lr_mult times larger (layer-params-145.cfg: epsB = 2 * epsW). Each layer
     named in `layers` (a parameter-name prefix such as "conv1") gets groups of its own, so its
     rate can be changed alone (the 2012 run slowed, then froze conv1)."""
@@ -112,7 +126,7 @@ def param_groups(
             {
                 "params": [p for _, p in named if p.ndim <= 1],
                 "lr": lr * bias_lr_mult,
-                "weight_decay": 0.0,
+                "weight_decay": weight_decay if bias_weight_decay else 0.0,
                 "name": f"biases{suffix}",
                 "layer": layer,
             },
@@ -135,10 +149,17 @@ IMPLEMENTATIONS = ("foreach", "loop", "fused")
 
 
 def build_optimizer(
-    name: str, groups: list[dict], lr: float, momentum: float, impl: str = "foreach", trust: float = 0.001
+    name: str,
+    groups: list[dict],
+    lr: float,
+    momentum: float,
+    impl: str = "foreach",
+    trust: float = 0.001,
+    weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """`impl`: foreach (one kernel per operation over all tensors), loop (one per tensor), or
-    fused (one kernel for the whole update; torch's SGD only). `trust`: LARS's coefficient."""
+    fused (one kernel for the whole update; torch's SGD only). `trust`: LARS's coefficient;
+    `weight_decay`: the solver's, in LARS's ratio (the groups carry each tensor's own)."""
     if impl not in IMPLEMENTATIONS:
         raise ConfigError(f"optim.impl={impl}: choose one of {', '.join(IMPLEMENTATIONS)}")
     if name == "krizhevsky":
@@ -150,5 +171,5 @@ def build_optimizer(
     if name == "lars":
         if impl != "loop":
             raise ConfigError(f"optim.impl={impl}: LARS updates one tensor at a time; use optim.impl=loop")
-        return LARS(groups, lr=lr, momentum=momentum, trust=trust)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust)
     raise ConfigError(f"optim.name={name}: unknown optimiser; choose krizhevsky, sgd or lars")
