@@ -179,6 +179,17 @@ def test_linear_lr_scaling_with_the_global_batch():
     assert scaled_lr(0.01, 1024, None) == 0.01
 
 
+def test_linear_scaling_counts_the_batches_accumulated_into_one_step():
+    """data.batch_size=512 with trainer.accumulate_grad_batches=8 learns from 4,096 images a step:
+    the rate is scaled for 4,096 (it used to be scaled for 512)."""
+    from alexnet_dist.training.module import Classifier
+
+    optim = {"name": "sgd", "lr": 0.05, "reference_batch": 128, "schedule": {"name": "constant"}}
+    module = Classifier({"_target_": "alexnet_dist.models.AlexNetSmall", "num_classes": 10}, optim, global_batch=512)
+    opt = module.optimizer_and_schedule(steps_per_epoch=10, total_steps=100, accumulate=8)["optimizer"]
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(0.05 * 4096 / 128)
+
+
 def test_step_schedule_drops_at_the_2012_epochs():
     f = [lr_factor("step", e, max_epochs=90, milestones=[25, 51], gamma=0.1) for e in (0, 24.99, 25, 50.5, 51, 89)]
     assert f == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])

@@ -218,14 +218,16 @@ class Classifier(pl.LightningModule):
             )
         batches = training_batches(self.trainer)  # infinite for a loader without a length
         per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches) else total
-        return self.optimizer_and_schedule(int(per_epoch), int(total))
+        return self.optimizer_and_schedule(int(per_epoch), int(total), self.trainer.accumulate_grad_batches)
 
-    def optimizer_and_schedule(self, steps_per_epoch: int, total_steps: int) -> dict:
+    def optimizer_and_schedule(self, steps_per_epoch: int, total_steps: int, accumulate: int = 1) -> dict:
         """The optimizer and its per-step schedule for a fit of `total_steps` optimizer steps,
-        `steps_per_epoch` of them per epoch (epochs place the milestones and layer rates)."""
+        `steps_per_epoch` of them per epoch (epochs place the milestones and layer rates), each
+        step taken after `accumulate` batches (so the batch a step learns from is `accumulate`
+        global batches, which linear scaling counts)."""
         self.steps_per_epoch, self.total_steps = max(1, steps_per_epoch), max(1, total_steps)
         o = self.optim
-        lr = scaled_lr(o.lr, self.global_batch, o.reference_batch)
+        lr = scaled_lr(o.lr, self.global_batch * accumulate, o.reference_batch)
         layers = tuple(dict.fromkeys(r.layer for r in o.layer_rates))
         groups = param_groups(self.model, lr, o.weight_decay, o.bias_lr_mult, layers, o.bias_weight_decay)
         optimizer = build_optimizer(str(o.name), groups, lr, o.momentum, str(o.impl), o.trust, o.weight_decay)
