@@ -182,7 +182,7 @@ def test_trainer_keys_without_plus_and_a_schedule_as_long_as_the_steps_run(tmp_p
     assert json.loads((run_dir / "results.json").read_text())["global_step"] == 6
     rates = {int(r["step"]): float(r["lr"]) for r in metrics_rows(run_dir) if r.get("lr")}
     # cosine over the 6 optimizer steps really taken, not over trainer.max_epochs (5 epochs)
-    base = 0.02 * 32 / 128  # optim.lr at the reference batch 128, scaled to the batch of 32
+    base = 0.02 * 64 / 128  # optim.lr at the reference batch 128, scaled to the 2 x 32 images of a step
     for step, rate in rates.items():
         assert rate == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * step / 6)), rel=1e-4), (step, rates)
     assert len(rates) >= 4
