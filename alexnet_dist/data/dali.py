@@ -218,7 +218,7 @@ class DaliLoader:
 
     def batch(self, images, p: Pending) -> Batch:
         """The images of one run with what goes with them; blanks left out."""
-        if self.plan.train and self.spec.augment != "paper" and self.spec.device == "cpu":
+        if self.spec.regions_out:
             images = self.resize_regions(images, p)
         else:
             images = to_torch(images, self.device)

@@ -40,6 +40,13 @@ class PipelineSpec:
     val_resize: int | None
     layout: str  # CHW | HWC (channels-last once batched)
 
+    @property
+    def regions_out(self) -> bool:
+        """Training crops of the random-resized crop on a CPU: DALI's CPU resize is the slowest
+        step there (docs/performance.md), so the pipeline hands out the decoded regions as they
+        are, each its own size, and dali.py resizes and mirrors them with torch's SIMD filter."""
+        return self.mode == "train" and self.augment != "paper" and self.device == "cpu"
+
 
 def build_pipeline(spec: PipelineSpec, source):
     """A built pipeline returning uint8 images. `source(info)` gives batch `info.iteration` of the
@@ -76,12 +83,9 @@ def build_pipeline(spec: PipelineSpec, source):
                 normalized_anchor=False,
                 normalized_shape=False,
             )
+            if spec.regions_out:
+                return images
             if spec.augment != "paper":
-                if not gpu:
-                    # DALI's CPU resize is the slowest step of the random-resized crop on a CPU
-                    # (docs/performance.md): the regions go out as they are, each its own size,
-                    # and dali.py resizes and mirrors them with torch's SIMD filter.
-                    return images
                 images = fn.resize(images, size=[spec.crop, spec.crop])
             return fn.crop_mirror_normalize(images, mirror=mirror, **layout)
         encoded = fn.external_source(
